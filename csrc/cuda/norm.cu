@@ -1,0 +1,336 @@
+// RMSNorm, fused residual + RMSNorm and non-parametric LayerNorm for CUDA and
+// HIP (through compat.cuh).
+//
+// Memory-bound, so the design is about bytes: each row is read once with
+// 16-byte vector loads, held in registers while it is reduced in float32, and
+// written once. A row belongs to `tpr` lanes (blockDim.x); narrow rows share a
+// block along blockDim.y so that blocks keep at least 128 threads.
+#include <algorithm>
+#include <type_traits>
+
+#include "common/ops.h"
+#include "cuda/compat.cuh"
+
+namespace mixkit {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kMinBlock = 128;
+
+// ============================== kernels ======================================
+
+// Sum over the blockDim.x lanes that own a row. A row wider than one warp is
+// the only row of its block, so the block-wide step below is safe. Must be
+// reached by every thread of the block.
+__device__ __forceinline__ float row_sum(float v, float* smem) {
+  const int tpr = blockDim.x;
+  for (int m = (tpr < kWarpSize ? tpr : kWarpSize) / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+  if (tpr <= kWarpSize) return v;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  __syncthreads();  // the previous call may still be reading smem
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < tpr / kWarpSize ? smem[lane] : 0.f;
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+  return v;
+}
+
+template <class T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(NormFwdArgs a) {
+  using V = Pack<T, VEC>;
+  __shared__ float smem[kMaxThreads / kWarpSize];
+  const int tpr = blockDim.x;
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = row < a.rows;
+  const int64_t nvec = a.cols / VEC;
+  const int64_t off = active ? row * a.cols : 0;
+  const V* x = reinterpret_cast<const V*>(static_cast<const T*>(a.x) + off);
+  const V* res = reinterpret_cast<const V*>(static_cast<const T*>(a.residual) + off);
+  V* h = reinterpret_cast<V*>(static_cast<T*>(a.h) + off);
+
+  float v[ITEMS][VEC];
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t j = int64_t(i) * tpr + threadIdx.x;
+    const bool ok = active && j < nvec;
+    V xv;
+    if (ok) {
+      xv = x[j];
+      if (a.residual) {
+        // Round the sum to T before normalising it: the fused op then equals
+        // rms_norm(x + residual) with the addition done in T.
+        const V rv = res[j];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xv.v[k] = from_f32<T>(to_f32(xv.v[k]) + to_f32(rv.v[k]));
+        h[j] = xv;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      v[i][k] = ok ? to_f32(xv.v[k]) : 0.f;
+      s1 += v[i][k];
+      s2 += v[i][k] * v[i][k];
+    }
+  }
+  const float inv_cols = 1.f / float(a.cols);
+  float mean = 0.f;
+  if (a.centered) {
+    // Two passes over the registers: the variance of x - mean, not
+    // E[x^2] - mean^2, which cancels badly for rows with a large mean.
+    mean = row_sum(s1, smem) * inv_cols;
+    s2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const bool ok = active && int64_t(i) * tpr + threadIdx.x < nvec;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s2 += ok ? (v[i][k] - mean) * (v[i][k] - mean) : 0.f;
+    }
+  }
+  const float rstd = rsqrtf(row_sum(s2, smem) * inv_cols + a.eps);
+  if (!active) return;
+
+  const V* w = reinterpret_cast<const V*>(a.weight);
+  V* y = reinterpret_cast<V*>(static_cast<T*>(a.y) + off);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t j = int64_t(i) * tpr + threadIdx.x;
+    if (j >= nvec) continue;
+    V out;
+    if (w) {
+      const V wv = w[j];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out.v[k] = from_f32<T>((v[i][k] - mean) * rstd * to_f32(wv.v[k]));
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out.v[k] = from_f32<T>((v[i][k] - mean) * rstd);
+    }
+    y[j] = out;
+  }
+  if (threadIdx.x == 0) {
+    if (a.mean) a.mean[row] = mean;
+    if (a.rstd) a.rstd[row] = rstd;
+  }
+}
+
+// Each row group (worker) walks rows worker, worker + workers, ... and keeps
+// its share of the weight gradient in float32 registers; it writes one partial
+// row at the end, which the caller sums. The trip count is the same for every
+// thread, so the block-wide reductions stay in step.
+//
+// Blocks of up to 1024 threads leave 64 registers per thread. Narrow rows keep
+// x and dy in registers between the two passes; wider rows (more than one
+// 16-byte vector of each per lane) re-read them in the second pass, from L2,
+// instead of spilling.
+template <class T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, int64_t workers) {
+  using V = Pack<T, VEC>;
+  constexpr bool kCache = ITEMS * VEC * sizeof(T) <= 16;
+  constexpr int kCached = kCache ? ITEMS : 1;
+  __shared__ float smem[kMaxThreads / kWarpSize];
+  const int tpr = blockDim.x;
+  const int64_t worker = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t nvec = a.cols / VEC;
+  const float inv_cols = 1.f / float(a.cols);
+  const V* wp = reinterpret_cast<const V*>(a.weight);
+
+  float dw[ITEMS][VEC] = {};
+  V x_cache[kCached], dy_cache[kCached];
+
+  const int64_t iters = (a.rows + workers - 1) / workers;
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t row = worker + it * workers;
+    const bool active = worker < workers && row < a.rows;
+    const int64_t off = active ? row * a.cols : 0;
+    const float mean = active && a.centered ? a.mean[row] : 0.f;
+    const float rstd = active ? a.rstd[row] : 0.f;
+    const V* x = reinterpret_cast<const V*>(static_cast<const T*>(a.x) + off);
+    const V* dy = reinterpret_cast<const V*>(static_cast<const T*>(a.grad_y) + off);
+
+    // Pass 1: the two row sums and this row's weight-gradient contribution.
+    float sg = 0.f, sgx = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t j = int64_t(i) * tpr + threadIdx.x;
+      if (!active || j >= nvec) continue;
+      const V xv = x[j], dv = dy[j];
+      if constexpr (kCache) {
+        x_cache[i] = xv;
+        dy_cache[i] = dv;
+      }
+      V wv;
+      if (wp) wv = wp[j];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float d = to_f32(dv.v[k]);
+        const float xh = (to_f32(xv.v[k]) - mean) * rstd;
+        const float g = wp ? d * to_f32(wv.v[k]) : d;
+        dw[i][k] += d * xh;
+        sg += g;
+        sgx += g * xh;
+      }
+    }
+    const float mg = a.centered ? row_sum(sg, smem) * inv_cols : 0.f;
+    const float mgx = row_sum(sgx, smem) * inv_cols;
+    if (!active) continue;
+
+    // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_h).
+    const V* dh = reinterpret_cast<const V*>(static_cast<const T*>(a.grad_h) + off);
+    V* dx = reinterpret_cast<V*>(static_cast<T*>(a.grad_x) + off);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t j = int64_t(i) * tpr + threadIdx.x;
+      if (j >= nvec) continue;
+      V xv, dv, wv, hv, out;
+      if constexpr (kCache) {
+        xv = x_cache[i];
+        dv = dy_cache[i];
+      } else {
+        xv = x[j];
+        dv = dy[j];
+      }
+      if (wp) wv = wp[j];
+      if (a.grad_h) hv = dh[j];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float xh = (to_f32(xv.v[k]) - mean) * rstd;
+        const float g = wp ? to_f32(dv.v[k]) * to_f32(wv.v[k]) : to_f32(dv.v[k]);
+        float d = rstd * (g - mg - xh * mgx);
+        if (a.grad_h) d += to_f32(hv.v[k]);
+        out.v[k] = from_f32<T>(d);
+      }
+      dx[j] = out;
+    }
+  }
+
+  if (!a.weight || worker >= workers) return;
+  float* part = a.grad_w_partial + worker * a.cols;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t j = int64_t(i) * tpr + threadIdx.x;
+    if (j >= nvec) continue;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) part[j * VEC + k] = dw[i][k];
+  }
+}
+
+// ============================== launchers ====================================
+
+struct NormConfig {
+  int vec;    // elements per vector access
+  int items;  // vectors each lane keeps in registers
+  int tpr;    // lanes per row (blockDim.x)
+  int rpb;    // rows per block (blockDim.y)
+};
+
+int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Register budget: items * vec <= 32 floats per lane, so a row of up to 32768
+// 16-bit or 16384 float32 elements stays in registers. Rows whose size or
+// pointers do not allow 16-byte accesses take the scalar path (up to 16384).
+template <class T>
+NormConfig norm_config(int64_t cols, std::initializer_list<const void*> ptrs) {
+  int vec = 16 / int(sizeof(T));
+  bool ok = cols % vec == 0;
+  for (const void* p : ptrs) ok = ok && (p == nullptr || aligned_to(p, 16));
+  if (!ok) vec = 1;
+  const int64_t nvec = cols / vec;
+  const int options_vec[3] = {1, 2, 4}, options_scalar[3] = {1, 4, 16};
+  const int* options = vec > 1 ? options_vec : options_scalar;
+  for (int o = 0; o < 3; ++o) {
+    if (nvec <= int64_t(kMaxThreads) * options[o]) {
+      NormConfig c{vec, options[o], 0, 1};
+      c.tpr = std::min(kMaxThreads, next_pow2((nvec + c.items - 1) / c.items));
+      c.rpb = std::max(1, kMinBlock / c.tpr);
+      return c;
+    }
+  }
+  require(false, "hidden size " + std::to_string(cols) + " is too large for the GPU norm kernel (max " +
+                     std::to_string(int64_t(kMaxThreads) * options[2] * vec) + " for this dtype and alignment)");
+  return {};
+}
+
+// Turns the runtime (vec, items) into template arguments in this one place.
+template <class T, class F>
+void with_config(const NormConfig& c, F&& f) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  using std::integral_constant;
+  if (c.vec > 1) {
+    switch (c.items) {
+      case 1: return f(integral_constant<int, kVec>{}, integral_constant<int, 1>{});
+      case 2: return f(integral_constant<int, kVec>{}, integral_constant<int, 2>{});
+      default: return f(integral_constant<int, kVec>{}, integral_constant<int, 4>{});
+    }
+  }
+  switch (c.items) {
+    case 1: return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
+    case 4: return f(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+    default: return f(integral_constant<int, 1>{}, integral_constant<int, 16>{});
+  }
+}
+
+int sm_count(int device) {
+  int n = 0;
+#if defined(__HIPCC__)
+  gpu_check(hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, device), "querying the CU count");
+#else
+  gpu_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "querying the SM count");
+#endif
+  return n;
+}
+
+}  // namespace
+
+void norm_fwd_gpu(const NormFwdArgs& a, int device, void* stream) {
+  check(a);
+  if (a.rows == 0) return;
+  DeviceGuard guard(device);
+  dispatch_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    const NormConfig c = norm_config<T>(a.cols, {a.x, a.residual, a.weight, a.y, a.h});
+    with_config<T>(c, [&](auto vec, auto items) {
+      const int64_t blocks = (a.rows + c.rpb - 1) / c.rpb;
+      require(blocks <= 0x7fffffff, "too many rows for one launch");
+      norm_fwd_kernel<T, vec, items>
+          <<<dim3(unsigned(blocks)), dim3(c.tpr, c.rpb), 0, static_cast<gpuStream_t>(stream)>>>(a);
+    });
+  });
+  gpu_check(gpuGetLastError(), "launching norm_fwd_kernel");
+}
+
+int64_t norm_bwd_partials_gpu(DType dtype, int64_t rows, int64_t cols, int device) {
+  int64_t partials = 1;
+  dispatch_dtype(dtype, [&](auto t) {
+    // Alignment does not change lanes per row enough to matter here; assume the
+    // aligned case. Enough row groups to fill every SM once at full occupancy.
+    const NormConfig c = norm_config<decltype(t)>(cols, {});
+    const int64_t groups_per_sm = std::max(1, 2048 / (c.tpr * c.rpb)) * int64_t(c.rpb);
+    partials = std::max<int64_t>(1, std::min<int64_t>(rows, sm_count(device) * groups_per_sm));
+  });
+  return partials;
+}
+
+void norm_bwd_gpu(const NormBwdArgs& a, int device, void* stream) {
+  check(a);
+  if (a.rows == 0) return;
+  DeviceGuard guard(device);
+  dispatch_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    const NormConfig c = norm_config<T>(a.cols, {a.grad_y, a.grad_h, a.x, a.weight, a.grad_x});
+    // With a weight, the caller sized the partials buffer; without one, one
+    // row per row group, capped so the grid stays reasonable.
+    const int64_t workers = a.weight ? a.partials : std::min<int64_t>(a.rows, int64_t(1) << 20);
+    const int64_t blocks = (workers + c.rpb - 1) / c.rpb;
+    with_config<T>(c, [&](auto vec, auto items) {
+      norm_bwd_kernel<T, vec, items>
+          <<<dim3(unsigned(blocks)), dim3(c.tpr, c.rpb), 0, static_cast<gpuStream_t>(stream)>>>(a, workers);
+    });
+  });
+  gpu_check(gpuGetLastError(), "launching norm_bwd_kernel");
+}
+
+}  // namespace mixkit

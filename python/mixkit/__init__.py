@@ -1,0 +1,12 @@
+"""mixkit: hand-written CUDA/HIP kernels and models for Mistral-family LLMs.
+
+`mixkit.ops` holds the differentiable ops (torch.library ops in the `mixkit`
+namespace); `mixkit.backends()` lists the backends compiled into `_core`.
+"""
+from . import _core
+from ._backend import backends
+from . import ops
+
+__version__ = _core.build_info()["version"]
+
+__all__ = ["backends", "ops", "__version__"]

@@ -1,0 +1,127 @@
+"""rope against an independent float32 reference, in both layouts."""
+import pytest
+import torch
+
+import mixkit.ops as ops
+import reference as ref
+from conftest import DEVICES
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, S, Hq, Hkv, D): Mistral's 32/8 GQA at D=128, MQA, group sizes 3 and 5,
+# odd token counts, and head dims that are not multiples of 16.
+CASES = [(1, 1, 1, 1, 2), (2, 113, 32, 8, 128), (1, 7, 5, 1, 64), (3, 5, 6, 2, 96), (1, 203, 15, 3, 64),
+         (2, 3, 4, 4, 10)]
+
+
+def _qk(b, s, hq, hkv, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, hq, d, generator=g).to(dtype).to(device)
+    k = torch.randn(b, s, hkv, d, generator=g).to(dtype).to(device)
+    return q, k
+
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_rope_forward_backward(case, interleaved, dtype, device):
+    b, s, hq, hkv, d = case
+    q, k = _qk(b, s, hq, hkv, d, dtype, device)
+    pos = torch.arange(s, device=device) + 11
+    theta = 1e6 if d == 128 else 1e4
+    q_, k_ = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    qo, ko = ops.rope(q_, k_, pos, theta, interleaved=interleaved)
+    ref.assert_close(qo, ref.rope(q, pos, theta, interleaved), dtype, "q")
+    ref.assert_close(ko, ref.rope(k, pos, theta, interleaved), dtype, "k")
+
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko), (gq, gk))
+    q32, k32 = q.float().requires_grad_(True), k.float().requires_grad_(True)
+    torch.autograd.backward((ref.rope(q32, pos, theta, interleaved), ref.rope(k32, pos, theta, interleaved)),
+                            (gq.float(), gk.float()))
+    ref.assert_close(q_.grad, q32.grad, dtype, "dq")
+    ref.assert_close(k_.grad, k32.grad, dtype, "dk")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layouts_agree_under_hf_permutation(device):
+    """Half-split RoPE on permuted features equals interleaved RoPE on the
+    originals: the equivalence HF's weight converter relies on."""
+    q, k = _qk(2, 9, 4, 2, 64, torch.float32, device)
+    pos = torch.arange(9, device=device)
+    p = ref.interleaved_to_half_split(64).to(device)
+    qi, ki = ops.rope(q, k, pos, interleaved=True)
+    qh, kh = ops.rope(q[..., p], k[..., p], pos, interleaved=False)
+    torch.testing.assert_close(qh, qi[..., p], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kh, ki[..., p], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_split_matches_hf_formula(device):
+    """The HF/NeoX rotate_half formulation with HF's float32 cos/sin tables."""
+    d, theta = 128, 1e4
+    q, k = _qk(1, 50, 3, 1, d, torch.float32, device)
+    pos = torch.arange(50, device=device)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float().to(device) / d))
+    freqs = pos.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+
+    qo, _ = ops.rope(q, k, pos, theta)
+    torch.testing.assert_close(qo, q * cos + rotate_half(q) * sin, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+def test_large_positions_and_batched_positions(pos_dtype, device):
+    """Angles come from integer positions in float32, so positions near 32k
+    (Mistral's context) still match; (B, S) positions give per-sequence offsets."""
+    q, k = _qk(2, 33, 8, 2, 128, torch.bfloat16, device)
+    pos = torch.stack((torch.arange(33), torch.arange(33) + 32700)).to(pos_dtype).to(device)
+    qo, ko = ops.rope(q, k, pos, 1e6)
+    ref.assert_close(qo, ref.rope(q, pos, 1e6, False), torch.bfloat16, "q")
+    ref.assert_close(ko, ref.rope(k, pos, 1e6, False), torch.bfloat16, "k")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_strided_views_of_fused_qkv(interleaved, device):
+    """q and k as views into one (B, S, (Hq + 2Hkv) * D) projection output."""
+    b, s, hq, hkv, d = 2, 17, 8, 2, 64
+    qkv = torch.randn(b, s, (hq + 2 * hkv) * d, device=device, dtype=torch.bfloat16)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(b, s, hq, d), k.view(b, s, hkv, d)
+    assert not q.is_contiguous()
+    pos = torch.arange(s, device=device)
+    qo, ko = ops.rope(q, k, pos, interleaved=interleaved)
+    assert qo.is_contiguous() and ko.is_contiguous()
+    ref.assert_close(qo, ref.rope(q, pos, 1e4, interleaved), torch.bfloat16, "q")
+    ref.assert_close(ko, ref.rope(k, pos, 1e4, interleaved), torch.bfloat16, "k")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_odd_offset_falls_back_to_scalar_access(device):
+    """A view starting one element into its storage: no 16-byte accesses."""
+    buf = torch.randn(1 + 3 * 4 * 64, device=device).to(torch.float16)
+    q = buf[1:].view(1, 3, 4, 64)
+    k = q[:, :, :2]
+    pos = torch.arange(3, device=device)
+    for interleaved in (False, True):
+        qo, ko = ops.rope(q, k, pos, interleaved=interleaved)
+        ref.assert_close(qo, ref.rope(q, pos, 1e4, interleaved), torch.float16, "q")
+        ref.assert_close(ko, ref.rope(k, pos, 1e4, interleaved), torch.float16, "k")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_single_token(device):
+    q, k = _qk(0, 0, 4, 2, 64, torch.float32, device)
+    qo, ko = ops.rope(q, k, torch.zeros(0, dtype=torch.int64, device=device))
+    assert qo.shape == q.shape and ko.shape == k.shape
+    q, k = _qk(1, 1, 4, 2, 64, torch.float32, device)
+    qo, _ = ops.rope(q, k, torch.zeros(1, dtype=torch.int64, device=device))
+    torch.testing.assert_close(qo, q)  # position 0 is the identity rotation

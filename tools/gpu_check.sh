@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# One pass over a lent H100/H200 (no network there): build with CUDA, GPU
+# tests, full tests, compute-sanitizer, quick benchmark. From the repo root:
+#
+#   OUT=/some/dir tools/gpu_check.sh        # default OUT=./gpu_check_out
+#
+# Every step runs even if an earlier one failed; exit codes and times go to
+# $OUT/summary.txt, and the script exits non-zero if any step failed. The
+# device tool returns at most 8 files, so $OUT holds exactly these:
+#   env.txt build.log tests.log gpu_tests.xml bench.log bench.json bench.md summary.txt
+#
+# Knobs (environment):
+#   MIXKIT_GPU_CHECK_SKIP_BUILD=1   use the mixkit already installed
+#   MIXKIT_GPU_CHECK_BUDGET_S=460   whole-script budget; steps get what is left
+#   MIXKIT_SANITIZER_TESTS="..."    pytest arguments for the compute-sanitizer runs
+#   PYTHON=python3                  interpreter holding torch
+#   MIXKIT_COMMIT=<sha>             recorded when the tree arrives without .git
+set -u  # no -e: a failing step is recorded, not fatal
+
+OUT=${OUT:-./gpu_check_out}
+PY=${PYTHON:-python3}
+BUDGET_S=${MIXKIT_GPU_CHECK_BUDGET_S:-460}  # a device command may run 600 s; keep well inside 8 min
+SANITIZER_TESTS=${MIXKIT_SANITIZER_TESTS:-tests/test_norms.py tests/test_rope.py -m gpu -x -q}
+START=$(date +%s)
+STEPS=$(mktemp)
+FAILED=0
+
+mkdir -p "$OUT"
+export MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 PYTHONUNBUFFERED=1
+
+# step NAME CAP RESERVE LOG CMD...: run CMD with a timeout of
+# min(CAP, time left - RESERVE), RESERVE being what later steps need, so a
+# slow step cannot starve the benchmark at the end.
+step() {
+  local name=$1 cap=$2 reserve=$3 log=$4
+  shift 4
+  local left=$((BUDGET_S - ($(date +%s) - START) - reserve))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 15)); then
+    printf '%-16s %-8s %5s  %s\n' "$name" "skipped" "-" "time budget spent" >>"$STEPS"
+    FAILED=1
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $*" >>"$log"
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  local dt=$(($(date +%s) - t0))
+  local note=""
+  ((rc == 124 || rc == 137)) && note="timed out"
+  ((rc != 0)) && FAILED=1
+  echo "=== $name: rc=$rc in ${dt}s $note" >>"$log"
+  printf '%-16s rc=%-5s %4ss  %s %s\n' "$name" "$rc" "$dt" "$(basename "$log")" "$note" >>"$STEPS"
+}
+
+# ---- a. environment ------------------------------------------------------------
+COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo "${MIXKIT_COMMIT:-unknown}")
+[[ $COMMIT != unknown ]] && export MIXKIT_COMMIT=$COMMIT
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+
+env_info() {
+  echo "date: $(date -u +%FT%TZ)  host: $(hostname)  commit: $COMMIT"
+  echo "--- nvidia-smi"
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+  echo "--- nvcc"
+  nvcc --version || /usr/local/cuda/bin/nvcc --version
+  echo "--- compute-sanitizer: ${SANITIZER:-not found}"
+  echo "--- python and packages"
+  "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name())'
+  "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|triton|nanobind|scikit.build.core|cmake|ninja|pytest|liger.kernel|matplotlib) '
+  cmake --version | head -1
+}
+# Not through step(): timeout cannot run a shell function, and these are quick.
+t0=$(date +%s)
+env_info >"$OUT/env.txt" 2>&1
+printf '%-16s rc=%-5s %4ss  %s\n' env "$?" "$(($(date +%s) - t0))" env.txt >>"$STEPS"
+
+# ---- b. build and install ------------------------------------------------------
+if [[ ${MIXKIT_GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
+  printf '%-16s %-8s %5s  %s\n' build skipped - "MIXKIT_GPU_CHECK_SKIP_BUILD=1" >>"$STEPS"
+else
+  step build 240 230 "$OUT/build.log" \
+    "$PY" -m pip install --no-build-isolation --no-deps -v . \
+    -Ccmake.define.MIXKIT_CUDA=ON "-Ccmake.define.MIXKIT_CUDA_ARCHS=90a-real;80-virtual"
+fi
+# Which mixkit the tests will import, and what it was built with. From the repo
+# root, as pytest runs, so a source tree shadowing the install would show here.
+step build_info 30 200 "$OUT/env.txt" \
+  "$PY" -c 'import mixkit, mixkit._core as c; print(mixkit.__file__); print(c.build_info())'
+
+# ---- c. tests ------------------------------------------------------------------
+step gpu_tests 90 190 "$OUT/tests.log" \
+  "$PY" -m pytest -m gpu -q tests -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+step all_tests 120 150 "$OUT/tests.log" "$PY" -m pytest -q tests -p no:cacheprovider
+
+# ---- d. compute-sanitizer ------------------------------------------------------
+# torch's caching allocator hands out slices of large blocks, so an overrun
+# into a neighbouring tensor is invisible to memcheck. Without caching every
+# tensor is its own cudaMalloc and overruns are caught.
+if [[ -n $SANITIZER ]]; then
+  # shellcheck disable=SC2086  # SANITIZER_TESTS is a list of pytest arguments
+  step memcheck 100 130 "$OUT/tests.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SANITIZER" --tool memcheck --target-processes all --error-exitcode 1 \
+    "$PY" -m pytest -p no:cacheprovider $SANITIZER_TESTS
+  # shellcheck disable=SC2086
+  step racecheck 80 100 "$OUT/tests.log" \
+    "$SANITIZER" --tool racecheck --target-processes all --error-exitcode 1 \
+    "$PY" -m pytest -p no:cacheprovider $SANITIZER_TESTS
+else
+  printf '%-16s %-8s %5s  %s\n' sanitizer missing - "compute-sanitizer not found" >>"$STEPS"
+  FAILED=1
+fi
+
+# ---- e. benchmark --------------------------------------------------------------
+# The bench writes bench.json and bench.md; no plot, to stay within 8 files.
+step bench 200 5 "$OUT/bench.log" \
+  "$PY" -m mixkit.bench --quick --device cuda --no-plot --out "$OUT/bench.json"
+
+# ---- f. summary ----------------------------------------------------------------
+{
+  echo "gpu_check  $(date -u +%FT%TZ)  commit $COMMIT  total $(($(date +%s) - START))s of ${BUDGET_S}s"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
+  echo
+  cat "$STEPS"
+  echo
+  echo "--- pytest and sanitizer results (tests.log)"
+  grep -E '^=== |[0-9]+ (passed|failed|error)|no tests ran|ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/tests.log" 2>/dev/null
+  echo
+  echo "--- copy ceiling and failures (bench.log)"
+  grep -E 'copy ceiling|ERROR' "$OUT/bench.log" 2>/dev/null
+} >"$OUT/summary.txt"
+rm -f "$STEPS"
+cat "$OUT/summary.txt"
+exit $FAILED
