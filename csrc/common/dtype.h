@@ -13,6 +13,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MIXKIT_HD __host__ __device__ __forceinline__
 #if defined(__HIPCC__)
+#include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
 #else
 #include <cuda_fp16.h>
@@ -29,13 +30,33 @@ enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
 
-MIXKIT_HD float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-MIXKIT_HD uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define MIXKIT_DEVICE_PASS 1
+#endif
+
+MIXKIT_HD float bits_to_f32(uint32_t u) {
+#ifdef MIXKIT_DEVICE_PASS
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+MIXKIT_HD uint32_t f32_to_bits(float f) {
+#ifdef MIXKIT_DEVICE_PASS
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
 
 MIXKIT_HD float to_f32(float v) { return v; }
 MIXKIT_HD float to_f32(bf16 v) { return bits_to_f32(uint32_t(v.bits) << 16); }
 MIXKIT_HD float to_f32(f16 v) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#ifdef MIXKIT_DEVICE_PASS
   return __half2float(__ushort_as_half(v.bits));  // the hardware conversion: same result, fewer registers
 #endif
   const uint32_t sign = uint32_t(v.bits & 0x8000u) << 16;
@@ -58,7 +79,7 @@ template <> MIXKIT_HD bf16 from_f32<bf16>(float f) {
   return bf16{uint16_t(u >> 16)};
 }
 template <> MIXKIT_HD f16 from_f32<f16>(float f) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#ifdef MIXKIT_DEVICE_PASS
   return f16{__half_as_ushort(__float2half_rn(f))};
 #endif
   uint32_t u = f32_to_bits(f);
