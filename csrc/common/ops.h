@@ -119,6 +119,12 @@ inline void check(const RopeArgs& a) {
   require(a.tokens == 0 || a.positions, "null positions pointer");
 }
 
+// CPU kernels go parallel only above this many elements, like torch's
+// at::internal::GRAIN_SIZE: waking a thread team costs microseconds, and
+// milliseconds when the other cores are busy, which decode-sized calls
+// cannot afford.
+constexpr int64_t kCpuParallelGrain = 32768;
+
 // ---- backends --------------------------------------------------------------
 void norm_fwd_cpu(const NormFwdArgs& a);
 void norm_bwd_cpu(const NormBwdArgs& a);

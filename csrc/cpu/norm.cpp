@@ -17,7 +17,7 @@ void norm_fwd(const NormFwdArgs& a) {
   const T* w = static_cast<const T*>(a.weight);
   T* y = static_cast<T*>(a.y);
   T* h = static_cast<T*>(a.h);
-#pragma omp parallel
+#pragma omp parallel if (a.rows * cols > kCpuParallelGrain)
   {
     std::vector<float> v(cols);
 #pragma omp for schedule(static)
@@ -67,7 +67,7 @@ void norm_bwd(const NormBwdArgs& a) {
   T* dx = static_cast<T*>(a.grad_x);
   const int64_t parts = w ? a.partials : std::max<int64_t>(1, std::min<int64_t>(a.rows, 256));
   const float inv_cols = 1.f / float(cols);
-#pragma omp parallel
+#pragma omp parallel if (a.rows * cols > kCpuParallelGrain)
   {
     std::vector<float> xhat(cols), g(cols);
 #pragma omp for schedule(static)

@@ -14,7 +14,8 @@ void rope(const RopeArgs& a) {
   std::vector<float> inv_freq(half);
   for (int64_t i = 0; i < half; ++i) inv_freq[i] = rope_inv_freq(a.theta, i, d);
   const float sign = a.inverse ? -1.f : 1.f;
-#pragma omp parallel
+  const int64_t work = a.tokens * (a.heads[0] + a.heads[1]) * d;
+#pragma omp parallel if (work > kCpuParallelGrain)
   {
     std::vector<float> cs(half), sn(half);
 #pragma omp for schedule(static)
