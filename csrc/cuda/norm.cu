@@ -19,6 +19,18 @@ constexpr int kMinBlock = 128;
 
 // ============================== kernels ======================================
 
+// Row `off` (in elements) of a tensor, as vectors. Null stays null: offsetting
+// a null pointer is undefined and would let the compiler drop the kernels'
+// "is this optional input present" tests.
+template <class T, int VEC>
+__device__ __forceinline__ const Pack<T, VEC>* in_row(const void* base, int64_t off) {
+  return base ? reinterpret_cast<const Pack<T, VEC>*>(static_cast<const T*>(base) + off) : nullptr;
+}
+template <class T, int VEC>
+__device__ __forceinline__ Pack<T, VEC>* out_row(void* base, int64_t off) {
+  return base ? reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(base) + off) : nullptr;
+}
+
 // Sum over the blockDim.x lanes that own a row. A row wider than one warp is
 // the only row of its block, so the block-wide step below is safe. Must be
 // reached by every thread of the block.
@@ -44,9 +56,9 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(NormFwdArgs a) {
   const bool active = row < a.rows;
   const int64_t nvec = a.cols / VEC;
   const int64_t off = active ? row * a.cols : 0;
-  const V* x = reinterpret_cast<const V*>(static_cast<const T*>(a.x) + off);
-  const V* res = reinterpret_cast<const V*>(static_cast<const T*>(a.residual) + off);
-  V* h = reinterpret_cast<V*>(static_cast<T*>(a.h) + off);
+  const V* x = in_row<T, VEC>(a.x, off);
+  const V* res = in_row<T, VEC>(a.residual, off);
+  V* h = out_row<T, VEC>(a.h, off);
 
   float v[ITEMS][VEC];
   float s1 = 0.f, s2 = 0.f;
@@ -57,7 +69,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(NormFwdArgs a) {
     V xv;
     if (ok) {
       xv = x[j];
-      if (a.residual) {
+      if (res) {
         // Round the sum to T before normalising it: the fused op then equals
         // rms_norm(x + residual) with the addition done in T.
         const V rv = res[j];
@@ -91,7 +103,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(NormFwdArgs a) {
   if (!active) return;
 
   const V* w = reinterpret_cast<const V*>(a.weight);
-  V* y = reinterpret_cast<V*>(static_cast<T*>(a.y) + off);
+  V* y = out_row<T, VEC>(a.y, off);
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int64_t j = int64_t(i) * tpr + threadIdx.x;
@@ -144,8 +156,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
     const int64_t off = active ? row * a.cols : 0;
     const float mean = active && a.centered ? a.mean[row] : 0.f;
     const float rstd = active ? a.rstd[row] : 0.f;
-    const V* x = reinterpret_cast<const V*>(static_cast<const T*>(a.x) + off);
-    const V* dy = reinterpret_cast<const V*>(static_cast<const T*>(a.grad_y) + off);
+    const V* x = in_row<T, VEC>(a.x, off);
+    const V* dy = in_row<T, VEC>(a.grad_y, off);
 
     // Pass 1: the two row sums and this row's weight-gradient contribution.
     float sg = 0.f, sgx = 0.f;
@@ -175,8 +187,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
     if (!active) continue;
 
     // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_h).
-    const V* dh = reinterpret_cast<const V*>(static_cast<const T*>(a.grad_h) + off);
-    V* dx = reinterpret_cast<V*>(static_cast<T*>(a.grad_x) + off);
+    const V* dh = in_row<T, VEC>(a.grad_h, off);
+    V* dx = out_row<T, VEC>(a.grad_x, off);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int64_t j = int64_t(i) * tpr + threadIdx.x;
@@ -190,13 +202,13 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
         dv = dy[j];
       }
       if (wp) wv = wp[j];
-      if (a.grad_h) hv = dh[j];
+      if (dh) hv = dh[j];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float xh = (to_f32(xv.v[k]) - mean) * rstd;
         const float g = wp ? to_f32(dv.v[k]) * to_f32(wv.v[k]) : to_f32(dv.v[k]);
         float d = rstd * (g - mg - xh * mgx);
-        if (a.grad_h) d += to_f32(hv.v[k]);
+        if (dh) d += to_f32(hv.v[k]);
         out.v[k] = from_f32<T>(d);
       }
       dx[j] = out;
