@@ -1,0 +1,68 @@
+"""mixkit benchmarks: `run()` times the selected ops against their peers.
+
+Each op maps to a function `(device, tokens, dtype, compile_mode) -> Case`
+(see harness.Case). A new kernel adds its module here and one line to CASES.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixkit.bench import harness, norms, rope
+
+CASES = {
+    "rms_norm": norms.rms_norm_case,
+    "rms_norm_residual": norms.rms_norm_residual_case,
+    "rms_norm_bwd": norms.rms_norm_bwd_case,
+    "layer_norm": norms.layer_norm_case,
+    "rope": rope.rope_case,
+}
+
+# Token counts at Mistral 7B widths. On the CPU the full sweep stops at 1024
+# and the quick one is small enough to finish, compiles included, in under a
+# minute on 2 cores.
+TOKENS = {
+    ("cuda", False): (1, 16, 256, 1024, 4096, 16384),
+    ("cuda", True): (1, 1024, 4096, 16384),
+    ("cpu", False): (1, 16, 256, 1024),
+    ("cpu", True): (1, 64),
+}
+DTYPES = {
+    ("cuda", False): (torch.bfloat16,),
+    ("cuda", True): (torch.bfloat16,),
+    ("cpu", False): (torch.float32, torch.bfloat16),
+    ("cpu", True): (torch.bfloat16,),
+}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(device: str | None = None, quick: bool = False, ops: list[str] | None = None,
+        compile: bool = True, cuda_graph: bool = False, log=print) -> tuple[dict, list[dict]]:
+    """Benchmark `ops` (default: all of CASES); returns (metadata, rows)."""
+    device = device or default_device()
+    kind = torch.device(device).type
+    ops = ops or list(CASES)
+    unknown = [op for op in ops if op not in CASES]
+    if unknown:
+        raise ValueError(f"unknown ops {unknown}; known: {', '.join(CASES)}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device cuda asked for, but torch {torch.__version__} sees no CUDA GPU")
+    if cuda_graph and kind != "cuda":
+        raise ValueError("CUDA-graph timing needs --device cuda")
+
+    torch.manual_seed(0)
+    compile_mode = harness.compile_mode_for(device, quick) if compile else None
+    meta = harness.collect_metadata(device)
+    meta.update(copy_gbps=harness.copy_bandwidth_gbps(device), compile_mode=compile_mode,
+                quick=quick, ops=ops)
+    if log:
+        log(f"{meta['device_name']}: copy ceiling {meta['copy_gbps']:.1f} GB/s (read + write)")
+
+    cases = (CASES[op](device, t, dtype, compile_mode)
+             for op in ops for dtype in DTYPES[kind, quick] for t in TOKENS[kind, quick])
+    rows = harness.run_cases(cases, device, budget_s=0.05 if quick else 0.2, cuda_graph=cuda_graph, log=log)
+    meta["timing"] = next((r["method"] for r in rows if "method" in r), None)
+    return meta, rows
