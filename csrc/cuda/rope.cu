@@ -40,50 +40,51 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(RopeArgs a) {
     if (a.inverse) s[p] = -s[p];
   }
 
-  for (int which = 0; which < 2; ++which) {
-    const T* in = static_cast<const T*>(a.in[which]) + t * a.stride_token[which];
-    T* out = static_cast<T*>(a.out[which]) + t * a.heads[which] * a.head_dim;
-    const int64_t heads = a.heads[which], stride_head = a.stride_head[which];
+  // q heads then k heads, split over blockIdx.y when there are few tokens
+  // (decode), so a single token still spreads over many blocks.
+  const int64_t total_heads = a.heads[0] + a.heads[1];
 #pragma unroll 4
-    for (int64_t h = 0; h < heads; ++h) {
-      const T* src = in + h * stride_head;
-      T* dst = out + h * a.head_dim;
-      if constexpr (kInterleaved) {
-        // P == 1 is the fallback for odd strides: two scalar accesses.
-        using V = Pack<T, 2 * P>;
-        V v, o;
-        if constexpr (P > 1) {
-          v = *reinterpret_cast<const V*>(src + 2 * i0);
-        } else {
-          v.v[0] = src[2 * i0];
-          v.v[1] = src[2 * i0 + 1];
-        }
-#pragma unroll
-        for (int p = 0; p < P; ++p) {
-          const float x0 = to_f32(v.v[2 * p]), x1 = to_f32(v.v[2 * p + 1]);
-          o.v[2 * p] = from_f32<T>(x0 * c[p] - x1 * s[p]);
-          o.v[2 * p + 1] = from_f32<T>(x1 * c[p] + x0 * s[p]);
-        }
-        if constexpr (P > 1) {
-          *reinterpret_cast<V*>(dst + 2 * i0) = o;
-        } else {
-          dst[2 * i0] = o.v[0];
-          dst[2 * i0 + 1] = o.v[1];
-        }
+  for (int64_t hh = blockIdx.y; hh < total_heads; hh += gridDim.y) {
+    const bool is_k = hh >= a.heads[0];
+    const int64_t h = is_k ? hh - a.heads[0] : hh;
+    const T* src = static_cast<const T*>(is_k ? a.in[1] : a.in[0]) +
+                   t * (is_k ? a.stride_token[1] : a.stride_token[0]) + h * (is_k ? a.stride_head[1] : a.stride_head[0]);
+    T* dst = static_cast<T*>(is_k ? a.out[1] : a.out[0]) + (t * (is_k ? a.heads[1] : a.heads[0]) + h) * a.head_dim;
+    if constexpr (kInterleaved) {
+      // P == 1 is the fallback for odd strides: two scalar accesses.
+      using V = Pack<T, 2 * P>;
+      V v, o;
+      if constexpr (P > 1) {
+        v = *reinterpret_cast<const V*>(src + 2 * i0);
       } else {
-        using V = Pack<T, P>;
-        const V v0 = *reinterpret_cast<const V*>(src + i0);
-        const V v1 = *reinterpret_cast<const V*>(src + half + i0);
-        V o0, o1;
-#pragma unroll
-        for (int p = 0; p < P; ++p) {
-          const float x0 = to_f32(v0.v[p]), x1 = to_f32(v1.v[p]);
-          o0.v[p] = from_f32<T>(x0 * c[p] - x1 * s[p]);
-          o1.v[p] = from_f32<T>(x1 * c[p] + x0 * s[p]);
-        }
-        *reinterpret_cast<V*>(dst + i0) = o0;
-        *reinterpret_cast<V*>(dst + half + i0) = o1;
+        v.v[0] = src[2 * i0];
+        v.v[1] = src[2 * i0 + 1];
       }
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const float x0 = to_f32(v.v[2 * p]), x1 = to_f32(v.v[2 * p + 1]);
+        o.v[2 * p] = from_f32<T>(x0 * c[p] - x1 * s[p]);
+        o.v[2 * p + 1] = from_f32<T>(x1 * c[p] + x0 * s[p]);
+      }
+      if constexpr (P > 1) {
+        *reinterpret_cast<V*>(dst + 2 * i0) = o;
+      } else {
+        dst[2 * i0] = o.v[0];
+        dst[2 * i0 + 1] = o.v[1];
+      }
+    } else {
+      using V = Pack<T, P>;
+      const V v0 = *reinterpret_cast<const V*>(src + i0);
+      const V v1 = *reinterpret_cast<const V*>(src + half + i0);
+      V o0, o1;
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const float x0 = to_f32(v0.v[p]), x1 = to_f32(v1.v[p]);
+        o0.v[p] = from_f32<T>(x0 * c[p] - x1 * s[p]);
+        o1.v[p] = from_f32<T>(x1 * c[p] + x0 * s[p]);
+      }
+      *reinterpret_cast<V*>(dst + i0) = o0;
+      *reinterpret_cast<V*>(dst + half + i0) = o1;
     }
   }
 }
@@ -112,7 +113,12 @@ void launch(const RopeArgs& a, gpuStream_t stream) {
   const int tokens_per_block = std::max(1, 256 / lanes);
   const int64_t blocks = (a.tokens + tokens_per_block - 1) / tokens_per_block;
   require(blocks <= 0x7fffffff, "too many tokens for one launch");
-  const dim3 grid{unsigned(blocks)}, block{unsigned(lanes), unsigned(tokens_per_block)};
+  // Split the heads over grid.y until about 64k lanes are busy: enough to
+  // keep HBM saturated, without recomputing cos/sin more often than needed.
+  const int64_t total_heads = a.heads[0] + a.heads[1];
+  const int64_t busy = a.tokens * lanes;
+  const int64_t head_groups = std::clamp<int64_t>((65536 + busy - 1) / busy, 1, std::min<int64_t>(total_heads, 65535));
+  const dim3 grid{unsigned(blocks), unsigned(head_groups)}, block{unsigned(lanes), unsigned(tokens_per_block)};
   if (a.positions_int64)
     rope_kernel<T, P, kInterleaved, int64_t><<<grid, block, 0, stream>>>(a);
   else
