@@ -133,3 +133,18 @@ def test_public_ops_match_reference_in_float64_terms():
     ref.assert_close(ops.layer_norm(x), ref.layer_norm(x, 1e-5), torch.float32)
     q, k, pos = _rope_args("cpu")
     ref.assert_close(ops.rope(q, k, pos)[0], ref.rope(q, pos, 1e4, False), torch.float32)
+
+
+def test_nn_modules():
+    x, w, r = _norm_args("cpu")
+    norm = mixkit.nn.RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    torch.testing.assert_close(norm(x), ops.rms_norm(x, w, 1e-5))
+    y, h = norm(x, r)
+    torch.testing.assert_close(y, ops.rms_norm(x + r, w, 1e-5))
+    norm(x).sum().backward()
+    assert norm.weight.grad is not None and [n for n, _ in norm.named_parameters()] == ["weight"]
+    ln = mixkit.nn.LayerNorm()
+    assert list(ln.parameters()) == []
+    torch.testing.assert_close(ln(x), ops.layer_norm(x))

@@ -5,8 +5,8 @@ namespace); `mixkit.backends()` lists the backends compiled into `_core`.
 """
 from . import _core
 from ._backend import backends
-from . import ops
+from . import nn, ops
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["backends", "ops", "__version__"]
+__all__ = ["backends", "nn", "ops", "__version__"]
