@@ -148,3 +148,14 @@ def test_nn_modules():
     ln = mixkit.nn.LayerNorm()
     assert list(ln.parameters()) == []
     torch.testing.assert_close(ln(x), ops.layer_norm(x))
+
+
+def test_saved_statistics_are_not_differentiable():
+    """rstd and mean are outputs of the raw ops only so backward can reuse
+    them; differentiating through them must fail loudly, not return zeros."""
+    x = torch.randn(3, 64, requires_grad=True)
+    _, rstd = torch.ops.mixkit.rms_norm(x, torch.ones(64), 1e-5)
+    _, mean, _ = torch.ops.mixkit.layer_norm(x, 1e-5)
+    assert not rstd.requires_grad and not mean.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        mean.sum().backward()

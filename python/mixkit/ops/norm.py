@@ -117,12 +117,14 @@ def _(grad_y, grad_h, x, weight, rstd):
 def _save_rms(ctx, inputs, output):
     x, weight, _eps = inputs
     _y, rstd = output
+    ctx.mark_non_differentiable(rstd)  # a saved statistic, not a result to differentiate
     ctx.save_for_backward(x, weight, rstd)
 
 
 def _save_rms_residual(ctx, inputs, output):
     _x, _residual, weight, _eps = inputs
     _y, h, rstd = output
+    ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(h, weight, rstd)
 
 
@@ -183,6 +185,7 @@ def _(grad_y, x, mean, rstd):
 def _save_ln(ctx, inputs, output):
     x, _eps = inputs
     _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, mean, rstd)
 
 
