@@ -14,10 +14,6 @@
 
 #include "common/ops.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -94,14 +90,6 @@ NB_MODULE(_core, m) {
 
   m.def("backends", &backends, "Backends compiled into this build, e.g. ['cpu', 'cuda'].");
   m.def("build_info", &build_info, "What this build was made for: backends, architectures, versions, commit.");
-  m.def("cpu_threads", [] {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
-
   m.def(
       "norm_fwd",
       [](int backend, int device, uintptr_t stream, int dtype, bool centered, uintptr_t x, uintptr_t residual,

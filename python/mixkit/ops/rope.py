@@ -55,11 +55,13 @@ def _check(q, k, positions, theta):
         raise ValueError(f"{op}: q and k must have the same leading (token) dimensions, "
                          f"got {tuple(q.shape[:-2])} and {tuple(k.shape[:-2])}")
     try:
-        torch.broadcast_shapes(positions.shape, q.shape[:-2])
+        broadcast = torch.broadcast_shapes(positions.shape, q.shape[:-2])
     except RuntimeError:
+        broadcast = None
+    if broadcast is None:
         raise ValueError(f"{op}: positions of shape {tuple(positions.shape)} do not broadcast to the token "
-                         f"dimensions {tuple(q.shape[:-2])} of q") from None
-    if torch.broadcast_shapes(positions.shape, q.shape[:-2]) != q.shape[:-2]:
+                         f"dimensions {tuple(q.shape[:-2])} of q")
+    if broadcast != q.shape[:-2]:
         raise ValueError(f"{op}: positions of shape {tuple(positions.shape)} are larger than the token "
                          f"dimensions {tuple(q.shape[:-2])} of q")
     _checks.finite_float(op, "theta", theta, positive=True)
@@ -70,8 +72,8 @@ def _rope(q, k, positions, theta, interleaved, inverse):
     q_stride = _token_stride("rope", "q", q)
     k_stride = _token_stride("rope", "k", k)
     pos = positions.expand(q.shape[:-2]).reshape(-1).contiguous()
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
-                                                                                        device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     backend, device, stream = launch_args(q.device)
     _core.rope(backend, device, stream, DTYPE_CODES[q.dtype], pos.dtype == torch.int64, pos.data_ptr(),
                pos.numel(), q.shape[-1], theta, interleaved, inverse,
