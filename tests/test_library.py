@@ -159,3 +159,36 @@ def test_saved_statistics_are_not_differentiable():
     assert not rstd.requires_grad and not mean.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         mean.sum().backward()
+
+
+@pytest.mark.parametrize("capability, archs, ok", [
+    ((8, 0), "80,90a", True),
+    ((8, 6), "80-real", True),            # sm_80 SASS runs on later 8.x
+    ((8, 9), "80-real,90a-real,90-virtual", True),
+    ((9, 0), "80-real,90a-real,90-virtual", True),
+    ((7, 5), "80,90a", False),            # older than every target
+    ((10, 0), "80-real,90a-real", False),  # SASS only: no PTX to JIT
+    ((10, 0), "80-real,90a-real,90-virtual", True),
+    ((12, 0), "90a", False),              # compute_90a PTX runs on 9.0 only
+    ((12, 0), "80", True),                # compute_80 PTX JITs forward
+    ((9, 0), "100a-real", False),
+])
+def test_cuda_arch_supported(capability, archs, ok):
+    assert mixkit._backend.cuda_arch_supported(capability, archs) is ok
+
+
+def test_arch_mismatch_message(monkeypatch):
+    """The message a user on an unsupported GPU sees (faked: no GPU here)."""
+    from types import SimpleNamespace
+
+    backend = mixkit._backend
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="Tesla T4", major=7, minor=5, gcnArchName=""))
+    monkeypatch.setattr(torch.version, "hip", None)
+    archs = {"cuda_archs": "80-real,90a-real,90-virtual", "hip_archs": ""}
+    monkeypatch.setattr(backend, "_core", SimpleNamespace(build_info=lambda: archs))
+    msg = backend.arch_mismatch(0)
+    assert msg.startswith("mixkit was built for sm_80/sm_90a/compute_90 PTX; this GPU (Tesla T4, cuda:0) is sm_75.")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="H100", major=9, minor=0, gcnArchName=""))
+    assert backend.arch_mismatch(0) is None

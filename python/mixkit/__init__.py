@@ -3,9 +3,15 @@
 `mixkit.ops` holds the differentiable ops (torch.library ops in the `mixkit`
 namespace); `mixkit.backends()` lists the backends compiled into `_core`.
 """
+# torch first: wheels take libgomp from the one torch has loaded, so mixkit and
+# torch share one OpenMP runtime.
+import torch as _torch  # noqa: F401
+
 from . import _core
-from ._backend import backends
+from ._backend import backends, warn_on_unsupported_gpus
 from . import nn, ops
+
+warn_on_unsupported_gpus()
 
 __version__ = _core.build_info()["version"]
 
