@@ -7,6 +7,10 @@ from mixkit._backend import has_gpu
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA or ROCm GPU and the matching mixkit backend")
+
+
 def pytest_collection_modifyitems(config, items):
     if has_gpu():
         return
