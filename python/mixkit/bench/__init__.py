@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mixkit.bench import harness, norms, rope
+from mixkit.bench import harness, moe_route, norms, rope
 
 CASES = {
     "rms_norm": norms.rms_norm_case,
@@ -16,13 +16,16 @@ CASES = {
     "rms_norm_bwd": norms.rms_norm_bwd_case,
     "layer_norm": norms.layer_norm_case,
     "rope": rope.rope_case,
+    "moe_route": moe_route.moe_route_case,
+    "moe_permute": moe_route.moe_permute_case,
+    "moe_unpermute": moe_route.moe_unpermute_case,
 }
 
 # Token counts at Mistral 7B widths. On the CPU the full sweep stops at 1024
 # and the quick one is small enough to finish, compiles included, in under a
 # minute on 2 cores.
 TOKENS = {
-    ("cuda", False): (1, 16, 256, 1024, 4096, 16384),
+    ("cuda", False): (1, 16, 128, 1024, 4096, 16384),
     ("cuda", True): (1, 1024, 4096, 16384),
     ("cpu", False): (1, 16, 256, 1024),
     ("cpu", True): (1, 64),
