@@ -21,6 +21,11 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _arch_checked: set[int] = set()
 
 
+def ptr(t: torch.Tensor | None) -> int:
+    """The address `_core` takes for an optional tensor: 0 for None."""
+    return 0 if t is None else t.data_ptr()
+
+
 def backends() -> list[str]:
     """Backends compiled into this build of mixkit._core, e.g. ['cpu', 'cuda']."""
     return sorted(_BUILT)

@@ -23,17 +23,13 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from .._backend import DTYPE_CODES, launch_args
+from .._backend import DTYPE_CODES, launch_args, ptr
 from . import _checks
 from ._library import define
 
 F32 = torch.float32
 MAX_EXPERTS = 256  # csrc/common/moe.h kMoeMaxExperts
 MAX_ROWS = 2 ** 31 - 1  # T * k rows are indexed by an int32 row map
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
 
 
 def _check_rows(op: str, tokens, top_k) -> None:
@@ -160,7 +156,7 @@ def _moe_permute(x, expert_ids, num_experts):
     scratch = _core.moe_permute_workspace(backend, tokens, top_k, num_experts)
     workspace = torch.empty(scratch, dtype=torch.int32, device=x.device) if scratch else None
     _core.moe_permute(backend, device, stream, DTYPE_CODES[x.dtype], x.data_ptr(), expert_ids.data_ptr(),
-                      x_perm.data_ptr(), offsets.data_ptr(), row_map.data_ptr(), _ptr(workspace), tokens, top_k,
+                      x_perm.data_ptr(), offsets.data_ptr(), row_map.data_ptr(), ptr(workspace), tokens, top_k,
                       x.shape[1], num_experts)
     return x_perm, offsets, row_map
 
@@ -180,7 +176,7 @@ def _gather(rows, row_map, weights, top_k):
     out = rows.new_empty((tokens, rows.shape[1]))
     backend, device, stream = launch_args(rows.device)
     _core.moe_gather(backend, device, stream, DTYPE_CODES[rows.dtype], rows.data_ptr(), row_map.data_ptr(),
-                     _ptr(weights), out.data_ptr(), 0, 0, tokens, top_k, rows.shape[1])
+                     ptr(weights), out.data_ptr(), 0, 0, tokens, top_k, rows.shape[1])
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from .._backend import DTYPE_CODES, launch_args
+from .._backend import DTYPE_CODES, launch_args, ptr
 from . import _checks
 from ._library import define
 
@@ -38,15 +38,11 @@ def _check(op, x, weight=None, residual=None, *, has_weight=True):
         _checks.contiguous(op, "residual", residual)
 
 
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
-
-
 def _fwd(x, residual, weight, y, h, mean, rstd, eps, centered):
     backend, device, stream = launch_args(x.device)
     cols = x.shape[-1]
-    _core.norm_fwd(backend, device, stream, DTYPE_CODES[x.dtype], centered, x.data_ptr(), _ptr(residual),
-                   _ptr(weight), y.data_ptr(), _ptr(h), _ptr(mean), _ptr(rstd), x.numel() // cols, cols, eps)
+    _core.norm_fwd(backend, device, stream, DTYPE_CODES[x.dtype], centered, x.data_ptr(), ptr(residual),
+                   ptr(weight), y.data_ptr(), ptr(h), ptr(mean), ptr(rstd), x.numel() // cols, cols, eps)
 
 
 def _stats(x):
@@ -100,7 +96,7 @@ def _rms_norm_backward(grad_y, grad_h, x, weight, rstd):
     dtype = DTYPE_CODES[x.dtype]
     partials = _core.norm_bwd_partials(backend, device, dtype, rows, cols)
     grad_w = torch.empty((partials, cols), dtype=F32, device=x.device)
-    _core.norm_bwd(backend, device, stream, dtype, False, grad_y.data_ptr(), _ptr(grad_h), x.data_ptr(),
+    _core.norm_bwd(backend, device, stream, dtype, False, grad_y.data_ptr(), ptr(grad_h), x.data_ptr(),
                    weight.data_ptr(), 0, rstd.data_ptr(), grad_x.data_ptr(), grad_w.data_ptr(), partials, rows, cols)
     return grad_x, grad_w.sum(0).to(weight.dtype)
 
