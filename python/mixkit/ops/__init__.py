@@ -1,8 +1,10 @@
 """mixkit ops: each is a torch.library op in the `mixkit` namespace with a fake
-implementation and autograd, so it works in eager, torch.compile(fullgraph=True)
-and CUDA graphs. These functions are the public API."""
+implementation (and autograd where differentiable), so it works in eager,
+torch.compile(fullgraph=True) and CUDA graphs. These functions are the public API."""
+from .decode import decode_attn, kv_cache_append
 from .moe import moe_permute, moe_route, moe_unpermute
 from .norm import layer_norm, rms_norm, rms_norm_residual
 from .rope import rope
 
-__all__ = ["rms_norm", "rms_norm_residual", "layer_norm", "rope", "moe_route", "moe_permute", "moe_unpermute"]
+__all__ = ["rms_norm", "rms_norm_residual", "layer_norm", "rope", "moe_route", "moe_permute", "moe_unpermute",
+           "kv_cache_append", "decode_attn"]

@@ -1,0 +1,99 @@
+// Decode over a rolling-buffer KV cache (CONVENTIONS.md): argument structs,
+// their checks and the backend entry points of kv_cache_append and
+// decode_attn. python/mixkit/ops/decode.py validates shapes first; check()
+// below re-validates everything the kernels index with.
+#pragma once
+
+#include <cstdint>
+
+#include "ops.h"
+
+namespace mixkit {
+
+// Writes the token at absolute position p to slot p % C of each cache.
+// k, v: (B, S, Hkv, D) with any batch/token/head strides and a contiguous last
+// dim (views into a fused QKV projection need no copy); caches: contiguous
+// (B, C, Hkv, D). When S > C only the last C tokens of each sequence are
+// written: the earlier ones would be overwritten within the same call.
+struct KvAppendArgs {
+  DType dtype;
+  bool positions_int64;
+  const void* positions;  // (B, S) contiguous, int32 or int64
+  const void* k;
+  const void* v;
+  void* k_cache;
+  void* v_cache;
+  int64_t batch;
+  int64_t seqlen;     // S, new tokens per sequence
+  int64_t kv_heads;
+  int64_t head_dim;
+  int64_t capacity;   // C
+  int64_t k_stride[3];  // batch, token, head strides of k, in elements
+  int64_t v_stride[3];
+};
+
+// One query token per sequence against the last n = min(seqlen, window, C)
+// cached tokens, positions seqlen - n .. seqlen - 1 in slots pos % C.
+// q/out: contiguous (B, H, D); caches: contiguous (B, C, Hkv, D); query head h
+// reads KV head h / (H / Hkv).
+struct DecodeArgs {
+  DType dtype;
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* seqlens;  // (B,) tokens seen, the current one included
+  void* out;
+  float* lse;              // (B, H) natural-log sum of exp of the scaled scores; -inf when nothing is visible
+  int64_t batch;
+  int64_t heads;
+  int64_t kv_heads;
+  int64_t head_dim;
+  int64_t capacity;
+  int64_t window;          // 0: no window
+  float scale;
+  // Split-KV (GPU only): `splits` partial results per (b, h), float32,
+  // ws_out (B, H, splits, D) and ws_lse (B, H, splits). Unused when splits == 1.
+  int64_t splits;
+  float* ws_out;
+  float* ws_lse;
+};
+
+inline void check_head_dims(int64_t batch, int64_t kv_heads, int64_t head_dim, int64_t capacity) {
+  require(batch >= 0 && batch <= 65535, "batch must be in [0, 65535]");
+  require(kv_heads >= 1 && kv_heads <= 65535, "kv_heads must be in [1, 65535]");
+  require(head_dim >= 1 && head_dim <= 1024, "head_dim must be in [1, 1024]");
+  require(capacity >= 1 && capacity <= (int64_t(1) << 31) - 1, "cache capacity must be in [1, 2^31)");
+  require(batch * capacity <= INT64_MAX / (kv_heads * head_dim), "cache size overflows int64");
+}
+
+inline void check(const KvAppendArgs& a) {
+  check_dtype(a.dtype);
+  check_head_dims(a.batch, a.kv_heads, a.head_dim, a.capacity);
+  require(a.seqlen >= 0 && a.seqlen <= (int64_t(1) << 31) - 1, "seqlen must be in [0, 2^31)");
+  require(a.batch * a.seqlen == 0 || (a.positions && a.k && a.v && a.k_cache && a.v_cache), "null tensor pointer");
+}
+
+inline void check(const DecodeArgs& a) {
+  check_dtype(a.dtype);
+  check_head_dims(a.batch, a.kv_heads, a.head_dim, a.capacity);
+  require(a.heads >= 1 && a.heads % a.kv_heads == 0, "heads must be a positive multiple of kv_heads");
+  require(a.window >= 0, "window must be >= 1, or 0 for none");
+  require(a.splits >= 1 && a.splits <= 1024, "splits must be in [1, 1024]");
+  require(a.batch == 0 || (a.q && a.k_cache && a.v_cache && a.seqlens && a.out && a.lse), "null tensor pointer");
+  require(a.splits == 1 || a.batch == 0 || (a.ws_out && a.ws_lse), "split-KV needs the ws_out/ws_lse workspace");
+}
+
+// ---- backends --------------------------------------------------------------
+void kv_cache_append_cpu(const KvAppendArgs& a);
+void decode_attn_cpu(const DecodeArgs& a);
+
+void kv_cache_append_gpu(const KvAppendArgs& a, int device, void* stream);
+void decode_attn_gpu(const DecodeArgs& a, int device, void* stream);
+// Split count for decode_attn_gpu, from shapes only (B, H, Hkv, D, the
+// largest visible length min(window, C)), the kernel's occupancy and the SM
+// count: no host sync, so a decode step keeps fixed shapes and can be
+// captured in a CUDA graph.
+int64_t decode_splits_gpu(DType dtype, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                          int64_t capacity, int64_t window, int device);
+
+}  // namespace mixkit
