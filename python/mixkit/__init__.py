@@ -9,10 +9,11 @@ import torch as _torch  # noqa: F401
 
 from . import _core
 from ._backend import backends, warn_on_unsupported_gpus
-from . import nn, ops
+from . import models, nn, ops
+from .models import generate
 
 warn_on_unsupported_gpus()
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["backends", "nn", "ops", "__version__"]
+__all__ = ["backends", "generate", "models", "nn", "ops", "__version__"]

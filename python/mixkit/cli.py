@@ -1,4 +1,4 @@
-"""The `mixkit` command: `mixkit bench ...` and `mixkit info`."""
+"""The `mixkit` command: `mixkit bench ...`, `mixkit generate ...` and `mixkit info`."""
 
 from __future__ import annotations
 
@@ -45,10 +45,90 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, for the embedded tiny models."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class _HFTokenizer:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from mixkit import models
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stop: list[int] = []
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        model = models.load(ckpt, device=device)
+        if not (ckpt / "tokenizer.json").exists():
+            print(f"mixkit generate: error: {ckpt} has no tokenizer.json", file=sys.stderr)
+            return 2
+        tokenizer = _HFTokenizer(ckpt / "tokenizer.json")
+        cfg = ckpt / "config.json"
+        eos = json.loads(cfg.read_text()).get("eos_token_id") if cfg.exists() else None
+        stop = [eos] if isinstance(eos, int) else list(eos or [])
+    else:
+        if args.model not in models.CONFIGS or not args.model.startswith("tiny-"):
+            tiny = ", ".join(n for n in models.CONFIGS if n.startswith("tiny-"))
+            print(f"mixkit generate: error: --model must be one of {tiny} (or pass --checkpoint DIR)",
+                  file=sys.stderr)
+            return 2
+        model = models.Transformer(models.CONFIGS[args.model]).init_weights(args.seed, std=0.1).to(device).eval()
+        tokenizer = _ByteTokenizer()
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        print("mixkit generate: error: the prompt encodes to no tokens", file=sys.stderr)
+        return 2
+    new: list[int] = []
+    shown = ""
+
+    def on_token(_row: int, token: int) -> None:  # stream: print the text decoded so far, minus what is shown
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+
+    print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    try:
+        models.generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, stop=stop, seed=args.seed, on_token=on_token)
+    except ValueError as exc:
+        print(f"\nmixkit generate: error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    print()
+    print(f"{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s (prefill included)",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from mixkit.bench import CASES
 
-    parser = argparse.ArgumentParser(prog="mixkit", description="mixkit kernels: benchmarks and build info")
+    parser = argparse.ArgumentParser(prog="mixkit", description="mixkit kernels: benchmarks, generation and build info")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="time mixkit ops against torch eager, torch.compile and Liger")
@@ -61,6 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--graph", action="store_true", help="time CUDA-graph replays (removes launch overhead)")
     b.add_argument("--no-plot", action="store_true", help="no .png even if matplotlib is installed")
     b.set_defaults(func=_bench)
+
+    g = sub.add_parser("generate", help="generate text with a tiny random model or a checkpoint directory")
+    g.add_argument("--model", default="tiny-mistral", help="embedded tiny random model (default tiny-mistral)")
+    g.add_argument("--checkpoint", help="HF or Mistral-native checkpoint directory with tokenizer.json")
+    g.add_argument("--prompt", default="Hello", help="prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    g.set_defaults(func=_generate)
 
     i = sub.add_parser("info", help="print build info, torch and device versions")
     i.add_argument("--device", choices=["cpu", "cuda"])

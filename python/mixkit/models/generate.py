@@ -1,0 +1,98 @@
+"""Generation with the rolling-buffer cache: each prompt is prefilled in
+chunks of at most the window (into its own cache row), then all sequences
+decode together with `Transformer.decode_step` (mixkit.ops.decode_attn)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .model import Transformer
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab): greedy at temperature 0,
+    else softmax(logits / T) restricted to the top_k tokens and to the
+    smallest set whose probability reaches top_p."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+             stop: Iterable[int] = (), seed: int | None = None, prefill_chunk: int | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Generate up to max_new_tokens after each prompt; returns the new tokens
+    per prompt (a stop token is included and ends that sequence).
+
+    prompts: one list of ids, a list of lists (lengths may differ), or a (B, S)
+    tensor. prefill_chunk: tokens per prefill call, at most (and by default)
+    the sliding window. on_token(row, token) is called as tokens are produced.
+    Sampling is deterministic for a given seed.
+    """
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.view(-1, prompts.shape[-1]).tolist()
+    elif len(prompts) and isinstance(prompts[0], int):
+        prompts = [prompts]
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    args = model.args
+    window = args.sliding_window
+    total = max(len(p) for p in prompts) + max_new_tokens
+    if window is None and total > args.max_seq_len:
+        raise ValueError(f"generate: prompt plus max_new_tokens is {total} tokens, more than max_seq_len "
+                         f"{args.max_seq_len} of a model without a sliding window")
+    chunk = prefill_chunk or window or max(len(p) for p in prompts)
+    if window is not None:
+        chunk = min(chunk, window)
+    device = model.output.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stop = set(stop)
+
+    b = len(prompts)
+    model.setup_caches(b, None if window else total)
+    try:
+        last = []
+        for row, prompt in enumerate(prompts):  # prefill each prompt alone: no padding reaches the cache
+            ids = torch.tensor(prompt, device=device).view(1, -1)
+            for start in range(0, len(prompt), chunk):
+                logits = model(ids[:, start:start + chunk], start_pos=start, rows=slice(row, row + 1))
+            last.append(logits[:, -1])
+        logits = torch.cat(last)
+        seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * b
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, top_k, generator)
+            for row, t in enumerate(token.tolist()):
+                if not done[row]:
+                    out[row].append(t)
+                    if on_token is not None:
+                        on_token(row, t)
+                    done[row] = t in stop
+            if all(done) or step == max_new_tokens - 1:
+                break
+            # finished rows keep decoding (fixed shapes); their tokens are dropped
+            logits = model.decode_step(token, seqlens)
+            seqlens = seqlens + 1
+        return out
+    finally:
+        model.clear_caches()

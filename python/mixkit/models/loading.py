@@ -1,0 +1,227 @@
+"""`load(path)`: a Hugging Face checkpoint directory (config.json + safetensors,
+sharded or not) or Mistral's native one (params.json + consolidated.safetensors).
+
+The model is built on the meta device, then materialised once on the target
+device in the target dtype; each checkpoint tensor is read through
+safetensors' mmap and copied straight into its slice of the fused parameter,
+so at most one tensor is held twice. Keys and shapes are all checked before
+any data is read.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelArgs, from_hf_config, from_mistral_params
+from .model import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message names the key."""
+
+
+def _hf_map(args: ModelArgs, keys: set[str]) -> tuple[dict, set]:
+    """checkpoint key -> (parameter name, index into it or None, transform or None);
+    plus keys that may be present and are skipped."""
+    h, hkv, i_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
+    m, optional = {"model.embed_tokens.weight": ("tok_embeddings.weight", None, None)}, set()
+    if args.tie_embeddings:
+        optional.add("lm_head.weight")
+    else:
+        m["lm_head.weight"] = ("output.weight", None, None)
+    if args.norm == "rms":
+        m["model.norm.weight"] = ("norm.weight", None, None)
+    suffixes = ("weight", "bias") if args.bias else ("weight",)
+    fused_experts = any(".mlp.experts.gate_up_proj" in k for k in keys)
+    for i in range(args.n_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        optional.add(src + "self_attn.rotary_emb.inv_freq")
+        for s in suffixes:
+            qkv = dst + "attention.wqkv." + s
+            m[src + "self_attn.q_proj." + s] = (qkv, slice(0, h), None)
+            m[src + "self_attn.k_proj." + s] = (qkv, slice(h, h + hkv), None)
+            m[src + "self_attn.v_proj." + s] = (qkv, slice(h + hkv, h + 2 * hkv), None)
+            m[src + "self_attn.o_proj." + s] = (dst + "attention.wo." + s, None, None)
+        if args.norm == "rms":
+            m[src + "input_layernorm.weight"] = (dst + "attention_norm.weight", None, None)
+            m[src + "post_attention_layernorm.weight"] = (dst + "ffn_norm.weight", None, None)
+        ff = dst + "feed_forward."
+        if args.moe_num_experts and fused_experts:  # newer transformers saves
+            m[src + "mlp.gate.weight"] = (ff + "gate.weight", None, None)
+            m[src + "mlp.experts.gate_up_proj"] = (ff + "w13", None, None)
+            m[src + "mlp.experts.down_proj"] = (ff + "w2", None, None)
+        elif args.moe_num_experts:
+            m[src + "block_sparse_moe.gate.weight"] = (ff + "gate.weight", None, None)
+            for j in range(args.moe_num_experts):
+                e = f"{src}block_sparse_moe.experts.{j}."
+                m[e + "w1.weight"] = (ff + "w13", (j, slice(0, i_dim)), None)
+                m[e + "w3.weight"] = (ff + "w13", (j, slice(i_dim, 2 * i_dim)), None)
+                m[e + "w2.weight"] = (ff + "w2", j, None)
+        else:
+            for s in suffixes:
+                m[src + "mlp.gate_proj." + s] = (ff + "w13." + s, slice(0, i_dim), None)
+                m[src + "mlp.up_proj." + s] = (ff + "w13." + s, slice(i_dim, 2 * i_dim), None)
+                m[src + "mlp.down_proj." + s] = (ff + "w2." + s, None, None)
+    return m, optional
+
+
+def native_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Permute q/k projection rows from Meta/Mistral's interleaved RoPE layout
+    to the half-split one (the HF converter's permutation, CONVENTIONS.md)."""
+    dim = w.shape[-1]
+    hd = w.shape[0] // n_heads
+    return w.view(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(n_heads * hd, dim)
+
+
+def _native_map(args: ModelArgs, keys: set[str]) -> tuple[dict, set]:
+    h, hkv, i_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
+    perm_q = lambda w: native_to_half_split(w, args.n_heads)  # noqa: E731
+    perm_k = lambda w: native_to_half_split(w, args.n_kv_heads)  # noqa: E731
+    m = {"tok_embeddings.weight": ("tok_embeddings.weight", None, None), "norm.weight": ("norm.weight", None, None),
+         "output.weight": ("output.weight", None, None)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        qkv = p + "attention.wqkv.weight"
+        m[p + "attention.wq.weight"] = (qkv, slice(0, h), perm_q)
+        m[p + "attention.wk.weight"] = (qkv, slice(h, h + hkv), perm_k)
+        m[p + "attention.wv.weight"] = (qkv, slice(h + hkv, h + 2 * hkv), None)
+        m[p + "attention.wo.weight"] = (p + "attention.wo.weight", None, None)
+        m[p + "attention_norm.weight"] = (p + "attention_norm.weight", None, None)
+        m[p + "ffn_norm.weight"] = (p + "ffn_norm.weight", None, None)
+        ff = p + "feed_forward."
+        if args.moe_num_experts:
+            m[ff + "gate.weight"] = (ff + "gate.weight", None, None)
+            for j in range(args.moe_num_experts):
+                e = f"{ff}experts.{j}."
+                m[e + "w1.weight"] = (ff + "w13", (j, slice(0, i_dim)), None)
+                m[e + "w3.weight"] = (ff + "w13", (j, slice(i_dim, 2 * i_dim)), None)
+                m[e + "w2.weight"] = (ff + "w2", j, None)
+        else:
+            m[ff + "w1.weight"] = (ff + "w13.weight", slice(0, i_dim), None)
+            m[ff + "w3.weight"] = (ff + "w13.weight", slice(i_dim, 2 * i_dim), None)
+            m[ff + "w2.weight"] = (ff + "w2.weight", None, None)
+    return m, set()
+
+
+def _files(path: Path, native: bool) -> list[Path]:
+    if native:
+        files = [path / "consolidated.safetensors"]
+    elif (path / "model.safetensors.index.json").exists():
+        weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    elif (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no safetensors weights found")
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{path}: weights file {f.name} is missing")
+    return files
+
+
+def _scan(files: list[Path]) -> dict[str, tuple[Path, tuple, str]]:
+    """key -> (file, shape, dtype) from the safetensors headers, reading no data."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    found[key] = (file, tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as exc:  # safetensors raises its own error type for corrupt headers
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+    return found
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _progress(total: int, nbytes: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="tensor", desc="loading", disable=nbytes < 2 ** 30)
+
+
+def load(path, dtype: torch.dtype | None = None, device=None, default_rope_theta: float | None = None) -> Transformer:
+    """Load a checkpoint directory into a Transformer (in eval mode).
+
+    HF: config.json (Mistral/Mixtral/Llama/OLMo architectures) with
+    model.safetensors, or shards listed in model.safetensors.index.json.
+    Mistral native: params.json + consolidated.safetensors; q/k rows are
+    permuted to the half-split RoPE layout; `default_rope_theta` applies when
+    params.json has no rope_theta (see config.NATIVE_DEFAULT_ROPE_THETA).
+    dtype: default the checkpoint's; device: default CPU. Raises
+    CheckpointError naming the key for missing, unexpected or misshapen tensors.
+    """
+    path = Path(path)
+    native = not (path / "config.json").exists() and (path / "params.json").exists()
+    if native:
+        params = json.loads((path / "params.json").read_text())
+        kw = {} if default_rope_theta is None else {"default_rope_theta": default_rope_theta}
+        args = from_mistral_params(params, **kw)
+    elif (path / "config.json").exists():
+        cfg = json.loads((path / "config.json").read_text())
+        args = from_hf_config(cfg)
+    else:
+        raise CheckpointError(f"{path}: neither config.json (Hugging Face) nor params.json (Mistral native) found")
+    files = _files(path, native)
+    found = _scan(files)
+    mapping, optional = (_native_map if native else _hf_map)(args, set(found))
+
+    for key in sorted(found):
+        if key not in mapping and key not in optional:
+            raise CheckpointError(f"unexpected tensor {key!r} in {found[key][0].name}: the {type(args).__name__} "
+                                  f"built from the config has no place for it")
+    for key in mapping:
+        if key not in found:
+            raise CheckpointError(f"missing tensor {key!r}: not in {', '.join(f.name for f in files)}")
+
+    if dtype is None:
+        name = None if native else (cfg.get("dtype") or cfg.get("torch_dtype"))
+        dtype = getattr(torch, name) if isinstance(name, str) else _ST_DTYPES.get(next(iter(found.values()))[2],
+                                                                                   torch.float32)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty makes new parameters, which unties them
+    params = dict(model.named_parameters())
+    uncovered = set(params) - {name for name, _, _ in mapping.values()}
+    if uncovered:  # a bug in the key maps above, not in the checkpoint
+        raise CheckpointError(f"no checkpoint key fills parameter {sorted(uncovered)[0]!r}")
+
+    for key, (name, index, _) in mapping.items():
+        target = params[name].data if index is None else params[name].data[index]
+        shape = found[key][1]
+        if shape != tuple(target.shape):
+            raise CheckpointError(f"shape mismatch for {key!r}: checkpoint has {shape}, the model expects "
+                                  f"{tuple(target.shape)} (parameter {name})")
+
+    from safetensors import safe_open
+
+    bar = _progress(len(mapping), sum(f.stat().st_size for f in files))
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key not in mapping:
+                    continue
+                name, index, transform = mapping[key]
+                tensor = f.get_tensor(key)
+                if transform is not None:
+                    tensor = transform(tensor)
+                target = params[name].data if index is None else params[name].data[index]
+                target.copy_(tensor)  # converts dtype and moves to the device in one copy
+                del tensor
+                if bar is not None:
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    return model.eval()

@@ -1,0 +1,276 @@
+"""One decoder-only transformer for Mistral, Mixtral, Llama 2 and OLMo-1.
+
+The families differ only through ModelArgs: GQA head counts, the sliding
+window, the norm (weighted RMSNorm or OLMo's non-parametric LayerNorm),
+clip_qkv, tied embeddings and a dense or top-k MoE FFN. Projections are
+torch.matmul (nn.Linear), with q/k/v fused into `wqkv` and gate/up fused into
+`w13`; norms, RoPE, the KV cache, decode attention and MoE routing go through
+mixkit.ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..nn import LayerNorm, RMSNorm
+from .config import ModelArgs
+
+
+class KVCache(nn.Module):
+    """Rolling-buffer cache of one layer (CONVENTIONS.md): capacity C is the
+    window, or the maximum length without one; position p lives in slot p % C."""
+
+    def __init__(self, batch: int, capacity: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, capacity, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+def _prefill_attention(q, k, v, q_pos, k_pos, window, doc_ids=None):
+    """Causal (sliding-window) GQA attention. q (B, S, H, D); k, v (B, L, Hkv, D);
+    q_pos (B, S) and k_pos (B, L) absolute positions, k_pos < 0 marks an empty slot.
+    doc_ids (B, S): packed documents (S == L), which only see their own tokens.
+
+    Key j is visible to query i when `i - W < pos_j <= pos_i` (CONVENTIONS.md).
+    Masking by absolute position is the bottom-right-aligned mask: the queries
+    are the last S positions of the keys, as in a chunked prefill.
+    """
+    # TEMPORARY until mixkit.ops.flash_attn (issue 3): SDPA with an explicit mask.
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    visible = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        visible &= kp > qp - window
+    if doc_ids is not None:
+        visible &= doc_ids[:, :, None] == doc_ids[:, None, :]
+    group = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if group > 1:  # query head h uses kv head h // group, as decode_attn does
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window, self.clip_qkv = args.sliding_window, args.clip_qkv
+        self.theta, self.interleaved = args.rope_theta, args.rope_interleaved
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.bias)
+        self.cache: KVCache | None = None
+
+    def _qkv(self, x, positions):
+        b, s, _ = x.shape
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x)
+        if self.clip_qkv is not None:  # OLMo: clamp q, k and v before RoPE
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+        q, k = ops.rope(q.view(b, s, h, d), k.view(b, s, hkv, d), positions, self.theta, self.interleaved)
+        return q, k, v.view(b, s, hkv, d)
+
+    def forward(self, x, positions, rows: slice | None = None, tail: int | None = None, doc_ids=None):
+        """Prefill or training over x (B, S, dim) at positions (B, S). With a
+        cache, the chunk also attends to the cached tail (the `tail` tokens
+        before it, default all C slots) and is then appended to rows `rows`."""
+        q, k, v = self._qkv(x, positions)
+        keys, values, key_pos = k, v, positions
+        if self.cache is not None:
+            k_cache, v_cache = self.cache.k[rows or slice(None)], self.cache.v[rows or slice(None)]
+            c = k_cache.shape[1]
+            tail = c if tail is None else min(tail, c)
+            if tail:
+                tail_pos = positions[:, :1] - tail + torch.arange(tail, device=x.device)
+                idx = tail_pos.remainder(c)[:, :, None, None].expand(-1, -1, self.n_kv_heads, self.head_dim)
+                keys = torch.cat([k_cache.gather(1, idx), k], 1)
+                values = torch.cat([v_cache.gather(1, idx), v], 1)
+                key_pos = torch.cat([tail_pos, positions], 1)
+            ops.kv_cache_append(k, v, k_cache, v_cache, positions)
+        out = _prefill_attention(q, keys, values, positions, key_pos, self.window, doc_ids)
+        return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
+
+    def decode(self, x, positions):
+        """One token per sequence: x (B, 1, dim) at positions (B, 1)."""
+        b = x.shape[0]
+        q, k, v = self._qkv(x, positions)
+        ops.kv_cache_append(k, v, self.cache.k, self.cache.v, positions)
+        seqlens = (positions[:, 0] + 1).to(torch.int32)  # tokens seen, the current one included
+        out = ops.decode_attn(q.view(b, self.n_heads, self.head_dim), self.cache.k, self.cache.v, seqlens,
+                              self.window)
+        return self.wo(out.view(b, 1, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into w13."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.bias)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.bias)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def _experts_forward(x_perm, offsets, w13, w2):
+    """SwiGLU of each expert e over its rows offsets[e]:offsets[e+1] of x_perm."""
+    # TEMPORARY until mixkit.ops.moe_mlp (issue 5): one host sync reads the
+    # offsets, then one matmul pair per expert. Not capturable in a CUDA graph.
+    bounds = offsets.tolist()
+    out = torch.zeros_like(x_perm)
+    for e in range(w13.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            gate, up = torch.matmul(x_perm[lo:hi], w13[e].t()).chunk(2, dim=-1)
+            out[lo:hi] = torch.matmul(F.silu(gate) * up, w2[e].t())
+    return out
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse FFN: top-k router (mixkit.ops.moe_route), rows grouped by
+    expert (moe_permute), expert SwiGLUs, weighted gather back (moe_unpermute)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_experts, self.top_k = args.moe_num_experts, args.moe_top_k
+        self.gate = nn.Linear(args.dim, args.moe_num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(args.moe_num_experts, 2 * args.hidden_dim, args.dim))
+        self.w2 = nn.Parameter(torch.empty(args.moe_num_experts, args.dim, args.hidden_dim))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, expert_ids = ops.moe_route(self.gate(x), self.top_k)
+        x_perm, offsets, row_map = ops.moe_permute(x, expert_ids, self.num_experts)
+        y_rows = _experts_forward(x_perm, offsets, self.w13, self.w2)
+        return ops.moe_unpermute(y_rows, row_map, weights).view(shape)
+
+
+def _make_norm(args: ModelArgs) -> nn.Module:
+    return RMSNorm(args.dim, args.norm_eps) if args.norm == "rms" else LayerNorm(args.norm_eps)
+
+
+def _add_norm(norm: nn.Module, x, residual):
+    """`h = x + residual; return norm(h), h` (fused for RMSNorm). The first norm
+    of the first layer has no residual yet."""
+    if residual is None:
+        return norm(x), x
+    if isinstance(norm, RMSNorm):
+        return norm(x, residual)
+    h = x + residual
+    return norm(h), h
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm, self.attention = _make_norm(args), Attention(args)
+        self.ffn_norm = _make_norm(args)
+        self.feed_forward = MoE(args) if args.moe_num_experts else FeedForward(args)
+
+    def forward(self, x, residual, attend):
+        y, residual = _add_norm(self.attention_norm, x, residual)
+        y, residual = _add_norm(self.ffn_norm, attend(self.attention, y), residual)
+        return self.feed_forward(y), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = _make_norm(args)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """Random weights for demos and benchmarks: N(0, std) matrices, unit norm weights."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1:
+                    p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.zeros_like(p))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    @property
+    def cache_capacity(self) -> int | None:
+        cache = self.layers[0].attention.cache
+        return None if cache is None else cache.k.shape[1]
+
+    def setup_caches(self, batch: int, max_seq_len: int | None = None, dtype=None, device=None):
+        """Allocate a rolling-buffer cache per layer: C = the window, or
+        max_seq_len (default args.max_seq_len) without one."""
+        args = self.args
+        capacity = args.sliding_window or (max_seq_len or args.max_seq_len)
+        ref = self.output.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch, capacity, args.n_kv_heads, args.head_dim,
+                                            dtype or ref.dtype, device or ref.device)
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def _positions(self, tokens, positions, start_pos):
+        b, s = tokens.shape
+        if positions is None:
+            positions = torch.arange(start_pos or 0, (start_pos or 0) + s, device=tokens.device)
+        return positions.expand(b, s) if positions.dim() == 1 else positions
+
+    def _head(self, x, residual):
+        return self.output(_add_norm(self.norm, x, residual)[0])
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
+                start_pos: int | None = None, rows: slice | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, S, vocab) for tokens (B, S).
+
+        positions: (S,) or (B, S) absolute positions; default start_pos + arange(S).
+        With caches (setup_caches), the tokens are a prefill chunk: they attend
+        to the cached tokens before them and are appended to cache rows `rows`
+        (default all). start_pos, when known on the host, bounds how much of the
+        cache is read (0: none).
+
+        cu_seqlens: packed documents, tokens (1, T) holding documents
+        cu_seqlens[i]:cu_seqlens[i+1] (int32/int64 (N + 1,), starting at 0 and
+        ending at T). Each document gets positions from 0 and sees only itself.
+        Without caches only; computed on the device, no host sync.
+        """
+        doc_ids = None
+        if cu_seqlens is not None:
+            if tokens.shape[0] != 1 or positions is not None or self.cache_capacity is not None:
+                raise ValueError("forward: cu_seqlens needs tokens of shape (1, T), no positions and no caches")
+            idx = torch.arange(tokens.shape[1], device=tokens.device)
+            doc_ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), idx, right=True)
+            positions = (idx - cu_seqlens.to(torch.int64)[doc_ids])[None]
+            doc_ids = doc_ids[None]
+        positions = self._positions(tokens, positions, start_pos)
+        x, residual = self.tok_embeddings(tokens), None
+        attend = lambda attn, y: attn(y, positions, rows, start_pos, doc_ids)  # noqa: E731
+        for layer in self.layers:
+            x, residual = layer(x, residual, attend)
+        return self._head(x, residual)
+
+    def decode_step(self, token: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence. token (B,) or (B, 1); cache_seqlens (B,):
+        tokens already in each sequence's cache, i.e. the new token's position.
+        Returns logits (B, vocab). No host sync outside the MoE expert loop."""
+        b = token.shape[0]
+        positions = cache_seqlens.view(b, 1).to(torch.int64)
+        x, residual = self.tok_embeddings(token.view(b, 1)), None
+        attend = lambda attn, y: attn.decode(y, positions)  # noqa: E731
+        for layer in self.layers:
+            x, residual = layer(x, residual, attend)
+        return self._head(x, residual).view(b, -1)
