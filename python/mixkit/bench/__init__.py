@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mixkit.bench import decode, harness, moe_route, norms, rope
+from mixkit.bench import decode, harness, moe_mlp, moe_route, norms, rope
 
 CASES = {
     "rms_norm": norms.rms_norm_case,
@@ -19,6 +19,8 @@ CASES = {
     "moe_route": moe_route.moe_route_case,
     "moe_permute": moe_route.moe_permute_case,
     "moe_unpermute": moe_route.moe_unpermute_case,
+    "moe_mlp": moe_mlp.moe_mlp_case,
+    "moe_mlp_fwd_bwd": moe_mlp.moe_mlp_fwd_bwd_case,
     "kv_cache_append": decode.kv_cache_append_case,
     "decode_attn_b1": decode.decode_attn_b1_case,
     "decode_attn_b8": decode.decode_attn_b8_case,

@@ -1,0 +1,29 @@
+// _core.grouped_gemm, grouped_wgrad: python/mixkit/ops/moe_mlp.py.
+#include "bind/bind.h"
+#include "common/grouped_gemm.h"
+
+using namespace mixkit;
+
+MIXKIT_BIND(grouped_gemm) {
+  m.def(
+      "grouped_gemm",
+      [](int backend, int device, uintptr_t stream, int dtype, uintptr_t a, uintptr_t b, uintptr_t offsets,
+         uintptr_t c, int64_t rows, int64_t k, int64_t n, int64_t experts, bool trans_b) {
+        const GroupedGemmArgs g{DType(dtype), ptr<const void>(a), ptr<const void>(b), ptr<const int64_t>(offsets),
+                                ptr<void>(c), rows, k, n, experts, trans_b};
+        on_backend(backend, [&] { grouped_gemm_cpu(g); },
+                   [&] { grouped_gemm_gpu(g, device, stream_ptr(stream)); });
+      },
+      nb::call_guard<nb::gil_scoped_release>());
+
+  m.def(
+      "grouped_wgrad",
+      [](int backend, int device, uintptr_t stream, int dtype, uintptr_t a, uintptr_t dy, uintptr_t offsets,
+         uintptr_t db, int64_t rows, int64_t k, int64_t n, int64_t experts, bool trans_b) {
+        const GroupedWgradArgs g{DType(dtype), ptr<const void>(a), ptr<const void>(dy), ptr<const int64_t>(offsets),
+                                 ptr<void>(db), rows, k, n, experts, trans_b};
+        on_backend(backend, [&] { grouped_wgrad_cpu(g); },
+                   [&] { grouped_wgrad_gpu(g, device, stream_ptr(stream)); });
+      },
+      nb::call_guard<nb::gil_scoped_release>());
+}

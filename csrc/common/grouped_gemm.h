@@ -1,0 +1,81 @@
+// Grouped GEMM over the permuted rows of moe_permute (csrc/common/moe.h):
+// expert e owns rows offsets[e] .. offsets[e + 1] of A, and
+//   C[rows of e] = A[rows of e] @ B[e]        (trans_b = false, B: (E, K, N))
+//   C[rows of e] = A[rows of e] @ B[e]^T      (trans_b = true,  B: (E, N, K),
+//                                              how nn.Linear stores weights)
+// accumulated in float32 and rounded once. Rows from offsets[E] on (the
+// bad-id bucket of the GPU permute) are written as zeros. The offsets live on
+// the tensors' device: the GPU kernel reads them there, so no call syncs.
+//
+// The weight gradient ("wgrad") sums over the rows of each expert:
+//   dB[e] = A_e^T @ dY_e  (K, N)   or, with trans_b, dY_e^T @ A_e  (N, K).
+// (csrc/cpu/grouped_gemm.cpp, csrc/cuda/grouped_gemm.cu,
+// python/mixkit/ops/moe_mlp.py.)
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "moe.h"
+#include "ops.h"
+
+namespace mixkit {
+
+struct GroupedGemmArgs {
+  DType dtype;              // of a, b and c
+  const void* a;            // (rows, k), contiguous
+  const void* b;            // (experts, k, n), or (experts, n, k) with trans_b
+  const int64_t* offsets;   // (experts + 1,), non-decreasing, offsets[0] == 0
+  void* c;                  // (rows, n)
+  int64_t rows;
+  int64_t k;
+  int64_t n;
+  int64_t experts;
+  bool trans_b;
+};
+
+struct GroupedWgradArgs {
+  DType dtype;              // of a, dy and db
+  const void* a;            // (rows, k)
+  const void* dy;           // (rows, n)
+  const int64_t* offsets;   // (experts + 1,)
+  void* db;                 // (experts, k, n), or (experts, n, k) with trans_b
+  int64_t rows;
+  int64_t k;
+  int64_t n;
+  int64_t experts;
+  bool trans_b;
+};
+
+inline void check_grouped_sizes(int64_t rows, int64_t k, int64_t n, int64_t experts) {
+  require(rows >= 0 && rows <= kMoeMaxRows, "rows must be in [0, 2^31 - 1]");
+  require(k >= 1 && k <= (int64_t(1) << 30), "K must be in [1, 2^30]");
+  require(n >= 1 && n <= (int64_t(1) << 30), "N_out must be in [1, 2^30]");
+  require(experts >= 1 && experts <= kMoeMaxExperts, "experts must be in [1, 256]");
+  require(rows <= INT64_MAX / (k > n ? k : n), "rows * K overflows int64");
+  require(experts <= INT64_MAX / k / n, "experts * K * N_out overflows int64");
+}
+
+inline void check(const GroupedGemmArgs& a) {
+  check_dtype(a.dtype);
+  check_grouped_sizes(a.rows, a.k, a.n, a.experts);
+  require(a.offsets && a.b, "null offsets or weight pointer");
+  require(a.rows == 0 || (a.a && a.c), "null tensor pointer");
+}
+
+inline void check(const GroupedWgradArgs& a) {
+  check_dtype(a.dtype);
+  check_grouped_sizes(a.rows, a.k, a.n, a.experts);
+  require(a.offsets && a.db, "null offsets or weight-gradient pointer");
+  require(a.rows == 0 || (a.a && a.dy), "null tensor pointer");
+}
+
+// ---- backends --------------------------------------------------------------
+void grouped_gemm_cpu(const GroupedGemmArgs& a);
+void grouped_wgrad_cpu(const GroupedWgradArgs& a);
+// CUDA only (sm_80 tensor cores; sm_90a runs the same kernel). The HIP build
+// raises until the MFMA path exists (issue 8).
+void grouped_gemm_gpu(const GroupedGemmArgs& a, int device, void* stream);
+void grouped_wgrad_gpu(const GroupedWgradArgs& a, int device, void* stream);
+
+}  // namespace mixkit

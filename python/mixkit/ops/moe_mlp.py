@@ -1,0 +1,262 @@
+"""Mixtral's expert MLP over permuted rows: the grouped GEMM, its weight
+gradient, the whole sparse MoE layer (`moe_mlp`) and the load-balancing loss.
+
+Layers: `_core.grouped_gemm` / `_core.grouped_wgrad` (csrc/cpu/grouped_gemm.cpp,
+csrc/cuda/grouped_gemm.cu, layout in csrc/common/grouped_gemm.h) ->
+torch.library ops `mixkit::grouped_gemm` (autograd: the activation gradient is
+the same op with the other weight layout, the weight gradient is
+`mixkit::grouped_gemm_wgrad`) -> `moe_mlp`, composed of differentiable ops:
+
+    logits = x @ router_weight.T                    (torch.matmul)
+    weights, ids = moe_route(logits, top_k)
+    x_perm, offsets, row_map = moe_permute(x, ids, E)
+    h = grouped_gemm(x_perm, w13, offsets, trans_b=True)        (N, 2F)
+    a = silu(h[:, :F]) * h[:, F:]                   (torch, not yet fused)
+    y = moe_unpermute(grouped_gemm(a, w2, offsets, trans_b=True), row_map, weights)
+
+Weights use Hugging Face's nn.Linear layouts: w13 (E, 2F, H) holds the gate
+rows (w1) then the up rows (w3); w2 (E, H, F). Every size follows from the
+shapes and the GPU kernels read the offsets on the device, so the layer never
+syncs with the host and captures in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+
+from .. import _core
+from .._backend import DTYPE_CODES, launch_args
+from . import _checks
+from ._library import define
+from .moe import MAX_EXPERTS, moe_permute, moe_route, moe_unpermute
+
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---- grouped_gemm ---------------------------------------------------------------
+
+def _check_gemm(op, a, b, offsets, trans_b, a_name="a", b_name="b"):
+    """(rows, K, N_out, E) after validating a (rows, K), b (E, K, N_out) or
+    (E, N_out, K) and offsets int64 (E + 1,)."""
+    _checks.tensor(op, a_name, a, min_dim=2)
+    if a.dim() != 2:
+        raise ValueError(f"{op}: {a_name} must have shape (rows, K), got {tuple(a.shape)}")
+    _checks.contiguous(op, a_name, a)
+    _checks.tensor(op, b_name, b, min_dim=3)
+    if b.dim() != 3:
+        layout = "(experts, N_out, K)" if trans_b else "(experts, K, N_out)"
+        raise ValueError(f"{op}: {b_name} must have shape {layout}, got {tuple(b.shape)}")
+    _checks.contiguous(op, b_name, b)
+    _checks.same_dtype(op, a_name, a, b_name, b)
+    _checks.same_device(op, a_name, a, b_name, b)
+    experts = b.shape[0]
+    if not 1 <= experts <= MAX_EXPERTS:
+        raise ValueError(f"{op}: {b_name} must hold 1 to {MAX_EXPERTS} experts, got shape {tuple(b.shape)}")
+    n_out, kb = (b.shape[1], b.shape[2]) if trans_b else (b.shape[2], b.shape[1])
+    rows, k = a.shape
+    if kb != k or k == 0 or n_out == 0:
+        where = "shape[2]" if trans_b else "shape[1]"
+        raise ValueError(f"{op}: {b_name}.{where} must equal K = {a_name}.shape[1] = {k} (> 0), got {b_name} of "
+                         f"shape {tuple(b.shape)} with trans_b={trans_b}")
+    _checks.tensor(op, "expert_offsets", offsets, dtypes=(torch.int64,))
+    if tuple(offsets.shape) != (experts + 1,):
+        raise ValueError(f"{op}: expert_offsets must have shape (experts + 1,) = ({experts + 1},), "
+                         f"got {tuple(offsets.shape)}")
+    _checks.contiguous(op, "expert_offsets", offsets)
+    _checks.same_device(op, a_name, a, "expert_offsets", offsets)
+    if a.device.type == "cuda":
+        if a.dtype not in GPU_DTYPES:
+            raise TypeError(f"{op}: on the GPU {a_name} and {b_name} must be bfloat16 or float16, got {a.dtype}")
+        if k % 8 or n_out % 8:
+            raise ValueError(f"{op}: on the GPU K ({k}) and N_out ({n_out}) must be multiples of 8 "
+                             "(16-byte rows for cp.async)")
+    return rows, k, n_out, experts
+
+
+def _gpu_ready(op, *tensors):
+    if tensors[0].device.type != "cuda":
+        return
+    if torch.version.hip:
+        raise NotImplementedError(f"{op} is not implemented on HIP yet (the CUDA kernel uses mma.sync PTX; "
+                                  "an MFMA kernel is planned); run it on the CPU")
+    for t in tensors:
+        if t.data_ptr() % 16:
+            raise ValueError(f"{op}: GPU tensors must start at 16-byte aligned addresses; call .clone() on views")
+
+
+def _grouped_gemm(a, b, expert_offsets, trans_b):
+    rows, k, n_out, experts = _check_gemm("grouped_gemm", a, b, expert_offsets, trans_b)
+    c = a.new_empty((rows, n_out))
+    if rows == 0:
+        return c
+    _gpu_ready("grouped_gemm", a, b, c)
+    backend, device, stream = launch_args(a.device)
+    _core.grouped_gemm(backend, device, stream, DTYPE_CODES[a.dtype], a.data_ptr(), b.data_ptr(),
+                       expert_offsets.data_ptr(), c.data_ptr(), rows, k, n_out, experts, trans_b)
+    return c
+
+
+define("grouped_gemm(Tensor a, Tensor b, Tensor expert_offsets, bool trans_b) -> Tensor", _grouped_gemm)
+
+
+@torch.library.register_fake("mixkit::grouped_gemm")
+def _(a, b, expert_offsets, trans_b):
+    rows, _k, n_out, _e = _check_gemm("grouped_gemm", a, b, expert_offsets, trans_b)
+    return a.new_empty((rows, n_out))
+
+
+def _wgrad_shape(k, n_out, experts, trans_b):
+    return (experts, n_out, k) if trans_b else (experts, k, n_out)
+
+
+def _grouped_gemm_wgrad(a, grad_out, expert_offsets, trans_b):
+    op = "grouped_gemm_wgrad"
+    _checks.tensor(op, "a", a, min_dim=2)
+    _checks.tensor(op, "grad_out", grad_out, min_dim=2)
+    _checks.same_dtype(op, "a", a, "grad_out", grad_out)
+    if a.dim() != 2 or grad_out.dim() != 2 or a.shape[0] != grad_out.shape[0]:
+        raise ValueError(f"{op}: a (rows, K) and grad_out (rows, N_out) must share rows, got {tuple(a.shape)} "
+                         f"and {tuple(grad_out.shape)}")
+    _checks.same_device(op, "a", a, "grad_out", grad_out)
+    _checks.contiguous(op, "a", a)
+    _checks.contiguous(op, "grad_out", grad_out)
+    _checks.tensor(op, "expert_offsets", expert_offsets, dtypes=(torch.int64,))
+    if expert_offsets.dim() != 1 or not 2 <= expert_offsets.shape[0] <= MAX_EXPERTS + 1:
+        raise ValueError(f"{op}: expert_offsets must have shape (experts + 1,) with 1 <= experts <= {MAX_EXPERTS}, "
+                         f"got {tuple(expert_offsets.shape)}")
+    _checks.contiguous(op, "expert_offsets", expert_offsets)
+    _checks.same_device(op, "a", a, "expert_offsets", expert_offsets)
+    if a.device.type == "cuda" and a.dtype not in GPU_DTYPES:
+        raise TypeError(f"{op}: on the GPU a and grad_out must be bfloat16 or float16, got {a.dtype}")
+    experts = expert_offsets.shape[0] - 1
+    rows, k = a.shape
+    n_out = grad_out.shape[1]
+    db = a.new_empty(_wgrad_shape(k, n_out, experts, trans_b))
+    _gpu_ready(op, a, grad_out, db)
+    backend, device, stream = launch_args(a.device)
+    _core.grouped_wgrad(backend, device, stream, DTYPE_CODES[a.dtype], a.data_ptr(), grad_out.data_ptr(),
+                        expert_offsets.data_ptr(), db.data_ptr(), rows, k, n_out, experts, trans_b)
+    return db
+
+
+define("grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor expert_offsets, bool trans_b) -> Tensor",
+       _grouped_gemm_wgrad)
+
+
+@torch.library.register_fake("mixkit::grouped_gemm_wgrad")
+def _(a, grad_out, expert_offsets, trans_b):
+    return a.new_empty(_wgrad_shape(a.shape[1], grad_out.shape[1], expert_offsets.shape[0] - 1, trans_b))
+
+
+def _save_gemm(ctx, inputs, output):
+    a, b, offsets, trans_b = inputs
+    ctx.save_for_backward(a, b, offsets)
+    ctx.trans_b = trans_b
+
+
+def _gemm_bwd(ctx, grad_c):
+    a, b, offsets = ctx.saved_tensors
+    grad_c = grad_c.contiguous()
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        # C = A B  -> dA = dC B^T;  C = A B^T -> dA = dC B: the other layout.
+        grad_a = torch.ops.mixkit.grouped_gemm(grad_c, b, offsets, not ctx.trans_b)
+    if ctx.needs_input_grad[1]:
+        grad_b = torch.ops.mixkit.grouped_gemm_wgrad(a, grad_c, offsets, ctx.trans_b)
+    return grad_a, grad_b, None, None
+
+
+torch.library.register_autograd("mixkit::grouped_gemm", _gemm_bwd, setup_context=_save_gemm)
+
+
+# ---- public API ---------------------------------------------------------------
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
+                 trans_b: bool = False) -> torch.Tensor:
+    """Per-expert GEMM over grouped rows: `c[o[e]:o[e+1]] = a[o[e]:o[e+1]] @ b[e]`.
+
+    a: (N, K) rows grouped by expert (moe_permute's x_perm); b: (E, K, N_out),
+    or (E, N_out, K) with trans_b=True (nn.Linear's layout, then b[e] is
+    transposed); expert_offsets: int64 (E + 1,) on a's device. Returns
+    (N, N_out) in a's dtype, accumulated in float32 and rounded once; rows from
+    offsets[E] on are zero. GPU: bfloat16/float16, K and N_out multiples of 8.
+    Differentiable in a and b.
+    """
+    return torch.ops.mixkit.grouped_gemm(a, b, expert_offsets, bool(trans_b))
+
+
+def grouped_gemm_wgrad(a: torch.Tensor, grad_out: torch.Tensor, expert_offsets: torch.Tensor,
+                       trans_b: bool = False) -> torch.Tensor:
+    """The weight gradient of grouped_gemm: `db[e] = a_e^T @ grad_out_e`
+    (E, K, N_out), or its transpose (E, N_out, K) with trans_b=True."""
+    return torch.ops.mixkit.grouped_gemm_wgrad(a, grad_out, expert_offsets, bool(trans_b))
+
+
+def _check_mlp(x, router_weight, w13, w2, top_k):
+    op = "moe_mlp"
+    _checks.tensor(op, "x", x, min_dim=2)
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"{op}: x must have shape (tokens, hidden) with hidden > 0, got {tuple(x.shape)}")
+    hidden = x.shape[1]
+    for name, t in (("router_weight", router_weight), ("w13", w13), ("w2", w2)):
+        _checks.tensor(op, name, t)
+        _checks.same_dtype(op, "x", x, name, t)
+        _checks.same_device(op, "x", x, name, t)
+    if router_weight.dim() != 2 or router_weight.shape[1] != hidden or not 1 <= router_weight.shape[0] <= MAX_EXPERTS:
+        raise ValueError(f"{op}: router_weight must have shape (experts <= {MAX_EXPERTS}, hidden = {hidden}), "
+                         f"got {tuple(router_weight.shape)}")
+    experts = router_weight.shape[0]
+    if w13.dim() != 3 or w13.shape[0] != experts or w13.shape[2] != hidden or w13.shape[1] % 2 or w13.shape[1] == 0:
+        raise ValueError(f"{op}: w13 must have shape (experts = {experts}, 2 * ffn, hidden = {hidden}) "
+                         f"(gate rows, then up rows), got {tuple(w13.shape)}")
+    ffn = w13.shape[1] // 2
+    if tuple(w2.shape) != (experts, hidden, ffn):
+        raise ValueError(f"{op}: w2 must have shape (experts, hidden, ffn) = ({experts}, {hidden}, {ffn}), "
+                         f"got {tuple(w2.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise ValueError(f"{op}: top_k must be an integer in [1, num_experts = {experts}], got {top_k!r}")
+    return experts, ffn
+
+
+def moe_mlp(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int = 2,
+            return_router_logits: bool = False):
+    """Mixtral's sparse MoE block: `y[t] = sum_j w_j * w2_e(silu(w1_e x) * w3_e x)`
+    over the top_k experts e of token t (CONVENTIONS.md router rules).
+
+    x: (T, H); router_weight: (E, H); w13: (E, 2F, H), gate rows first, then
+    up; w2: (E, H, F). Returns y (T, H), and the router logits (T, E) when
+    return_router_logits (for moe_aux_loss). Differentiable in x,
+    router_weight, w13 and w2. The SwiGLU between the two grouped GEMMs is a
+    separate torch elementwise op for now (not fused into the epilogue).
+    """
+    experts, ffn = _check_mlp(x, router_weight, w13, w2, top_k)
+    x = x.contiguous()
+    logits = torch.matmul(x, router_weight.t())
+    weights, ids = moe_route(logits, top_k)
+    x_perm, offsets, row_map = moe_permute(x, ids, experts)
+    h = grouped_gemm(x_perm, w13.contiguous(), offsets, trans_b=True)
+    act = F_.silu(h[:, :ffn]) * h[:, ffn:]
+    y = moe_unpermute(grouped_gemm(act, w2.contiguous(), offsets, trans_b=True), row_map, weights)
+    return (y, logits) if return_router_logits else y
+
+
+def moe_aux_loss(router_logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
+                 top_k: int) -> torch.Tensor:
+    """HF's load-balancing loss `E * sum_e f_e * P_e` (CONVENTIONS.md): f_e is
+    the number of (token, slot) assignments to e over the token count (so
+    sum_e f_e = k), P_e the mean full-softmax probability of e. A uniform
+    router gives k. float32 scalar, differentiable in router_logits.
+    """
+    op = "moe_aux_loss"
+    _checks.tensor(op, "router_logits", router_logits, min_dim=2)
+    if router_logits.dim() != 2 or router_logits.shape[1] != num_experts:
+        raise ValueError(f"{op}: router_logits must have shape (tokens, num_experts = {num_experts}), "
+                         f"got {tuple(router_logits.shape)}")
+    _checks.tensor(op, "expert_ids", expert_ids, dtypes=_checks.INDEX_DTYPES, min_dim=2)
+    if tuple(expert_ids.shape) != (router_logits.shape[0], top_k):
+        raise ValueError(f"{op}: expert_ids must have shape (tokens, top_k) = ({router_logits.shape[0]}, {top_k}), "
+                         f"got {tuple(expert_ids.shape)}")
+    _checks.same_device(op, "router_logits", router_logits, "expert_ids", expert_ids)
+    probs = torch.softmax(router_logits.float(), dim=-1).mean(dim=0)
+    counts = F_.one_hot(expert_ids.long().flatten(), num_experts).sum(dim=0).float()
+    return num_experts * (counts / router_logits.shape[0] * probs).sum()

@@ -1,0 +1,300 @@
+"""grouped_gemm, grouped_gemm_wgrad, moe_mlp and moe_aux_loss against float32
+references.
+
+The MoE reference is written the way mistral-inference writes its layer:
+`topk` on the logits, softmax over the selected ones, then
+`for e in experts: tok, slot = where(ids == e)` with a float32 expert MLP.
+topk only sees tie-free logits (float32 on the CPU, where our logits are the
+same torch.matmul); low-precision cases route the reference with the expert
+ids of our own logits (computed by the same torch.matmul in the input dtype,
+ties to the lower index by a stable sort), because the selection is part of
+the op's definition and is piecewise constant: the FlashAttention rule below
+then measures only the arithmetic.
+
+Tolerances:
+- grouped_gemm / wgrad: float32 sums rounded once, so reference.tolerance
+  (2u relative plus 1e-5 of the scale; 1e-5 relative for float32 covers
+  another summation order over K <= a few hundred terms).
+- moe_mlp: the FlashAttention rule (CONVENTIONS.md). ref32 does every step in
+  float32; ref_lowp rounds where the op rounds (the router logits, which the
+  op computes in the input dtype, each GEMM, the silu and the product of the
+  unfused SwiGLU, and the un-permute). We require max|ours - ref32| <= 2 * max|ref_lowp - ref32|
+  for the output and 3x for gradients, plus a slack of 1e-5 (output) / 1e-4
+  (gradients, which sum over all rows of an expert) times the reference's
+  scale; in float32 the slack alone is the bound.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+from conftest import DEVICES
+# The module, not the function of the same name that mixkit.ops exports.
+mm = importlib.import_module("mixkit.ops.moe_mlp")
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float16, torch.bfloat16] if device == "cpu" else [torch.float16, torch.bfloat16]
+
+
+def _offsets(counts, device):
+    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int64, device=device)
+
+
+def gemm_ref(a, b, offsets, trans_b):
+    """Per-expert float32 matmul; rows after offsets[E] are zero."""
+    out = torch.zeros(a.shape[0], b.shape[1] if trans_b else b.shape[2])
+    off = offsets.tolist()
+    for e in range(b.shape[0]):
+        w = b[e].float().cpu()
+        out[off[e]:off[e + 1]] = a[off[e]:off[e + 1]].float().cpu() @ (w.t() if trans_b else w)
+    return out
+
+
+# (K, N_out, counts per expert): empty experts, all rows to one expert, one
+# row, many row tiles, a bad-id tail (counts sum below the row count).
+GEMM_CASES = [(64, 96, [5, 0, 12, 3], 20), (32, 40, [0, 0, 37, 0], 37), (16, 8, [1], 1),
+              (136, 72, [130, 0, 260, 1, 7], 398), (24, 16, [0, 0, 0], 5), (48, 24, [3, 4], 9)]
+ODD_CASES = [(13, 7, [4, 0, 9], 13), (5, 3, [1, 2], 3)]  # CPU only: K, N_out not multiples of 8
+
+
+def _gemm_case(device, dtype, k, n, counts, rows, trans_b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, k, generator=g).to(dtype).to(device)
+    shape = (len(counts), n, k) if trans_b else (len(counts), k, n)
+    b = (torch.randn(shape, generator=g) / k ** 0.5).to(dtype).to(device)
+    return a, b, _offsets(counts, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_gemm_matches_per_expert_matmul(device, trans_b):
+    cases = GEMM_CASES + (ODD_CASES if device == "cpu" else [])
+    for dtype in _dtypes(device):
+        for i, (k, n, counts, rows) in enumerate(cases):
+            a, b, off = _gemm_case(device, dtype, k, n, counts, rows, trans_b, seed=i)
+            c = mm.grouped_gemm(a, b, off, trans_b=trans_b)
+            assert c.shape == (rows, n) and c.dtype == dtype
+            expected = gemm_ref(a, b, off, trans_b)
+            ref.assert_close(c.cpu(), expected, dtype, f"{dtype} {(k, n, counts, rows)}")
+            assert not c[off[-1]:].any(), "rows after offsets[E] must be zero"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_gemm_gradients(device, trans_b):
+    for dtype in _dtypes(device):
+        a, b, off = _gemm_case(device, dtype, 32, 24, [6, 0, 11, 1], 20, trans_b)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        grad = torch.randn(20, 24).to(dtype).to(device)
+        mm.grouped_gemm(a, b, off, trans_b=trans_b).backward(grad)
+        a32, b32 = a.detach().float().cpu().requires_grad_(True), b.detach().float().cpu().requires_grad_(True)
+        out = torch.zeros(20, 24)
+        o = off.tolist()
+        for e in range(4):
+            w = b32[e].t() if trans_b else b32[e]
+            out = out.index_add(0, torch.arange(o[e], o[e + 1]), a32[o[e]:o[e + 1]] @ w)
+        out.backward(grad.float().cpu())
+        ref.assert_close(a.grad.cpu(), a32.grad, dtype, "grad_a", scale=a32.grad.abs().max().item() * 4)
+        ref.assert_close(b.grad.cpu(), b32.grad, dtype, "grad_b", scale=b32.grad.abs().max().item() * 4)
+        assert not a.grad[o[-1]:].any()
+        assert not b.grad[1].any(), "an expert with no rows gets a zero weight gradient"
+
+
+# ---- moe_mlp --------------------------------------------------------------------
+
+def mlp_ref(x, rw, w13, w2, top_k, ids=None, round_to=None):
+    """mistral-inference's MoE layer in float32 (differentiable). `ids` fixes
+    the selection; `round_to` rounds where the op rounds (ref_lowp)."""
+    rnd = (lambda t: t.to(round_to).float()) if round_to is not None else (lambda t: t)
+    logits = rnd(x @ rw.t())
+    if ids is None:
+        vals, ids = torch.topk(logits, top_k, dim=-1)
+    else:
+        vals = logits.gather(-1, ids)
+    weights = torch.softmax(vals, dim=-1)
+    ffn = w2.shape[2]
+    y = torch.zeros_like(x)
+    for e in range(rw.shape[0]):
+        tok, slot = torch.where(ids == e)
+        h = rnd(x[tok] @ w13[e].t())
+        act = rnd(rnd(F.silu(h[:, :ffn])) * h[:, ffn:])
+        y = y.index_add(0, tok, weights[tok, slot, None] * rnd(act @ w2[e].t()))
+    return rnd(y)
+
+
+def _mlp_inputs(tokens, hidden, ffn, experts, dtype, device, seed=0, tie_rows=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    rw = torch.randn(experts, hidden, generator=g) / hidden ** 0.5
+    if tie_rows is not None:
+        rw[tie_rows[1]] = rw[tie_rows[0]]  # exact logit ties in every dtype
+    w13 = torch.randn(experts, 2 * ffn, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, ffn, generator=g) / ffn ** 0.5
+    return [t.to(dtype).to(device) for t in (x, rw, w13, w2)]
+
+
+def _selected_ids(x, rw, top_k):
+    """Our routing rule on our logits: ties to the lower index (stable sort)."""
+    logits = torch.matmul(x, rw.t()).float().cpu()
+    return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
+
+
+def _check_fa_rule(ours, ref32, lowp, factor, slack, name):
+    ours, ref32, lowp = ours.float().cpu(), ref32.float(), lowp.float()
+    scale = max(ref32.abs().max().item(), 1e-6)
+    err = (ours - ref32).abs().max().item()
+    bound = factor * (lowp - ref32).abs().max().item() + slack * scale
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
+
+
+# (T, H, F, E, k): Mixtral-like k=2 of 8, E=3 with k=1 and 2, T=1.
+MLP_SHAPES = [(37, 64, 96, 8, 2), (20, 32, 48, 3, 1), (17, 32, 48, 3, 2), (1, 64, 96, 8, 2), (5, 16, 24, 4, 4)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+def test_moe_mlp_forward_and_gradients(device, shape):
+    tokens, hidden, ffn, experts, top_k = shape
+    for dtype in _dtypes(device):
+        params = _mlp_inputs(tokens, hidden, ffn, experts, dtype, device, seed=tokens)
+        ours_in = [p.clone().requires_grad_(True) for p in params]
+        y, logits = mm.moe_mlp(*ours_in, top_k=top_k, return_router_logits=True)
+        assert y.shape == (tokens, hidden) and y.dtype == dtype and logits.shape == (tokens, experts)
+        grad_y = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        y.backward(grad_y)
+        # float32: mistral-inference's topk; low precision: our selection.
+        ids = None if dtype == torch.float32 else _selected_ids(params[0], params[1], top_k)
+        refs = {}
+        for mode in ("ref32", "lowp"):
+            inp = [p.detach().float().cpu().requires_grad_(True) for p in params]
+            out = mlp_ref(*inp, top_k, ids=ids, round_to=None if mode == "ref32" else dtype)
+            out.backward(grad_y.float().cpu())
+            refs[mode] = (out.detach(), [p.grad for p in inp])
+        _check_fa_rule(y, refs["ref32"][0], refs["lowp"][0], 2, 1e-5, f"{dtype} y")
+        for name, p, g32, glp in zip(("x", "router_weight", "w13", "w2"), ours_in, refs["ref32"][1], refs["lowp"][1]):
+            _check_fa_rule(p.grad, g32, glp, 3, 1e-4, f"{dtype} grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_mlp_exact_logit_ties_go_to_lower_expert(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    for tie in ((0, 1), (2, 5)):
+        x, rw, w13, w2 = _mlp_inputs(11, 32, 48, 6, dtype, device, tie_rows=tie)
+        y = mm.moe_mlp(x, rw, w13, w2, top_k=2)
+        ids = _selected_ids(x, rw, 2)
+        params = [p.float().cpu() for p in (x, rw, w13, w2)]
+        ref32 = mlp_ref(*params, 2, ids=ids)
+        lowp = mlp_ref(*params, 2, ids=ids, round_to=dtype)
+        _check_fa_rule(y, ref32, lowp, 2, 1e-5, f"ties {tie}")
+
+
+def test_moe_aux_loss_matches_hf_and_uniform_gives_k():
+    torch.manual_seed(0)
+    logits = torch.randn(29, 8, requires_grad=True)
+    ids = torch.topk(logits.detach(), 2).indices.to(torch.int32)
+    loss = mm.moe_aux_loss(logits, ids, 8, 2)
+    # HF load_balancing_loss_func for one layer.
+    probs = torch.softmax(logits, dim=-1)
+    mask = F.one_hot(ids.long(), 8)  # (T, k, E)
+    expected = 8 * torch.sum(mask.float().mean(dim=0) * probs.mean(dim=0).unsqueeze(0))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    uniform = torch.zeros(16, 4)
+    ids = torch.arange(32, dtype=torch.int32).view(16, 2) % 4
+    torch.testing.assert_close(mm.moe_aux_loss(uniform, ids, 4, 2), torch.tensor(2.0))
+
+
+# ---- torch.library, torch.compile, CUDA graphs ------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    for trans_b in (False, True):
+        a, b, off = _gemm_case(device, dtype, 16, 24, [3, 0, 5], 9, trans_b)
+        torch.library.opcheck(torch.ops.mixkit.grouped_gemm.default,
+                              (a.requires_grad_(True), b.requires_grad_(True), off, trans_b))
+        grad = torch.randn(9, 24).to(dtype).to(device)
+        torch.library.opcheck(torch.ops.mixkit.grouped_gemm_wgrad.default, (a.detach(), grad, off, trans_b))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    params = _mlp_inputs(24, 32, 48, 8, torch.float32, "cpu")
+    eager = [p.clone().requires_grad_(True) for p in params]
+    comp = [p.clone().requires_grad_(True) for p in params]
+    y_eager = mm.moe_mlp(*eager, top_k=2)
+    y_comp = torch.compile(mm.moe_mlp, fullgraph=True)(*comp, top_k=2)
+    torch.testing.assert_close(y_comp, y_eager)
+    y_eager.square().sum().backward()
+    y_comp.square().sum().backward()
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_moe_mlp_forward():
+    x, rw, w13, w2 = _mlp_inputs(256, 512, 384, 8, torch.bfloat16, "cuda")
+    expected = mm.moe_mlp(x, rw, w13, w2, top_k=2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        mm.moe_mlp(x, rw, w13, w2, top_k=2)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mm.moe_mlp(x, rw, w13, w2, top_k=2)
+    graph.replay()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, mm.moe_mlp(x, rw, w13, w2, top_k=2), rtol=0, atol=0)
+
+
+# ---- bad input -------------------------------------------------------------------
+
+def test_bad_input_raises_naming_the_argument():
+    x, rw, w13, w2 = _mlp_inputs(4, 16, 24, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="top_k"):
+        mm.moe_mlp(x, rw, w13, w2, top_k=5)
+    with pytest.raises(ValueError, match="top_k"):
+        mm.moe_mlp(x, rw, w13, w2, top_k=0)
+    with pytest.raises(ValueError, match="router_weight"):
+        mm.moe_mlp(x, rw[:, :8], w13, w2)
+    with pytest.raises(ValueError, match="w13"):
+        mm.moe_mlp(x, rw, w13[:3], w2)
+    with pytest.raises(ValueError, match="w13"):
+        mm.moe_mlp(x, rw, w13[:, :47], w2)
+    with pytest.raises(ValueError, match="w2"):
+        mm.moe_mlp(x, rw, w13, w2[:, :, :20])
+    with pytest.raises(TypeError, match="w2"):
+        mm.moe_mlp(x, rw, w13, w2.double())
+    with pytest.raises(TypeError, match="w13"):
+        mm.moe_mlp(x, rw, w13.bfloat16(), w2)
+    a, b, off = _gemm_case("cpu", torch.float32, 16, 24, [3, 0, 5], 9, False)
+    with pytest.raises(TypeError, match="expert_offsets"):
+        mm.grouped_gemm(a, b, off.int())
+    with pytest.raises(ValueError, match="expert_offsets"):
+        mm.grouped_gemm(a, b, off[:3])
+    with pytest.raises(ValueError, match="K"):
+        mm.grouped_gemm(a, b, off, trans_b=True)
+    with pytest.raises(TypeError, match="b"):
+        mm.grouped_gemm(a, b.half(), off)
+    with pytest.raises(ValueError, match="expert_offsets"):
+        mm.grouped_gemm(a, b, torch.tensor([0, 5, 3, 9]))  # decreasing: rejected by the CPU backend
+    with pytest.raises(ValueError, match="expert_offsets"):
+        mm.grouped_gemm(a, b, torch.tensor([0, 5, 6, 10]))  # past the row count
+
+
+@pytest.mark.gpu
+def test_gpu_bad_input():
+    a, b, off = _gemm_case("cuda", torch.bfloat16, 16, 24, [3, 0, 5], 9, False)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        mm.grouped_gemm(a[:, :12].contiguous(), b[:, :12].contiguous(), off)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        mm.grouped_gemm(a.float(), b.float(), off)
+    with pytest.raises(ValueError, match="device|cuda|cpu"):
+        mm.grouped_gemm(a, b, off.cpu())
