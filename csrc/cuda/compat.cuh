@@ -71,6 +71,17 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
+// Streaming multiprocessors (NVIDIA) or compute units (AMD) of `device`.
+inline int sm_count(int device) {
+  int n = 0;
+#if defined(__HIPCC__)
+  gpu_check(hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, device), "querying the CU count");
+#else
+  gpu_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "querying the SM count");
+#endif
+  return n;
+}
+
 inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace mixkit

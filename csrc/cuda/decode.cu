@@ -237,16 +237,6 @@ __global__ void __launch_bounds__(256) decode_combine_kernel(DecodeArgs a) {
 
 // ============================== launchers ====================================
 
-int sm_count(int device) {
-  int n = 0;
-#if defined(__HIPCC__)
-  gpu_check(hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, device), "querying the CU count");
-#else
-  gpu_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "querying the SM count");
-#endif
-  return n;
-}
-
 // Query heads per block for a GQA group: the group itself, padded to a
 // power of two up to kMaxGroup (3 -> 4, 5..7 -> 8); larger groups take
 // ceil(group / 8) blocks, each reading the KV head again (mostly from L2).

@@ -285,16 +285,6 @@ void with_config(const NormConfig& c, F&& f) {
   }
 }
 
-int sm_count(int device) {
-  int n = 0;
-#if defined(__HIPCC__)
-  gpu_check(hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, device), "querying the CU count");
-#else
-  gpu_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "querying the SM count");
-#endif
-  return n;
-}
-
 }  // namespace
 
 void norm_fwd_gpu(const NormFwdArgs& a, int device, void* stream) {
