@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mixkit.ops.decode as ops
+from mixkit.bench.harness import capture_cuda_graph
 from conftest import DEVICES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -281,15 +282,8 @@ def test_cuda_graph_capture_of_append_and_decode():
     def step():
         return _step(q, k, v, k_cache, v_cache, pos, seqlens)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
-    eager_k, eager_v = k_cache.clone(), v_cache.clone()  # after the warm-up's write
+    graph, (out, lse) = capture_cuda_graph(step)
+    eager_k, eager_v = k_cache.clone(), v_cache.clone()  # after the warm-up's writes
 
     g = torch.Generator().manual_seed(0)
     start = torch.tensor([0, 300])  # the second sequence is past C from the start

@@ -7,6 +7,7 @@ import torch
 
 import mixkit
 import mixkit.ops as ops
+from mixkit.bench.harness import capture_cuda_graph
 import reference as ref
 from conftest import DEVICES
 
@@ -92,14 +93,7 @@ def test_cuda_graph_capture_and_replay():
         qo, _ = ops.rope(static[2], k, pos, 1e4)
         return y, h, qo
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_cuda_graph(step)
 
     for seed in range(3):  # new inputs copied into the captured buffers
         g = torch.Generator().manual_seed(seed)

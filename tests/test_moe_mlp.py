@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+from mixkit.bench.harness import capture_cuda_graph
 from conftest import DEVICES
 # The module, not the function of the same name that mixkit.ops exports.
 mm = importlib.import_module("mixkit.ops.moe_mlp")
@@ -239,14 +240,7 @@ def test_torch_compile_fullgraph_forward_backward():
 def test_cuda_graph_capture_moe_mlp_forward():
     x, rw, w13, w2 = _mlp_inputs(256, 512, 384, 8, torch.bfloat16, "cuda")
     expected = mm.moe_mlp(x, rw, w13, w2, top_k=2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        mm.moe_mlp(x, rw, w13, w2, top_k=2)  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = mm.moe_mlp(x, rw, w13, w2, top_k=2)
+    graph, out = capture_cuda_graph(lambda: mm.moe_mlp(x, rw, w13, w2, top_k=2))
     graph.replay()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     x.copy_(torch.randn_like(x))

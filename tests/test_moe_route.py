@@ -17,6 +17,7 @@ import torch
 import reference as ref
 from conftest import DEVICES
 from mixkit import _core
+from mixkit.bench.harness import capture_cuda_graph
 from mixkit.ops import moe
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -400,14 +401,7 @@ def test_cuda_graph_capture_and_replay():
     x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
     scale = torch.rand(8, device="cuda") + 0.5
     expected = _moe_block(logits, x, scale, 2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _moe_block(logits, x, scale, 2)  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _moe_block(logits, x, scale, 2)
+    graph, out = capture_cuda_graph(lambda: _moe_block(logits, x, scale, 2))
     logits.copy_(_tie_free_logits(256, 8, torch.bfloat16, "cuda", seed=7))
     graph.replay()
     torch.testing.assert_close(out, _moe_block(logits, x, scale, 2), rtol=0, atol=0)

@@ -108,8 +108,9 @@ def _flush_buffer(device: str) -> torch.Tensor:
     return torch.empty(max(_FLUSH_BYTES, 4 * l2), dtype=torch.uint8, device=device)
 
 
-def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], None]:
-    """Capture `fn` in a CUDA graph and return its replay; removes host launch overhead."""
+def capture_cuda_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture `fn` in a CUDA graph: `(graph, outputs)`, where `outputs` are the
+    tensors the captured call returned and each `graph.replay()` refills."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     # Warm up on a side stream, as torch's graph docs ask, so that lazy setup
@@ -120,8 +121,13 @@ def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        outputs = fn()
+    return graph, outputs
+
+
+def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], None]:
+    """Capture `fn` in a CUDA graph and return its replay; removes host launch overhead."""
+    return capture_cuda_graph(fn)[0].replay
 
 
 def _time_cuda(fn, budget_s, min_reps, max_reps, warmup, flush_l2, cuda_graph) -> Timing:
