@@ -1,0 +1,85 @@
+// flash_attn forward and backward on the GPU: the checks only the GPU path
+// needs, then dispatch on (head dim, dtype) to the sm_80 kernels in
+// flash_attn_{fwd,bwd}_sm80.cuh. sm_90a runs the same sm_80 kernels for now:
+// the wgmma/TMA kernel is not written yet (issue 3 notes).
+//
+// HIP: the kernels are inline PTX (mma.sync, ldmatrix, cp.async), so the HIP
+// build raises until issue 8 adds the MFMA kernels.
+#include <string>
+
+#include "common/flash_attn.h"
+#include "cuda/compat.cuh"
+
+#if !defined(__HIPCC__)
+#include "cuda/flash_attn.cuh"
+#endif
+
+namespace mixkit {
+namespace {
+
+void check_gpu(const FlashFwdArgs& a, std::initializer_list<const void*> ptrs,
+               std::initializer_list<const int64_t*> strides) {
+  require(a.dtype != DType::f32, "the GPU flash attention takes bfloat16 or float16 (float32 runs on the CPU)");
+  require(a.head_dim == 64 || a.head_dim == 128,
+          "head_dim " + std::to_string(a.head_dim) + " is not supported on the GPU (supported: 64, 128)");
+  // cp.async moves 16-byte chunks: every row start must be 16-byte aligned.
+  for (const void* p : ptrs) require(p == nullptr || aligned_to(p, 16), "tensor pointers must be 16-byte aligned");
+  for (const int64_t* s : strides)
+    require(s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0,
+            "batch, token and head strides must be multiples of 8 elements on the GPU");
+}
+
+}  // namespace
+
+#if !defined(__HIPCC__)
+
+template <class F>
+void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
+  auto by_dim = [&](auto t) {
+    using T = decltype(t);
+    if (a.head_dim == 64) f(std::integral_constant<int, 64>{}, t);
+    else f(std::integral_constant<int, 128>{}, t);
+  };
+  if (a.dtype == DType::bf16) by_dim(bf16{});
+  else by_dim(f16{});
+}
+
+void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
+  check(a);
+  check_gpu(a, {a.q, a.k, a.v, a.out}, {a.q_stride, a.k_stride, a.v_stride, a.o_stride});
+  if (a.total_q == 0 || a.batch == 0) return;
+  DeviceGuard guard(device);
+  dispatch_head_dim_dtype(a, [&](auto d, auto t) {
+    sm80::flash_fwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
+  });
+}
+
+void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream) {
+  check(a);
+  check_gpu(a.f, {a.f.q, a.f.k, a.f.v, a.f.out, a.dout, a.dq, a.dk, a.dv},
+            {a.f.q_stride, a.f.k_stride, a.f.v_stride, a.f.o_stride, a.do_stride, a.dq_stride, a.dk_stride,
+             a.dv_stride});
+  require(a.deterministic || a.f.total_q == 0 || a.dq_accum, "the atomic dQ path needs the dq_accum workspace");
+  if (a.f.batch == 0 || a.f.total_k == 0) return;  // keys no query sees still get zero dK, dV
+  DeviceGuard guard(device);
+  dispatch_head_dim_dtype(a.f, [&](auto d, auto t) {
+    sm80::flash_bwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
+  });
+}
+
+#else  // __HIPCC__
+
+void flash_attn_fwd_gpu(const FlashFwdArgs& a, int, void*) {
+  check(a);
+  throw std::runtime_error("mixkit: flash_attn is not implemented on HIP yet (the CUDA kernels use mma.sync PTX; "
+                           "an MFMA kernel is planned in issue 8); run it on the CPU");
+}
+
+void flash_attn_bwd_gpu(const FlashBwdArgs& a, int, void*) {
+  check(a);
+  throw std::runtime_error("mixkit: flash_attn's backward is not implemented on HIP yet (issue 8)");
+}
+
+#endif  // __HIPCC__
+
+}  // namespace mixkit
