@@ -78,10 +78,19 @@ template <> struct Mma<f16> {
   }
 };
 
-// Two floats rounded to T and packed into one 32-bit register, low half first.
-template <class T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  return uint32_t(from_f32<T>(lo).bits) | (uint32_t(from_f32<T>(hi).bits) << 16);
+// Two floats rounded to T (nearest even) and packed into one 32-bit
+// register, low half first: one cvt instruction instead of dtype.h's
+// portable bit arithmetic, which matters inside attention's inner loop.
+template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<bf16>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <> __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
 }
 
 }  // namespace sm80

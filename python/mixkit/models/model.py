@@ -29,30 +29,6 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
-def _prefill_attention(q, k, v, q_pos, k_pos, window, doc_ids=None):
-    """Causal (sliding-window) GQA attention. q (B, S, H, D); k, v (B, L, Hkv, D);
-    q_pos (B, S) and k_pos (B, L) absolute positions, k_pos < 0 marks an empty slot.
-    doc_ids (B, S): packed documents (S == L), which only see their own tokens.
-
-    Key j is visible to query i when `i - W < pos_j <= pos_i` (CONVENTIONS.md).
-    Masking by absolute position is the bottom-right-aligned mask: the queries
-    are the last S positions of the keys, as in a chunked prefill.
-    """
-    # TEMPORARY until mixkit.ops.flash_attn (issue 3): SDPA with an explicit mask.
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    visible = (kp <= qp) & (kp >= 0)
-    if window is not None:
-        visible &= kp > qp - window
-    if doc_ids is not None:
-        visible &= doc_ids[:, :, None] == doc_ids[:, None, :]
-    group = q.shape[2] // k.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if group > 1:  # query head h uses kv head h // group, as decode_attn does
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
-    return out.transpose(1, 2)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -73,24 +49,36 @@ class Attention(nn.Module):
         q, k = ops.rope(q.view(b, s, h, d), k.view(b, s, hkv, d), positions, self.theta, self.interleaved)
         return q, k, v.view(b, s, hkv, d)
 
-    def forward(self, x, positions, rows: slice | None = None, tail: int | None = None, doc_ids=None):
-        """Prefill or training over x (B, S, dim) at positions (B, S). With a
-        cache, the chunk also attends to the cached tail (the `tail` tokens
-        before it, default all C slots) and is then appended to rows `rows`."""
+    def forward(self, x, positions, rows: slice | None = None, tail: int | None = None, docs=None):
+        """Prefill or training over x (B, S, dim) at positions (B, S).
+
+        Attention masks by token order (flash_attn's causal, sliding-window
+        mask); positions only feed RoPE. With a cache, the chunk also attends
+        to the `tail` tokens cached before it (the chunk's start position, so
+        the cache rows must hold that sequence's earlier tokens) and is then
+        appended to cache rows `rows`. docs = (cu_seqlens int32, max_seqlen):
+        packed documents in one row, each seeing only itself.
+        """
         q, k, v = self._qkv(x, positions)
-        keys, values, key_pos = k, v, positions
+        if docs is not None:
+            cu, max_len = docs
+            out = ops.flash_attn_varlen(q[0], k[0], v[0], cu, cu, max_len, max_len, window=self.window)[None]
+            return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
+        keys, values = k, v
         if self.cache is not None:
             k_cache, v_cache = self.cache.k[rows or slice(None)], self.cache.v[rows or slice(None)]
             c = k_cache.shape[1]
-            tail = c if tail is None else min(tail, c)
+            tail = min(tail or 0, c)
             if tail:
+                # The cached tail, unrolled from the ring buffer in position
+                # order: the chunk's queries are then the last S of the keys,
+                # flash_attn's bottom-right-aligned mask.
                 tail_pos = positions[:, :1] - tail + torch.arange(tail, device=x.device)
                 idx = tail_pos.remainder(c)[:, :, None, None].expand(-1, -1, self.n_kv_heads, self.head_dim)
                 keys = torch.cat([k_cache.gather(1, idx), k], 1)
                 values = torch.cat([v_cache.gather(1, idx), v], 1)
-                key_pos = torch.cat([tail_pos, positions], 1)
             ops.kv_cache_append(k, v, k_cache, v_cache, positions)
-        out = _prefill_attention(q, keys, values, positions, key_pos, self.window, doc_ids)
+        out = ops.flash_attn(q, keys, values, causal=True, window=self.window)
         return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
 
     def decode(self, x, positions):
@@ -234,31 +222,36 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                 start_pos: int | None = None, rows: slice | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """Logits (B, S, vocab) for tokens (B, S).
 
         positions: (S,) or (B, S) absolute positions; default start_pos + arange(S).
-        With caches (setup_caches), the tokens are a prefill chunk: they attend
-        to the cached tokens before them and are appended to cache rows `rows`
-        (default all). start_pos, when known on the host, bounds how much of the
-        cache is read (0: none).
+        With caches (setup_caches), the tokens are a prefill chunk starting at
+        start_pos (required): they attend to the cached tokens before them and
+        are appended to cache rows `rows` (default all), which must hold the
+        same number of earlier tokens.
 
         cu_seqlens: packed documents, tokens (1, T) holding documents
         cu_seqlens[i]:cu_seqlens[i+1] (int32/int64 (N + 1,), starting at 0 and
-        ending at T). Each document gets positions from 0 and sees only itself.
-        Without caches only; computed on the device, no host sync.
+        ending at T). Each document gets positions from 0 and sees only itself
+        (flash_attn_varlen). max_seqlen: the longest document, if known (a
+        bound: it sizes the GPU grid); default T.
         """
-        doc_ids = None
+        docs = None
         if cu_seqlens is not None:
             if tokens.shape[0] != 1 or positions is not None or self.cache_capacity is not None:
                 raise ValueError("forward: cu_seqlens needs tokens of shape (1, T), no positions and no caches")
             idx = torch.arange(tokens.shape[1], device=tokens.device)
             doc_ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), idx, right=True)
             positions = (idx - cu_seqlens.to(torch.int64)[doc_ids])[None]
-            doc_ids = doc_ids[None]
+            # T bounds every document's length: no host sync to find the longest.
+            docs = (cu_seqlens.to(torch.int32), max_seqlen or tokens.shape[1])
+        elif self.cache_capacity is not None and start_pos is None:
+            raise ValueError("forward: a prefill chunk into the caches needs start_pos, the position of its first "
+                             "token (it says how many cached tokens the chunk attends to)")
         positions = self._positions(tokens, positions, start_pos)
         x, residual = self.tok_embeddings(tokens), None
-        attend = lambda attn, y: attn(y, positions, rows, start_pos, doc_ids)  # noqa: E731
+        attend = lambda attn, y: attn(y, positions, rows, start_pos, docs)  # noqa: E731
         for layer in self.layers:
             x, residual = layer(x, residual, attend)
         return self._head(x, residual)

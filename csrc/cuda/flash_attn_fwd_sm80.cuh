@@ -1,0 +1,277 @@
+// Flash-attention forward for sm_80 and up: mma.sync m16n8k16 (bf16/fp16 in,
+// float32 accumulate), ldmatrix from XOR-swizzled shared memory, cp.async
+// double buffering of K and V, online softmax in float32 with exp2.
+// Included only by the generated per-(head dim, dtype) files (CMakeLists.txt).
+//
+// A CTA owns BM = 64 query rows of one (sequence, query head): 4 warps of 16
+// rows. S = Q K^T lands in accumulators whose layout is that of the A
+// operand of P V (mma_sm80.cuh), so P never touches shared memory. Shared
+// memory: Q plus two stages of K and V, 80 KB at D = 128, so two CTAs fit an
+// SM on A100 and H100; ptxas then allows 255 registers a thread (measured,
+// nvcc 13.0: 236 at D = 64, 255 at D = 128, no spills).
+//
+// Only key blocks that intersect the visible range of the query block are
+// loaded, so a window of W costs O(S * W), and element masks are applied only
+// on blocks that straddle the causal diagonal, the window edge or the end of
+// the keys.
+//
+// Robustness without a host sync: sequence bounds from cu_seqlens are clamped
+// to the tensors, and each CTA loops over query blocks with a stride of the
+// grid, so a max_seqlen hint that is too small costs speed, never rows.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "cuda/flash_attn.cuh"
+#include "cuda/mma_sm80.cuh"
+
+namespace mixkit {
+namespace sm80 {
+namespace fwd {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int BM = 16 * kWarps;  // query rows per CTA
+constexpr int BN = 64;           // keys per iteration
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Element offset of 16-byte chunk c of row r in a [rows][D] tile: the low
+// three chunk bits are XORed with the row, so the 8 rows one ldmatrix phase
+// reads (and the 8 chunks consecutive threads write) hit 8 distinct bank
+// groups.
+template <int D>
+__device__ __forceinline__ int swz(int r, int c) {
+  return r * D + (((c & ~7) | ((c ^ r) & 7)) << 3);
+}
+
+// Where sequence b lives: first row and length, clamped into [0, total).
+struct Span {
+  int64_t start;
+  int64_t len;
+};
+__device__ __forceinline__ Span span(const int32_t* cu, int64_t b, int64_t fixed_len, int64_t total) {
+  if (!cu) return {0, fixed_len};
+  const int64_t s = min(max(int64_t(cu[b]), int64_t(0)), total);
+  const int64_t e = min(max(int64_t(cu[b + 1]), s), total);
+  return {s, e - s};
+}
+
+// Copies rows [row0, row0 + ROWS) of a (len)-row sequence into a swizzled
+// tile; rows past the end are zero-filled, so V's padding contributes 0 * 0.
+template <int D, int ROWS, class T>
+__device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t row_stride, int64_t row0, int64_t len) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool ok = row0 + r < len;
+    cp_async16(tile + swz<D>(r, c), ok ? base + (row0 + r) * row_stride + c * 8 : base, ok);
+  }
+}
+
+template <int D, class T>
+__global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BM * D;  // [2][BN * D]
+  T* Vs = Ks + 2 * BN * D;  // [2][BN * D]
+
+  const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (a.heads / a.kv_heads);
+  const Span qspan = span(a.cu_seqlens_q, b, a.seqlen_q, a.total_q);
+  const Span kspan = span(a.cu_seqlens_k, b, a.seqlen_k, a.total_k);
+  const int64_t sq = qspan.len, sk = kspan.len, off = sk - sq;
+  const T* qbase = static_cast<const T*>(a.q) + b * a.q_stride[0] + qspan.start * a.q_stride[1] + h * a.q_stride[2];
+  const T* kbase = static_cast<const T*>(a.k) + b * a.k_stride[0] + kspan.start * a.k_stride[1] + kvh * a.k_stride[2];
+  const T* vbase = static_cast<const T*>(a.v) + b * a.v_stride[0] + kspan.start * a.v_stride[1] + kvh * a.v_stride[2];
+  T* obase = static_cast<T*>(a.out) + b * a.o_stride[0] + qspan.start * a.o_stride[1] + h * a.o_stride[2];
+  float* lbase = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1] + qspan.start;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c2 = (lane & 3) * 2;
+  const float scale_log2 = a.scale * kLog2e;
+  const int64_t nblocks_q = (sq + BM - 1) / BM;
+
+  // Heaviest (latest) query blocks first: under a causal mask they see the
+  // most keys, and starting them first evens out the tail of the grid.
+  for (int64_t mb = int64_t(gridDim.x) - 1 - blockIdx.x; mb < nblocks_q; mb += gridDim.x) {
+    const int64_t m0 = mb * BM;
+    // Visible keys of this block: [lo, hi).
+    const int64_t hi = a.causal ? min(sk, m0 + BM + off) : sk;
+    const int64_t lo = a.window > 0 ? max(int64_t(0), m0 + off - a.window + 1) : 0;
+    const int64_t n_first = lo / BN, n_end = hi > lo ? (hi + BN - 1) / BN : n_first;
+
+    __syncthreads();  // the previous query block's warps are done with Qs/Ks/Vs
+    load_tile<D, BM>(Qs, qbase, a.q_stride[1], m0, sq);
+    cp_async_commit();
+    if (n_first < n_end) {
+      load_tile<D, BN>(Ks, kbase, a.k_stride[1], n_first * BN, sk);
+      load_tile<D, BN>(Vs, vbase, a.v_stride[1], n_first * BN, sk);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // Q's A fragments (lanes 0-15: rows at chunk 2ks, 16-31: chunk 2ks + 1).
+    // Kept in registers at D = 64; at D = 128 the 32 extra registers made
+    // ptxas spill, so the fragments are re-read from shared memory per key
+    // block (25% more ldmatrix traffic than K alone).
+    constexpr bool kQInRegs = D <= 64;
+    uint32_t qf[kQInRegs ? D / 16 : 1][4];
+    auto q_frag = [&](int ks) -> const uint32_t(&)[4] {
+      if constexpr (kQInRegs) {
+        return qf[ks];
+      } else {
+        ldmatrix_x4(qf[0], Qs + swz<D>(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+        return qf[0];
+      }
+    };
+    if constexpr (kQInRegs) {
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks)
+        ldmatrix_x4(qf[ks], Qs + swz<D>(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY};  // running max of the raw scores q.k, rows g and g + 8
+    float l[2] = {0.f, 0.f};              // this thread's share of the row sums
+    const int64_t row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+
+    for (int64_t nb = n_first; nb < n_end; ++nb) {
+      const int s = int((nb - n_first) & 1);
+      if (nb + 1 < n_end) {
+        load_tile<D, BN>(Ks + (s ^ 1) * BN * D, kbase, a.k_stride[1], (nb + 1) * BN, sk);
+        load_tile<D, BN>(Vs + (s ^ 1) * BN * D, vbase, a.v_stride[1], (nb + 1) * BN, sk);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const T* K = Ks + s * BN * D;
+      const T* V = Vs + s * BN * D;
+
+      // S = Q K^T for 16 rows x 64 keys per warp.
+      float sc[BN / 8][4];
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const uint32_t(&qa)[4] = q_frag(ks);
+#pragma unroll
+        for (int p = 0; p < BN / 16; ++p) {
+          uint32_t r4[4];
+          ldmatrix_x4(r4, K + swz<D>(p * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+          Mma<T>::run(sc[2 * p], qa, r4[0], r4[1]);
+          Mma<T>::run(sc[2 * p + 1], qa, r4[2], r4[3]);
+        }
+      }
+
+      const int64_t n0 = nb * BN;
+      const bool full = n0 + BN <= sk && (!a.causal || n0 + BN - 1 <= m0 + off) &&
+                        (a.window == 0 || n0 > m0 + BM - 1 + off - a.window);
+      if (!full) {
+        // In 32-bit offsets from the block corner: key jj = j - n0 is visible
+        // to row ii = i - m0 when jj < kend, jj <= ii + cd (causal) and
+        // jj > ii + wd (window). Clamping cd and wd to [-BM, BN] keeps every
+        // comparison's outcome for ii in [0, BM) and jj in [0, BN).
+        const int kend = int(min(sk - n0, int64_t(BN)));
+        const int64_t diag = m0 + off - n0;
+        const int cd = int(min(max(diag, int64_t(-BM)), int64_t(BN)));
+        const int wd = int(min(max(diag - a.window, int64_t(-BM)), int64_t(BN)));
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int jj = t * 8 + c2 + (e & 1), ii = warp * 16 + g + (e >> 1) * 8;
+            const bool vis = jj < kend && (!a.causal || jj <= ii + cd) && (a.window == 0 || jj > ii + wd);
+            if (!vis) sc[t][e] = -INFINITY;
+          }
+      }
+
+      // Online softmax; the 4 lanes of a quad share a row.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m[r];
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(sc[t][2 * r], sc[t][2 * r + 1]));
+        mx = fmaxf(mx, shfl_xor(mx, 1));
+        mx = fmaxf(mx, shfl_xor(mx, 2));
+        // A row that has seen only masked keys keeps max -inf: subtract 0
+        // instead, so exp2(-inf) = 0 and no inf - inf NaN appears.
+        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+        const float corr = m[r] == -INFINITY ? 0.f : exp2f(m[r] * scale_log2 - base);
+        m[r] = mx;
+        l[r] *= corr;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[i][2 * r] *= corr;
+          o[i][2 * r + 1] *= corr;
+        }
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t) {
+          sc[t][2 * r] = exp2f(fmaf(sc[t][2 * r], scale_log2, -base));
+          sc[t][2 * r + 1] = exp2f(fmaf(sc[t][2 * r + 1], scale_log2, -base));
+          l[r] += sc[t][2 * r] + sc[t][2 * r + 1];
+        }
+      }
+
+      // O += P V: P's accumulators are the A fragments of each 16-key step.
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        const uint32_t pa[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                                pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+        for (int p = 0; p < D / 16; ++p) {
+          uint32_t r4[4];
+          ldmatrix_x4_trans(r4, V + swz<D>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), p * 2 + (lane >> 4)));
+          Mma<T>::run(o[2 * p], pa, r4[0], r4[1]);
+          Mma<T>::run(o[2 * p + 1], pa, r4[2], r4[3]);
+        }
+      }
+      __syncthreads();  // stage s is refilled two iterations on
+    }
+    cp_async_wait<0>();  // an empty block range leaves the K/V group of nothing pending
+
+    // Epilogue: O / l and lse = m * scale + ln(l); rows that saw nothing get
+    // zeros and -inf.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[r];
+      sum += shfl_xor(sum, 1);
+      sum += shfl_xor(sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int64_t i = row[r];
+      if (i >= sq) continue;
+      T* orow = obase + i * a.o_stride[1];
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t)
+        *reinterpret_cast<uint32_t*>(orow + t * 8 + c2) = pack2<T>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+      if ((lane & 3) == 0) lbase[i] = sum > 0.f ? m[r] * a.scale + logf(sum) : -INFINITY;
+    }
+  }
+}
+
+}  // namespace fwd
+
+template <int D, class T>
+void flash_fwd(const FlashFwdArgs& a, gpuStream_t stream) {
+  constexpr int kSmem = (fwd::BM + 4 * fwd::BN) * D * int(sizeof(T));
+  const int64_t qblocks = (a.seqlen_q + fwd::BM - 1) / fwd::BM;
+  // At least one block per (sequence, head): with a 0 max_seqlen hint the
+  // kernel still walks the real lengths.
+  const dim3 grid(unsigned(std::min<int64_t>(std::max<int64_t>(qblocks, 1), INT32_MAX)), unsigned(a.heads),
+                  unsigned(a.batch));
+  auto kernel = fwd::flash_fwd_kernel<D, T>;
+  gpu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+            "raising flash_fwd_kernel's shared-memory limit");
+  kernel<<<grid, fwd::kThreads, kSmem, stream>>>(a);
+  gpu_check(gpuGetLastError(), "launching flash_fwd_kernel");
+}
+
+}  // namespace sm80
+}  // namespace mixkit

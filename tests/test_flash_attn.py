@@ -1,0 +1,425 @@
+"""flash_attn and flash_attn_varlen against a plain-PyTorch reference that
+materialises the masked score matrix from absolute positions.
+
+Acceptance is the FlashAttention rule (CONVENTIONS.md): with ref64 the exact
+reference and ref_lowp the same reference computed in the input precision,
+require max|ours - ref64| <= 2 * max|ref_lowp - ref64| + slack for outputs and
+3x for gradients. slack = 1e-5 times the largest reference value covers the
+float32 case, where ref_lowp is itself nearly exact and only summation order
+separates the kernels from the reference.
+"""
+import math
+
+import pytest
+import torch
+
+import mixkit.ops as ops
+from mixkit.bench.harness import capture_cuda_graph
+from conftest import DEVICES
+
+NEG_INF = float("-inf")
+
+
+# ---- reference -------------------------------------------------------------------
+
+def attention_ref(q, k, v, causal=True, window=None, scale=None, dtype=torch.float64):
+    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (out (B, Sq, H, D), lse (B, H, Sq)),
+    every step in `dtype`. Query i is the absolute position i + Sk - Sq."""
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    kf = kf.repeat_interleave(h // hkv, dim=2)
+    vf = vf.repeat_interleave(h // hkv, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=q.device)[None, :]
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= j > i - window
+    # A query that sees no key gets p = 0 and lse = -inf; its scores are set
+    # to 0 first, so that no NaN from an all -inf softmax reaches a gradient.
+    seen = visible.any(-1, keepdim=True)
+    s = s.masked_fill(~visible, NEG_INF).masked_fill(~seen, 0.0)
+    sm = s.float() if dtype != torch.float64 else s  # softmax in at least float32, as any real kernel does
+    lse = torch.logsumexp(sm, dim=-1).masked_fill(~seen[:, 0], NEG_INF)
+    p = (torch.softmax(sm, dim=-1) * seen).to(dtype)
+    out = torch.einsum("bhij,bjhd->bihd", p, vf)
+    return out, lse
+
+
+def varlen_ref(q, k, v, cu_q, cu_k, **kw):
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        o, l = attention_ref(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], **kw)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_fa_rule(name, ours, ref64, ref_lowp, factor):
+    slack = 1e-5 * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
+    bound = factor * _err(ref_lowp, ref64) + slack
+    err = _err(ours, ref64)
+    assert err <= bound, f"{name}: max error {err:.3g} > {factor} x reference error {_err(ref_lowp, ref64):.3g} + {slack:.1g}"
+
+
+def _randn(shape, dtype, device, gen):
+    return torch.randn(shape, generator=gen).to(dtype).to(device)
+
+
+DTYPES = {"cpu": [torch.float32, torch.float16, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
+
+
+def _dev_dtypes():
+    for device in DEVICES:
+        dev = device if isinstance(device, str) else device.values[0]
+        marks = () if isinstance(device, str) else device.marks
+        for dtype in DTYPES[dev]:
+            yield pytest.param(dev, dtype, marks=marks, id=f"{dev}-{str(dtype).replace('torch.', '')}")
+
+
+# (B, Sq, Sk, H, Hkv, D, causal, window). GQA groups 1-8 (3, 5, 6 included) and
+# MQA; odd lengths; windows smaller than, equal to and larger than the
+# sequence, W + 1 and multiples of W; Sq < Sk and Sq > Sk (bottom-right
+# alignment); causal=False; D = 40 and 80 run on the CPU only.
+CASES = [
+    (2, 113, 113, 4, 4, 64, True, None),
+    (1, 203, 203, 6, 2, 128, True, 64),
+    (2, 65, 65, 5, 1, 64, True, 64),        # S = W + 1
+    (1, 192, 192, 8, 1, 64, True, 48),      # S = 4W
+    (1, 130, 130, 7, 7, 128, True, 130),    # W = S
+    (1, 77, 77, 3, 1, 64, True, 500),       # W > S
+    (2, 50, 170, 6, 3, 64, True, 37),       # Sq < Sk: chunked prefill
+    (1, 90, 40, 4, 2, 64, True, None),      # Sq > Sk: the first 50 queries see nothing
+    (2, 70, 95, 8, 2, 128, False, None),
+    (1, 1, 1, 2, 1, 64, True, None),
+    (1, 1, 300, 8, 8, 64, True, 100),       # one query against a long cache
+    (1, 100, 100, 6, 1, 40, True, 31),
+    (1, 33, 61, 4, 4, 80, False, None),
+]
+
+
+def _case_id(c):
+    b, sq, sk, h, hkv, d, causal, w = c
+    return f"b{b}-q{sq}-k{sk}-h{h}/{hkv}-d{d}-{'causal' if causal else 'full'}-w{w}"
+
+
+def _inputs(case, dtype, device, seed=0):
+    b, sq, sk, h, hkv, d, causal, w = case
+    g = torch.Generator().manual_seed(seed)
+    q = _randn((b, sq, h, d), dtype, device, g)
+    k = _randn((b, sk, hkv, d), dtype, device, g)
+    v = _randn((b, sk, hkv, d), dtype, device, g)
+    return q, k, v
+
+
+def _skip_gpu_head_dim(device, d):
+    if device == "cuda" and d not in (64, 128):
+        pytest.skip("the GPU kernels take head_dim 64 and 128 (other sizes raise; tested below)")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device,dtype", list(_dev_dtypes()))
+def test_forward_and_backward_match_reference(case, device, dtype):
+    b, sq, sk, h, hkv, d, causal, w = case
+    _skip_gpu_head_dim(device, d)
+    q, k, v = _inputs(case, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    dout = _randn((b, sq, h, d), dtype, device, g)
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = ops.flash_attn(*leaves, causal=causal, window=w, return_lse=True)
+    out.backward(dout)
+
+    ref = {}
+    for name, rdtype in (("64", torch.float64), ("lowp", dtype)):
+        rl = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        o, l = attention_ref(*rl, causal=causal, window=w, dtype=rdtype)
+        o.backward(dout.to(rdtype))
+        ref[name] = (o, l, *(t.grad for t in rl))
+
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_fa_rule("out", out, ref["64"][0], ref["lowp"][0], 2)
+    finite = torch.isfinite(ref["64"][1])
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly for queries that see no key"
+    torch.testing.assert_close(lse[finite].double(), ref["64"][1][finite], rtol=0, atol=2e-3 if dtype != torch.float32 else 1e-5)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert leaves[i].grad.dtype == dtype
+        assert_fa_rule(name, leaves[i].grad, ref["64"][2 + i], ref["lowp"][2 + i], 3)
+
+
+def test_window_convention_pins_exact_keys():
+    """Query i sees exactly keys i-W+1..i: with q = 0 every visible key gets
+    the same weight, and v = one-hot of the key position spells out the set."""
+    s, w, d = 24, 5, 32
+    q = torch.zeros(1, s, 1, d)
+    k = torch.randn(1, s, 1, d)
+    v = torch.eye(s, d)[None, :, None, :]
+    out = ops.flash_attn(q, k, v, causal=True, window=w)[0, :, 0]
+    for i in range(s):
+        seen = set(torch.nonzero(out[i]).flatten().tolist())
+        assert seen == set(range(max(0, i - w + 1), i + 1)), f"query {i} sees keys {sorted(seen)}"
+        torch.testing.assert_close(out[i].sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_convention_on_device(device):
+    s, w, d = 64, 7, 64
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.zeros(1, s, 2, d, dtype=dtype, device=device)
+    k = torch.randn(1, s, 1, d, dtype=dtype, device=device)
+    v = torch.eye(s, d, dtype=dtype, device=device)[None, :, None, :]
+    out = ops.flash_attn(q, k, v, causal=True, window=w)[0].float().cpu()
+    for i in range(s):
+        for head in range(2):
+            seen = set(torch.nonzero(out[i, head]).flatten().tolist())
+            assert seen == set(range(max(0, i - w + 1), i + 1)), f"query {i} sees keys {sorted(seen)}"
+
+
+# Varlen: documents of lengths that straddle the 64-row blocks, an empty one,
+# one token; Sq == Sk (packed training) and Sq < Sk (chunked prefill).
+VARLEN = [
+    ([63, 1, 0, 130, 65, 7], None, True, None),
+    ([100, 64, 129], None, True, 50),
+    ([5, 90, 33], [40, 90, 100], True, 32),
+    ([20, 70], [20, 75], False, None),
+]
+
+
+@pytest.mark.parametrize("lens_q,lens_k,causal,w", VARLEN)
+@pytest.mark.parametrize("device,dtype", list(_dev_dtypes()))
+def test_varlen_matches_per_sequence_reference(lens_q, lens_k, causal, w, device, dtype):
+    lens_k = lens_k or lens_q
+    h, hkv, d = 6, 2, 64
+    g = torch.Generator().manual_seed(0)
+    q = _randn((sum(lens_q), h, d), dtype, device, g)
+    k = _randn((sum(lens_k), hkv, d), dtype, device, g)
+    v = _randn((sum(lens_k), hkv, d), dtype, device, g)
+    dout = _randn(q.shape, dtype, device, g)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = ops.flash_attn_varlen(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, window=w,
+                                     return_lse=True)
+    out.backward(dout)
+    assert lse.shape == (h, sum(lens_q))
+    ref = {}
+    for name, rdtype in (("64", torch.float64), ("lowp", dtype)):
+        rl = [t.detach().cpu().clone().requires_grad_(True) for t in (q, k, v)]
+        o, l = varlen_ref(*rl, cu_q.cpu(), cu_k.cpu(), causal=causal, window=w, dtype=rdtype)
+        o.backward(dout.cpu().to(rdtype))
+        ref[name] = (o, l, *(t.grad for t in rl))
+    assert_fa_rule("out", out.cpu(), ref["64"][0], ref["lowp"][0], 2)
+    finite = torch.isfinite(ref["64"][1])
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_fa_rule(name, leaves[i].grad.cpu(), ref["64"][2 + i], ref["lowp"][2 + i], 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_equals_fixed_length_per_document(device):
+    """Packing never lets a document see its neighbours: each document's rows
+    equal a separate flash_attn call on it."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    lens = [37, 64, 1, 100]
+    g = torch.Generator().manual_seed(3)
+    q = _randn((sum(lens), 4, 64), dtype, device, g)
+    k = _randn((sum(lens), 2, 64), dtype, device, g)
+    v = _randn((sum(lens), 2, 64), dtype, device, g)
+    cu = torch.tensor([0, 37, 101, 102, 202], dtype=torch.int32, device=device)
+    out = ops.flash_attn_varlen(q, k, v, cu, cu, 100, 100, window=20)
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        alone = ops.flash_attn(q[None, a:b], k[None, a:b], v[None, a:b], window=20)[0]
+        torch.testing.assert_close(out[a:b], alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_views_of_a_fused_qkv(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    b, s, h, hkv, d = 2, 70, 4, 2, 64
+    qkv = torch.randn(b, s, (h + 2 * hkv) * d, dtype=dtype, device=device)
+    q = qkv[..., : h * d].view(b, s, h, d)
+    k = qkv[..., h * d: (h + hkv) * d].view(b, s, hkv, d)
+    v = qkv[..., (h + hkv) * d:].view(b, s, hkv, d)
+    out = ops.flash_attn(q, k, v, window=33)
+    want = ops.flash_attn(q.contiguous(), k.contiguous(), v.contiguous(), window=33)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = _inputs((1, 300, 300, 8, 2, 64, True, None), dtype, device)
+    dout = torch.randn_like(q)
+    grads = []
+    for deterministic in (True, True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        ops.flash_attn(*leaves, window=100, deterministic=deterministic).backward(dout)
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(grads[0], grads[1]):
+        assert torch.equal(a, b), "two deterministic backward passes differ"
+    for a, b in zip(grads[0], grads[2]):  # atomic dQ: same values up to summation order
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s,w", [(32768, 4096), (8192, None)])
+def test_long_sequences_on_gpu(s, w):
+    """32k tokens with Mistral's window, checked query chunk by query chunk
+    against the reference over the keys each chunk can see."""
+    torch.manual_seed(0)
+    q = torch.randn(1, s, 4, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(1, s, 1, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(1, s, 1, 128, dtype=torch.bfloat16, device="cuda")
+    out = ops.flash_attn(q, k, v, window=w)
+    for start in (0, s // 2 - 700, s - 1024):
+        end = start + 1024
+        k0 = max(0, start - w + 1) if w else 0
+        want, _ = attention_ref(q[:, start:end], k[:, k0:end], v[:, k0:end], window=w, dtype=torch.float32)
+        lowp, _ = attention_ref(q[:, start:end], k[:, k0:end], v[:, k0:end], window=w, dtype=torch.bfloat16)
+        assert_fa_rule(f"rows {start}..{end}", out[:, start:end], want, lowp, 2)
+
+
+def test_cpu_speed_is_fit_for_ci():
+    """Not a benchmark: a guard that the CPU path stays blocked and parallel
+    (2k tokens must take well under a second), asserted with a 10x margin."""
+    import time
+    q = torch.randn(1, 2048, 8, 64)
+    k = torch.randn(1, 2048, 2, 64)
+    v = torch.randn(1, 2048, 2, 64)
+    ops.flash_attn(q, k, v)
+    t0 = time.perf_counter()
+    ops.flash_attn(q, k, v)
+    assert time.perf_counter() - t0 < 10.0
+
+
+# ---- torch.library, torch.compile, CUDA graphs ------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = _inputs((2, 19, 23, 4, 2, 64, True, 9), dtype, device)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    torch.library.opcheck(torch.ops.mixkit.flash_attn, (q, k, v, None, None, 19, 23, True, 9, None, False))
+    cu = torch.tensor([0, 10, 38], dtype=torch.int32, device=device)
+    qv, kv, vv = (t.detach()[0].repeat(2, 1, 1)[:38].clone().requires_grad_(True) for t in (q, k, k))
+    torch.library.opcheck(torch.ops.mixkit.flash_attn, (qv, kv, vv, cu, cu, 28, 28, True, None, 0.3, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = _inputs((1, 40, 40, 4, 2, 64, True, 16), dtype, device)
+
+    def f(q, k, v):
+        return (ops.flash_attn(q, k, v, window=16) ** 2).sum()
+
+    eager = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    f(*eager).backward()
+    comp = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    torch.compile(f, fullgraph=True)(*comp).backward()
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    q, k, v = _inputs((2, 100, 100, 8, 2, 128, True, 40), torch.bfloat16, "cuda")
+    cu = torch.tensor([0, 30, 200], dtype=torch.int32, device="cuda")
+    ops.flash_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 170, 170)  # checks cu once
+
+    def step():
+        return (ops.flash_attn(q, k, v, window=40),
+                ops.flash_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 170, 170))
+
+    graph, outs = capture_cuda_graph(step)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, step()):
+            assert torch.equal(got, want)
+
+
+# ---- bad input ---------------------------------------------------------------------
+
+def _bad(device="cpu"):
+    q = torch.randn(2, 8, 4, 64, device=device)
+    k = torch.randn(2, 8, 2, 64, device=device)
+    return q, k, k.clone()
+
+
+@pytest.mark.parametrize("fn,err,match", [
+    (lambda q, k, v: ops.flash_attn(q, k[:, :, :1].expand(2, 8, 3, 64), v[:, :, :1].expand(2, 8, 3, 64)),
+     ValueError, "multiple"),
+    (lambda q, k, v: ops.flash_attn(q, k[..., :32], v[..., :32]), ValueError, "head_dim"),
+    (lambda q, k, v: ops.flash_attn(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v), ValueError,
+     "last dimension"),
+    (lambda q, k, v: ops.flash_attn(q, k, v, window=0), ValueError, "window"),
+    (lambda q, k, v: ops.flash_attn(q, k, v, window=-3), ValueError, "window"),
+    (lambda q, k, v: ops.flash_attn(q, k, v, causal=False, window=4), ValueError, "causal"),
+    (lambda q, k, v: ops.flash_attn(q[:0], k[:0], v[:0]), ValueError, "empty batch"),
+    (lambda q, k, v: ops.flash_attn(q, k.half(), v.half()), TypeError, "dtype"),
+    (lambda q, k, v: ops.flash_attn(q, k, v[:, :7]), ValueError, "same shape"),
+    (lambda q, k, v: ops.flash_attn(q, k[:1], v[:1]), ValueError, "batch"),
+    (lambda q, k, v: ops.flash_attn(q[0], k[0], v[0]), ValueError, "4 dimension"),
+    (lambda q, k, v: ops.flash_attn(q, k, v, softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda q, k, v: ops.flash_attn(q.int(), k, v), TypeError, "dtype"),
+])
+def test_bad_input_raises(fn, err, match):
+    with pytest.raises(err, match=match):
+        fn(*_bad())
+
+
+@pytest.mark.parametrize("cu,max_len,match", [
+    ([0, 9, 5, 16], 9, "non-decreasing"),
+    ([0, 5, 9, 15], 9, "must equal|must end|last"),
+    ([0, 5, 9, 17], 9, "must equal|must end|last"),
+    ([1, 5, 9, 16], 9, r"\[0\]|must start|first"),
+    ([0, 2, 12, 16], 5, "max_seqlen_q.*smaller"),
+])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_cu_seqlens_raise(cu, max_len, match, device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(16, 4, 64, dtype=dtype, device=device)
+    k = torch.randn(16, 2, 64, dtype=dtype, device=device)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+    good = torch.tensor([0, 5, 9, 16], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=match):
+        ops.flash_attn_varlen(q, k, k, cu_t, good, max_len, 9)
+
+
+def test_bad_varlen_arguments():
+    q = torch.randn(16, 4, 64)
+    k = torch.randn(16, 2, 64)
+    cu = torch.tensor([0, 5, 9, 16], dtype=torch.int32)
+    with pytest.raises(TypeError, match="int32"):
+        ops.flash_attn_varlen(q, k, k, cu.long(), cu, 9, 9)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.flash_attn_varlen(q, k, k, cu, cu[:3], 9, 9)
+    with pytest.raises(ValueError, match="empty batch"):
+        ops.flash_attn_varlen(q[:0], k[:0], k[:0], cu[:1], cu[:1], 0, 0)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        ops.flash_attn_varlen(q, k, k, cu, cu, 9, -1)
+
+
+@pytest.mark.gpu
+def test_gpu_rejects_unsupported_head_dim_and_float32():
+    q = torch.randn(1, 8, 2, 96, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        ops.flash_attn(q, q, q)
+    q = torch.randn(1, 8, 2, 64, device="cuda")
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        ops.flash_attn(q, q, q)
