@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_mixkit_bench_quick_writes_results(tmp_path):
     out = tmp_path / "run.json"
@@ -38,3 +40,54 @@ def test_mixkit_info():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["build_info"]["backends"][0] == "cpu"
+
+
+# ---- flash attention cases ----------------------------------------------------------
+
+FLASH_OPS = ["flash_attn_fwd_w4096", "flash_attn_fwd_causal", "flash_attn_fwd_bwd_w4096", "flash_attn_fwd_bwd_causal"]
+
+
+def test_every_op_has_sizes_for_every_run_kind():
+    from mixkit import bench
+
+    for op in bench.CASES:
+        table = bench.OP_TOKENS.get(op, bench.TOKENS)
+        assert set(table) == set(bench.TOKENS) and all(table.values()), op
+    assert bench.OP_TOKENS["flash_attn_fwd_causal"]["cuda", False] == (1024, 4096, 8192, 16384, 32768)
+
+
+def test_flash_attn_flop_formula():
+    from mixkit.bench import flash_attn as fa
+
+    assert fa.visible_pairs(1024, None) == fa.visible_pairs(1024, 4096) == 1024 * 1025 // 2
+    assert fa.visible_pairs(4096, 4096) == 4096 * 4097 // 2
+    assert fa.visible_pairs(32768, 4096) == 4096 * 4097 // 2 + (32768 - 4096) * 4096
+    fwd = 4 * fa.visible_pairs(32768, 4096) * 128 * 32 * 1
+    assert fa.attention_flops(32768, 4096, backward=False) == fwd
+    assert fa.attention_flops(32768, 4096, backward=True) == fwd * 7 // 2  # fwd + 2.5 x fwd
+
+
+def test_flash_attn_cases_quick_cpu():
+    import mixkit.ops
+
+    if not hasattr(mixkit.ops, "flash_attn"):
+        pytest.skip("mixkit.ops.flash_attn is not there yet (being written alongside this benchmark)")
+    from mixkit import bench
+    from mixkit.bench import flash_attn as fa
+
+    _, rows = bench.run(device="cpu", quick=True, ops=FLASH_OPS, compile=False, log=None)
+    assert not [r for r in rows if "error" in r], rows
+    assert {r["op"] for r in rows} == set(FLASH_OPS)
+    for op in FLASH_OPS:
+        impls = {r["impl"] for r in rows if r["op"] == op}
+        assert impls == ({"mixkit", "eager", "sdpa"} if op.endswith("causal") else {"mixkit", "eager"}), op
+    for r in rows:
+        assert r["tokens"] in fa.SEQLENS["cpu", True]
+        window = None if r["op"].endswith("causal") else fa.CPU_WINDOW
+        assert f"W={window or 'none'}" in r["shape"]
+        assert window is None or window < r["tokens"]  # the CPU window really masks keys
+        flops = fa.attention_flops(r["tokens"], window, backward="bwd" in r["op"])
+        assert abs(r["tflops"] - flops / (r["median_us"] * 1e-6) / 1e12) <= 1e-9 * r["tflops"]
+        assert r["pct_matmul"] > 0
+        if r["impl"] == "mixkit":  # bf16 output (and dq, dk, dv) against the float32 reference rounded to bf16
+            assert r["max_abs_err"] <= 0.1, r

@@ -2,13 +2,15 @@
 
 Each op maps to a function `(device, tokens, dtype, compile_mode) -> Case`
 (see harness.Case). A new kernel adds its module here and one line to CASES.
+Ops whose sizes are not the shared TOKENS counts (attention's sequence
+lengths) name their own table, keyed the same way, in OP_TOKENS.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mixkit.bench import decode, harness, moe_mlp, moe_route, norms, rope
+from mixkit.bench import decode, flash_attn, harness, moe_mlp, moe_route, norms, rope
 
 CASES = {
     "rms_norm": norms.rms_norm_case,
@@ -25,6 +27,10 @@ CASES = {
     "decode_attn_b1": decode.decode_attn_b1_case,
     "decode_attn_b8": decode.decode_attn_b8_case,
     "decode_attn_b32": decode.decode_attn_b32_case,
+    "flash_attn_fwd_w4096": flash_attn.flash_attn_fwd_w4096_case,
+    "flash_attn_fwd_causal": flash_attn.flash_attn_fwd_causal_case,
+    "flash_attn_fwd_bwd_w4096": flash_attn.flash_attn_fwd_bwd_w4096_case,
+    "flash_attn_fwd_bwd_causal": flash_attn.flash_attn_fwd_bwd_causal_case,
 }
 
 # Token counts at Mistral 7B widths. On the CPU the full sweep stops at 1024
@@ -36,6 +42,9 @@ TOKENS = {
     ("cpu", False): (1, 16, 256, 1024),
     ("cpu", True): (1, 64),
 }
+# Per-op replacements for TOKENS: flash attention sweeps sequence lengths
+# 1k..32k on the GPU (flash_attn.SEQLENS).
+OP_TOKENS = {op: flash_attn.SEQLENS for op in CASES if op.startswith("flash_attn")}
 DTYPES = {
     ("cuda", False): (torch.bfloat16,),
     ("cuda", True): (torch.bfloat16,),
@@ -71,7 +80,7 @@ def run(device: str | None = None, quick: bool = False, ops: list[str] | None = 
         log(f"{meta['device_name']}: copy ceiling {meta['copy_gbps']:.1f} GB/s (read + write)")
 
     cases = (CASES[op](device, t, dtype, compile_mode)
-             for op in ops for dtype in DTYPES[kind, quick] for t in TOKENS[kind, quick])
+             for op in ops for dtype in DTYPES[kind, quick] for t in OP_TOKENS.get(op, TOKENS)[kind, quick])
     rows = harness.run_cases(cases, device, budget_s=0.05 if quick else 0.2, cuda_graph=cuda_graph, log=log)
     meta["timing"] = next((r["method"] for r in rows if "method" in r), None)
     return meta, rows

@@ -355,7 +355,10 @@ def _one_line(row: dict) -> str:
     head = f"{row['op']:<18} {row['shape']:<26} {row['dtype']:<8} {row['impl']:<8}"
     if "error" in row:
         return f"{head} ERROR {row['error']}"
-    return f"{head} {row['median_us']:10.1f} us {row['gbps']:8.1f} GB/s {row['pct_copy']:5.1f}% copy"
+    line = f"{head} {row['median_us']:10.1f} us {row['gbps']:8.1f} GB/s {row['pct_copy']:5.1f}% copy"
+    if "tflops" in row:  # compute-bound ops: the roofline is the matmul peak
+        line += f" {row['tflops']:7.3g} TFLOP/s {row['pct_matmul']:5.1f}% matmul"
+    return line
 
 
 # ---------------------------------------------------------------------------
@@ -456,8 +459,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def render_table(rows: list[dict]) -> str:
     """Markdown table; speedup = peer time / mixkit time, so > 1 means mixkit is faster."""
-    header = ["op", "shape", "dtype", "impl", "median us", "p20-p80 us", "GB/s", "% copy",
-              "mixkit speedup (x)", "max abs err"]
+    header = ["op", "shape", "dtype", "impl", "median us", "p20-p80 us", "GB/s", "% copy", "TFLOP/s",
+              "% matmul", "mixkit speedup (x)", "max abs err"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "error" in r:
@@ -466,7 +469,8 @@ def render_table(rows: list[dict]) -> str:
         else:
             cells = [r["op"], r["shape"], r["dtype"], r["impl"], _fmt(r["median_us"], ".1f"),
                      f"{r['p20_us']:.1f}-{r['p80_us']:.1f}", _fmt(r["gbps"], ".1f"),
-                     _fmt(r["pct_copy"], ".1f"), _fmt(r.get("mixkit_speedup"), ".2f"),
+                     _fmt(r["pct_copy"], ".1f"), _fmt(r.get("tflops"), ".3g"), _fmt(r.get("pct_matmul"), ".1f"),
+                     _fmt(r.get("mixkit_speedup"), ".2f"),
                      _fmt(r.get("max_abs_err"), ".2e")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
