@@ -10,7 +10,7 @@
 //            cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (same for k); seqlen_q/k
 //            are the max_seqlen hints (GPU grid size), batch strides are 0.
 // Row i of sequence b (fixed or varlen) sits at
-//   base + b * stride[0] + (cu ? cu[b] : 0 + i) * stride[1] + h * stride[2].
+//   base + b * stride[0] + ((cu ? cu[b] : 0) + i) * stride[1] + h * stride[2].
 //
 // Masks (CONVENTIONS.md), per sequence with sq queries and sk keys: query i
 // is the absolute position i + sk - sq (bottom-right alignment). Key j is
@@ -92,6 +92,10 @@ inline void check(const FlashFwdArgs& a) {
   if (!a.cu_seqlens_q) {
     require(a.batch * a.seqlen_q == a.total_q && a.batch * a.seqlen_k == a.total_k,
             "fixed-length total rows must equal batch * seqlen");
+  } else {
+    require(a.q_stride[0] == 0 && a.k_stride[0] == 0 && a.v_stride[0] == 0 && a.o_stride[0] == 0 &&
+                a.lse_stride[0] == 0,
+            "varlen tensors have no batch dimension: their batch strides must be 0");
   }
   require(a.window >= 0, "window must be >= 1, or 0 for none");
   require(a.window == 0 || a.causal, "a window needs causal=True");
@@ -103,6 +107,9 @@ inline void check(const FlashFwdArgs& a) {
 inline void check(const FlashBwdArgs& a) {
   check(a.f);
   require(a.f.total_q == 0 || (a.dout && a.dq && a.delta), "null tensor pointer");
+  require(!a.f.cu_seqlens_q || (a.do_stride[0] == 0 && a.dq_stride[0] == 0 && a.dk_stride[0] == 0 &&
+                                a.dv_stride[0] == 0),
+          "varlen gradients have no batch dimension: their batch strides must be 0");
   require(a.f.total_k == 0 || (a.dk && a.dv), "null tensor pointer");
 }
 
