@@ -50,9 +50,12 @@ constexpr int BN = 16 * kWarps;  // keys per dK/dV CTA; also keys per step of dq
 constexpr int BQ = 16 * kWarps;  // query rows per dq_kernel / delta_kernel / dq_convert_kernel block
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Query rows per step of dkdv_kernel. At D = 128 a thread holds dK and dV
-// (128 floats) plus S^T and dP^T (BM / 2 floats each); BM = 64 keeps that at
-// 192 live accumulators. See flash_bwd below for the measured registers.
+// Query rows per step of dkdv_kernel. A thread holds dK and dV (D floats)
+// plus S^T and dP^T (BM / 2 floats each). At D = 128, BM = 64 (192 live
+// accumulators) sits on the 255-register edge: nvcc 13.0 spills 20 bytes in
+// the sm_90a atomic-dQ variant and its result flips with small code changes.
+// BM = 32 (160) compiles without spills on sm_80 and sm_90a at the cost of
+// twice the steps (barriers, K/V fragment reloads). D = 64 keeps BM = 64.
 template <int D> constexpr int kBM = D <= 64 ? 64 : 32;
 
 // Element offset of 16-byte chunk c of row r in a tile of CH chunks a row.
@@ -80,11 +83,12 @@ __device__ __forceinline__ Span span(const int32_t* cu, int64_t b, int64_t fixed
 }
 
 // The mask of one sequence: key j is visible to query i when j < sk,
-// j - i <= hi (causal) and j - i > lo (window), in 64 bits. An absent bound
-// is +-2^40 (and a window is capped at 2^40), beyond any j - i for lengths
-// below 2^31 yet far from overflow in the range arithmetic below.
+// j - i <= hi (causal) and j - i > lo (window). Lengths are below 2^31, so
+// j - i lies in [1 - 2^31, 2^31 - 1]: an absent bound is INT_MAX / INT_MIN,
+// and a window reaching past every key clamps to INT_MIN with the same
+// outcome. Range arithmetic on these bounds is done in 64 bits.
 struct Mask {
-  int64_t sk, hi, lo;
+  int sk, hi, lo;
   // Every pair of rows [m0, m0 + bm) and keys [n0, n0 + bn) is visible, or
   // hidden only because the row is past the sequence (which lse handles).
   __device__ __forceinline__ bool full(int64_t m0, int bm, int64_t n0, int bn) const {
@@ -92,9 +96,9 @@ struct Mask {
   }
 };
 __device__ __forceinline__ Mask make_mask(const FlashFwdArgs& f, int64_t sq, int64_t sk) {
-  constexpr int64_t kFar = int64_t(1) << 40;
   const int64_t off = sk - sq;
-  return {sk, f.causal ? off : kFar, f.window > 0 ? off - min(f.window, kFar) : -kFar};
+  return {int(sk), f.causal ? int(off) : INT_MAX,
+          f.window > 0 ? int(max(off - min(f.window, int64_t(1) << 32), int64_t(INT_MIN))) : INT_MIN};
 }
 
 // The mask of one block pair in offsets from its corner: key jj = j - n0 is
@@ -119,37 +123,112 @@ __device__ __forceinline__ BlockMask block_mask(const Mask& m, int64_t m0, int64
 // no key) and rows past the sequence become +inf so that P = 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
+// ---- shared-memory addressing ------------------------------------------------
+// Tiles live at 128-byte aligned 32-bit shared addresses. Every ldmatrix lane
+// keeps one address per access pattern, lane_addr = tile + byte offset of
+// (row r_l, chunk c_l) with c_l in {0, 1}; the (row R, chunk C) step of an
+// unrolled loop, R a multiple of 8 and C even (or c_l = 0), is then
+//   (lane_addr ^ ((C & 7) << 4)) + (C & ~7) * 16 + R * pitch
+// because the swizzle only XORs chunk bits 4-6 of the byte offset with row
+// bits that a multiple of 8 rows leaves alone. That is one LOP3 on a live
+// register with immediates, so ptxas rematerialises it instead of keeping a
+// precomputed address per (R, C) for the whole kernel, which is what pushed
+// dkdv_kernel at D = 128 past 255 registers with pointer arithmetic.
+template <int CH>
+__device__ __forceinline__ uint32_t swz_bytes(int r, int c) {
+  return uint32_t(swz<CH>(r, c)) * 2u;  // 16-bit elements
+}
+template <int CH>
+__device__ __forceinline__ uint32_t at(uint32_t lane_addr, int R, int C) {
+  if constexpr (CH == 4) return (lane_addr ^ uint32_t(C << 4)) + uint32_t(R * 64);
+  else return (lane_addr ^ uint32_t((C & 7) << 4)) + uint32_t((C & ~7) * 16 + R * CH * 16);
+}
+
+// The three lane patterns of ldmatrix.x4 (see mma_abt, mma_xb): address of
+// this lane's 8x8-matrix row within a 16-row x 2-chunk step.
+//   A:        lanes 0-15 rows 0-15 at chunk 0, lanes 16-31 the same at chunk 1
+//   B (N,K):  lanes 0-7 rows 0-7 chunk 0, 8-15 rows 0-7 chunk 1, 16-23 rows
+//             8-15 chunk 0, 24-31 rows 8-15 chunk 1
+//   B^T (K,N): lanes 0-7 rows 0-7 chunk 0, 8-15 rows 8-15 chunk 0, 16-23
+//             rows 0-7 chunk 1, 24-31 rows 8-15 chunk 1
+template <int CH>
+__device__ __forceinline__ uint32_t lane_a(uint32_t tile, int row0, int lane) {
+  return tile + swz_bytes<CH>(row0 + (lane & 15), lane >> 4);
+}
+template <int CH>
+__device__ __forceinline__ uint32_t lane_b(uint32_t tile, int lane) {
+  return tile + swz_bytes<CH>((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+}
+template <int CH>
+__device__ __forceinline__ uint32_t lane_bt(uint32_t tile, int lane) {
+  return tile + swz_bytes<CH>((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+}
+
+// mma_sm80.cuh's wrappers take generic pointers; these take the 32-bit
+// shared address directly so the XOR form above reaches the instruction.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v));
+}
+__device__ __forceinline__ void sts_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v));
+}
+__device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
 // Copies rows [row0, row0 + ROWS) of a (len)-row sequence into a swizzled
-// [ROWS][D] tile; rows past the end are zero-filled.
+// [ROWS][D] tile at shared address `tile`; rows past the end are
+// zero-filled. A thread copies chunk tid % CH of rows tid / CH + i * RS: RS is
+// a multiple of 8, so its shared offset just advances by RS rows.
 template <int D, int ROWS, class T>
-__device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t row_stride, int64_t row0, int64_t len) {
-  constexpr int kChunks = D / 8;
-  static_assert(ROWS * kChunks % kThreads == 0, "tile chunks must divide among the threads");
+__device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int64_t row_stride, int64_t row0,
+                                          int64_t len) {
+  constexpr int CH = D / 8, RS = kThreads / CH;
+  static_assert(ROWS % RS == 0 && RS % 8 == 0, "tile rows must divide among the threads");
+  const int r = threadIdx.x / CH, c = threadIdx.x % CH;
+  const uint32_t dst = tile + swz_bytes<CH>(r, c);
+  const T* src = base + (row0 + r) * row_stride + c * 8;
 #pragma unroll
-  for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
-    const int idx = threadIdx.x + i * kThreads;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const bool ok = row0 + r < len;
-    cp_async16(tile + swz<kChunks>(r, c), ok ? base + (row0 + r) * row_stride + c * 8 : base, ok);
+  for (int i = 0; i < ROWS / RS; ++i) {
+    const bool ok = row0 + r + i * RS < len;
+    cp_async16_to(dst + uint32_t(i * RS * CH * 16), ok ? src + i * RS * row_stride : base, ok);
   }
 }
 
-// acc[16 x N] += A[a_row0 .. a_row0 + 16) . B[0 .. N)^T over the D columns of
-// two swizzled [rows][D] tiles: S^T = K Q^T, dP^T = V dO^T (dkdv_kernel) and
-// S = Q K^T, dP = dO V^T (dq_kernel). A by ldmatrix (lanes 0-15: rows at chunk
-// 2ks, lanes 16-31: the same rows at chunk 2ks + 1, i.e. a0..a3); B is an
-// (N, K) tile, so plain ldmatrix gives {b0, b1} of n8 tiles 2p and 2p + 1.
+// acc[16 x N] += A[16 rows] . B[N rows]^T over the D columns of two swizzled
+// [rows][D] tiles: S^T = K Q^T, dP^T = V dO^T (dkdv_kernel) and S = Q K^T,
+// dP = dO V^T (dq_kernel). a_lane: lane_a at the A rows, b_lane: lane_b, both
+// of the shared-memory base; a_tile, b_tile: the tiles' byte offsets
+// (multiples of 128), added after the XOR so that all tiles of one shape
+// share one lane register per pattern. B is an (N, K) tile, so plain
+// ldmatrix gives {b0, b1} of n8 tiles 2p and 2p + 1.
 template <int D, int N, class T>
-__device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const T* A, int a_row0, const T* B, int lane) {
+__device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], uint32_t a_lane, uint32_t a_tile, uint32_t b_lane,
+                                        uint32_t b_tile) {
   constexpr int CH = D / 8;
-#pragma unroll
+#pragma unroll 2
   for (int ks = 0; ks < D / 16; ++ks) {
     uint32_t af[4];
-    ldmatrix_x4(af, A + swz<CH>(a_row0 + (lane & 15), ks * 2 + (lane >> 4)));
+    ldsm_x4(af, at<CH>(a_lane, 0, ks * 2) + a_tile);
 #pragma unroll
     for (int p = 0; p < N / 16; ++p) {
       uint32_t r4[4];
-      ldmatrix_x4(r4, B + swz<CH>(p * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+      ldsm_x4(r4, at<CH>(b_lane, p * 16, ks * 2) + b_tile);
       Mma<T>::run(acc[2 * p], af, r4[0], r4[1]);
       Mma<T>::run(acc[2 * p + 1], af, r4[2], r4[3]);
     }
@@ -160,10 +239,11 @@ __device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const T* A, int 
 // (16 rows x KD columns, n8 tiles) and B a swizzled [KD][D] tile: dV += P^T
 // dO, dK += dS^T Q (dkdv_kernel), dQ += dS K (dq_kernel). The C fragments of
 // n8 tiles 2kk and 2kk + 1, packed to T, are the A fragment of k16 step kk
-// (mma_sm80.cuh). B is a (K, N) tile: ldmatrix.trans with lanes 0-7 / 8-15
-// on k rows 0-7 / 8-15 of chunk 2p and lanes 16-31 the same of chunk 2p + 1.
+// (mma_sm80.cuh). B is a (K, N) tile: ldmatrix.trans with b_lane = lane_bt
+// of the shared-memory base, b_tile the tile's byte offset.
 template <int KD, int D, class T>
-__device__ __forceinline__ void mma_xb(float (&acc)[D / 8][4], const float (&x)[KD / 8][4], const T* B, int lane) {
+__device__ __forceinline__ void mma_xb(float (&acc)[D / 8][4], const float (&x)[KD / 8][4], uint32_t b_lane,
+                                       uint32_t b_tile) {
   constexpr int CH = D / 8;
 #pragma unroll
   for (int kk = 0; kk < KD / 16; ++kk) {
@@ -173,11 +253,19 @@ __device__ __forceinline__ void mma_xb(float (&acc)[D / 8][4], const float (&x)[
 #pragma unroll
     for (int p = 0; p < D / 16; ++p) {
       uint32_t r4[4];
-      ldmatrix_x4_trans(r4, B + swz<CH>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), p * 2 + (lane >> 4)));
+      ldsm_x4_trans(r4, at<CH>(b_lane, kk * 16, p * 2) + b_tile);
       Mma<T>::run(acc[2 * p], xa, r4[0], r4[1]);
       Mma<T>::run(acc[2 * p + 1], xa, r4[2], r4[3]);
     }
   }
+}
+
+// The dynamic shared memory rounded up to 128 bytes (the XOR addressing
+// needs aligned tiles; launches request kAlignPad extra bytes).
+constexpr int kAlignPad = 128;
+__device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
+  const uint32_t pad = (128u - (sm80::smem_addr(raw) & 127u)) & 127u;
+  return raw + pad;
 }
 
 template <int N>
@@ -201,6 +289,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(FlashBwdArgs a) {
   float* dbase = a.delta + b * f.lse_stride[0] + h * f.lse_stride[1] + qs.start;
   const int chunk = threadIdx.x % kLanes;
   for (int64_t m0 = int64_t(blockIdx.x) * BQ; m0 < qs.len; m0 += int64_t(gridDim.x) * BQ) {
+#pragma unroll 2
     for (int r = threadIdx.x / kLanes; r < BQ; r += kRowsPerPass) {
       const int64_t i = m0 + r;
       float acc = 0.f;
@@ -220,8 +309,8 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(FlashBwdArgs a) {
 // dK, dV of BN keys of kv head blockIdx.y, summed over the query heads of
 // its group; with DQ also scale * dS K atomically into dq_accum.
 //
-// Work is a flat list of (query head, query block) steps so that the
-// double buffer prefetches across heads too. Per step, stage s = t & 1:
+// Work is one sequence of (query head, query block) steps so that the
+// double buffer prefetches across heads too. Per step t, stage s = t & 1:
 //   wait + barrier       stage s (Q, dO, lse, delta) is in shared memory and
 //                        every warp is done with step t - 1
 //   prefetch t + 1       cp.async of Q, dO into stage s ^ 1; lse and delta
@@ -236,28 +325,30 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
   constexpr int DT = D / 8;   // n8 tiles of the head dim
   static_assert(BM % 16 == 0 && 2 * BM <= kThreads && kWarps % (BM / 16) == 0, "query block shape");
 
+  constexpr int CH = D / 8, SCH = BM / 8;  // 16-byte chunks a row: [*][D] tiles, the dS^T tile
+  constexpr uint32_t kKVBytes = BN * D * 2, kQBytes = BM * D * 2, kSBytes = DQ ? BN * BM * 2 : 0;
+  // Byte offsets from the (128-byte aligned) shared-memory base.
+  constexpr uint32_t Ks = 0, Vs = Ks + kKVBytes;
+  constexpr uint32_t Qs = Vs + kKVBytes;      // [2][BM][D]
+  constexpr uint32_t dOs = Qs + 2 * kQBytes;  // [2][BM][D]
+  constexpr uint32_t dSs = dOs + 2 * kQBytes;  // [BN][BM], DQ only
+  constexpr uint32_t lse_s = dSs + kSBytes;     // [2][BM] float, log2 units
+  constexpr uint32_t delta_s = lse_s + 2 * BM * 4;  // [2][BM] float
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* Ks = reinterpret_cast<T*>(smem_raw);
-  T* Vs = Ks + BN * D;
-  T* Qs = Vs + BN * D;        // [2][BM * D]
-  T* dOs = Qs + 2 * BM * D;   // [2][BM * D]
-  T* dSs = dOs + 2 * BM * D;  // [BN][BM], DQ only
-  float* lse_s = reinterpret_cast<float*>(dSs + (DQ ? BN * BM : 0));  // [2][BM], log2 units
-  float* delta_s = lse_s + 2 * BM;                                      // [2][BM]
+  const uint32_t base = smem_addr(aligned_smem(smem_raw));
 
   const FlashFwdArgs& f = a.f;
   const int64_t b = blockIdx.z, hk = blockIdx.y;
-  const int64_t group = f.heads / f.kv_heads;
+  const int group = int(f.heads / f.kv_heads);
   const Span qspan = span(f.cu_seqlens_q, b, f.seqlen_q, f.total_q);
   const Span kspan = span(f.cu_seqlens_k, b, f.seqlen_k, f.total_k);
-  const int64_t sq = qspan.len, sk = kspan.len;
+  const int sq = int(qspan.len), sk = int(kspan.len);  // below 2^31: 32-bit to spare registers
   const Mask mask = make_mask(f, sq, sk);
   // dq_accum is (total_q, heads, D) with the rows of the fixed layout packed
   // batch-major, so row i of sequence b is row acc_row0 + i.
-  const int64_t acc_row0 = f.cu_seqlens_q ? qspan.start : b * f.seqlen_q;
+  const int acc_row0 = int(f.cu_seqlens_q ? qspan.start : b * f.seqlen_q);  // < total_q < 2^31
 
-  const T* kbase = static_cast<const T*>(f.k) + b * f.k_stride[0] + kspan.start * f.k_stride[1] + hk * f.k_stride[2];
-  const T* vbase = static_cast<const T*>(f.v) + b * f.v_stride[0] + kspan.start * f.v_stride[1] + hk * f.v_stride[2];
+  const int kstart = int(kspan.start);  // < total_k < 2^31
   // Query-side bases for head 0; head h adds h * stride[2].
   const T* qbase0 = static_cast<const T*>(f.q) + b * f.q_stride[0] + qspan.start * f.q_stride[1];
   const T* dobase0 = static_cast<const T*>(a.dout) + b * a.do_stride[0] + qspan.start * a.do_stride[1];
@@ -266,28 +357,28 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c2 = (lane & 3) * 2;
   const float scale_log2 = f.scale * kLog2e;
+  // Per-lane ldmatrix addresses, one per pattern, shared by all [*][D] tiles.
+  const uint32_t l_a = lane_a<CH>(base, warp * 16, lane), l_b = lane_b<CH>(base, lane),
+                 l_bt = lane_bt<CH>(base, lane);
 
-  for (int64_t nb = blockIdx.x; nb * BN < sk; nb += gridDim.x) {
-    const int64_t n0 = nb * BN;
+  for (int nb = blockIdx.x; int64_t(nb) * BN < sk; nb += gridDim.x) {
+    const int64_t n0 = int64_t(nb) * BN;
     // Queries that see some key of [n0, jmax]: i >= j - hi and i < j - lo.
-    const int64_t jmax = min(n0 + BN, sk) - 1;
-    const int64_t lo = max(int64_t(0), n0 - mask.hi);
-    const int64_t hi = min(sq, jmax - mask.lo);
-    const int64_t m_first = lo / BM * BM;
-    const int64_t nblk = hi > lo ? (hi - m_first + BM - 1) / BM : 0;
-    const int64_t steps = group * nblk;
+    const int64_t jmax = min(n0 + BN, int64_t(sk)) - 1;
+    const int64_t lo = max(int64_t(0), n0 - int64_t(mask.hi));
+    const int64_t hi = min(int64_t(sq), jmax - int64_t(mask.lo));
+    const int m_first = hi > lo ? int(lo / BM * BM) : 0;
+    const int nblk = hi > lo ? int((hi - m_first + BM - 1) / BM) : 0;
 
-    // Step t's query head, first row and where its lse/delta live.
-    auto step_head = [&](int64_t t) { return hk * group + t / nblk; };
-    auto step_m0 = [&](int64_t t) { return m_first + t % nblk * BM; };
-    auto load_step = [&](int s, int64_t t) {
-      const int64_t h = step_head(t), m0 = step_m0(t);
-      load_tile<D, BM>(Qs + s * BM * D, qbase0 + h * f.q_stride[2], f.q_stride[1], m0, sq);
-      load_tile<D, BM>(dOs + s * BM * D, dobase0 + h * a.do_stride[2], a.do_stride[1], m0, sq);
+    // A step is (query head hk * group + hh, query block m_first + mb * BM).
+    auto load_step = [&](int s, int hh, int mb) {
+      const int64_t h = hk * group + hh, m0 = m_first + int64_t(mb) * BM;
+      load_tile<D, BM>(base + Qs + s * kQBytes, qbase0 + h * f.q_stride[2], f.q_stride[1], m0, sq);
+      load_tile<D, BM>(base + dOs + s * kQBytes, dobase0 + h * a.do_stride[2], a.do_stride[1], m0, sq);
     };
     // Threads [0, BM) fetch lse, [BM, 2 BM) delta of row m0 + tid % BM.
-    auto fetch_stat = [&](int64_t t) -> float {
-      const int64_t h = step_head(t), i = step_m0(t) + tid % BM;
+    auto fetch_stat = [&](int hh, int mb) -> float {
+      const int64_t h = hk * group + hh, i = m_first + int64_t(mb) * BM + tid % BM;
       const bool is_lse = tid < BM;
       if (tid >= 2 * BM) return 0.f;
       if (i >= sq) return is_lse ? INFINITY : 0.f;
@@ -295,64 +386,79 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
       return is_lse ? lse_log2(f.lse[idx]) : a.delta[idx];
     };
     auto store_stat = [&](int s, float v) {
-      if (tid < 2 * BM) (tid < BM ? lse_s : delta_s)[s * BM + tid % BM] = v;
+      if (tid < 2 * BM) sts_f32(base + (tid < BM ? lse_s : delta_s) + (s * BM + tid % BM) * 4, v);
     };
+
+    // The key-side pointers are rebuilt per key block from kstart, which the
+    // empty asm makes opaque: hoisted out of this grid-stride loop they stay
+    // live through the step loop and, at D = 128 (255 registers), spill.
+    int ks0 = kstart;
+    asm volatile("" : "+r"(ks0));
+    const int64_t krow0 = int64_t(ks0) + n0;  // first key row of this block
 
     float dk[DT][4], dv[DT][4];
     zero(dk);
     zero(dv);
-    if (steps > 0) {
-      load_tile<D, BN>(Ks, kbase, f.k_stride[1], n0, sk);
-      load_tile<D, BN>(Vs, vbase, f.v_stride[1], n0, sk);
-      load_step(0, 0);
+    if (nblk > 0) {
+      const T* kbase = static_cast<const T*>(f.k) + b * f.k_stride[0] + hk * f.k_stride[2];
+      const T* vbase = static_cast<const T*>(f.v) + b * f.v_stride[0] + hk * f.v_stride[2];
+      load_tile<D, BN>(base + Ks, kbase + krow0 * f.k_stride[1], f.k_stride[1], 0, int64_t(sk) - n0);
+      load_tile<D, BN>(base + Vs, vbase + krow0 * f.v_stride[1], f.v_stride[1], 0, int64_t(sk) - n0);
+      load_step(0, 0, 0);
       cp_async_commit();
-      store_stat(0, fetch_stat(0));
+      store_stat(0, fetch_stat(0, 0));
     }
 
-    for (int64_t t = 0; t < steps; ++t) {
-      const int s = int(t & 1);
+    // Counters instead of one flat step index: no 64-bit division per step.
+    for (int hh = 0, mb = 0, s = 0; nblk > 0 && hh < group; s ^= 1) {
       cp_async_wait<0>();
       __syncthreads();
+      const int next_mb = mb + 1 == nblk ? 0 : mb + 1, next_hh = next_mb == 0 ? hh + 1 : hh;
+      const bool has_next = next_hh < group;
       float next_stat = 0.f;
-      if (t + 1 < steps) {
-        load_step(s ^ 1, t + 1);
+      if (has_next) {
+        load_step(s ^ 1, next_hh, next_mb);
         cp_async_commit();
-        next_stat = fetch_stat(t + 1);
+        next_stat = fetch_stat(next_hh, next_mb);
       }
-      const int64_t h = step_head(t), m0 = step_m0(t);
-      const T* Q = Qs + s * BM * D;
-      const T* dO = dOs + s * BM * D;
-      const float* lse = lse_s + s * BM;
-      const float* delta = delta_s + s * BM;
+      const int64_t h = hk * group + hh, m0 = m_first + int64_t(mb) * BM;
+      const uint32_t so = s * kQBytes;
+      const uint32_t lse = base + lse_s + s * BM * 4 + c2 * 4, delta = lse + (delta_s - lse_s);
 
       // S^T = K Q^T: this warp's 16 keys x BM queries. Rows of the C
       // fragments are keys (g, g + 8), columns queries (c2, c2 + 1).
       float p[NT][4];
       zero(p);
-      mma_abt<D, BM>(p, Ks, warp * 16, Q, lane);
-      const bool full = mask.full(m0, BM, n0, BN);
-      const BlockMask bm = block_mask<BM, BN>(mask, m0, n0);
+      mma_abt<D, BM, T>(p, l_a, Ks, l_b, Qs + so);
+      // Masked scores become -inf before the exponential: -inf - l is -inf
+      // for every l, +inf included, so P = 0.
+      if (!mask.full(m0, BM, n0, BN)) {
+        const BlockMask bm = block_mask<BM, BN>(mask, m0, n0);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!bm.visible(nt * 8 + c2 + (e & 1), warp * 16 + g + (e >> 1) * 8)) p[nt][e] = -INFINITY;
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const float2 l = *reinterpret_cast<const float2*>(lse + nt * 8 + c2);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = exp2f(fmaf(p[nt][e], scale_log2, -((e & 1) ? l.y : l.x)));
-          if (!full && !bm.visible(nt * 8 + c2 + (e & 1), warp * 16 + g + (e >> 1) * 8)) v = 0.f;
-          p[nt][e] = v;
-        }
+        const float2 l = lds_f32x2(lse + nt * 32);
+        p[nt][0] = exp2f(fmaf(p[nt][0], scale_log2, -l.x));
+        p[nt][1] = exp2f(fmaf(p[nt][1], scale_log2, -l.y));
+        p[nt][2] = exp2f(fmaf(p[nt][2], scale_log2, -l.x));
+        p[nt][3] = exp2f(fmaf(p[nt][3], scale_log2, -l.y));
       }
 
       // dV += P^T dO.
-      mma_xb<BM, D>(dv, p, dO, lane);
+      mma_xb<BM, D, T>(dv, p, l_bt, dOs + so);
 
       // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta[query]) in place.
       float ds[NT][4];
       zero(ds);
-      mma_abt<D, BM>(ds, Vs, warp * 16, dO, lane);
+      mma_abt<D, BM, T>(ds, l_a, Vs, l_b, dOs + so);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const float2 dl = *reinterpret_cast<const float2*>(delta + nt * 8 + c2);
+        const float2 dl = lds_f32x2(delta + nt * 32);
         ds[nt][0] = p[nt][0] * (ds[nt][0] - dl.x);
         ds[nt][1] = p[nt][1] * (ds[nt][1] - dl.y);
         ds[nt][2] = p[nt][2] * (ds[nt][2] - dl.x);
@@ -360,17 +466,16 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
       }
 
       // dK += dS^T Q (scaled in the epilogue).
-      mma_xb<BM, D>(dk, ds, Q, lane);
+      mma_xb<BM, D, T>(dk, ds, l_bt, Qs + so);
 
       if constexpr (DQ) {
         // dS^T rounded to T into a [BN keys][BM queries] tile: pairs of
         // adjacent queries as one 32-bit word, chunk nt of rows g / g + 8.
-        constexpr int SCH = BM / 8;
+        const uint32_t ds_st = base + dSs + swz_bytes<SCH>(warp * 16 + g, 0) + c2 * 2;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const int r = warp * 16 + g;
-          *reinterpret_cast<uint32_t*>(dSs + swz<SCH>(r, nt) + c2) = pack2<T>(ds[nt][0], ds[nt][1]);
-          *reinterpret_cast<uint32_t*>(dSs + swz<SCH>(r + 8, nt) + c2) = pack2<T>(ds[nt][2], ds[nt][3]);
+          sts_u32(at<SCH>(ds_st, 0, nt), pack2<T>(ds[nt][0], ds[nt][1]));
+          sts_u32(at<SCH>(ds_st, 8, nt), pack2<T>(ds[nt][2], ds[nt][3]));
         }
         __syncthreads();
 
@@ -383,31 +488,35 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
         // 24-31 keys 8-15 / queries 8-15 (a3). B = K, a (K, N) = [key][d]
         // tile: ldmatrix.trans as in mma_xb.
         constexpr int MW = BM / 16, DW = kWarps / MW, CW = D / DW;
-        constexpr int QC = CW < 64 ? CW : 64;
+        constexpr int QC = CW < 32 ? CW : 32;
         const int wm = warp % MW, wd = warp / MW;
+        // The dS^T tile is read as A with the lane_b pattern (rows are keys =
+        // k, chunks are queries = m), K as B^T.
+        // at() composes only for whole 8-chunk steps: wd's first chunk.
+        static_assert(DW == 1 || CW % 64 == 0, "per-warp dQ columns must start on an 8-chunk boundary");
+        const uint32_t ds_a = lane_b<SCH>(base + dSs, lane), k_bt = at<CH>(l_bt, 0, wd * CW / 8) + Ks;
         const int64_t row = m0 + wm * 16 + g;  // and row + 8
         float* acc_base = a.dq_accum + ((acc_row0 + row) * f.heads + h) * D;
         const int64_t acc_row8 = int64_t(8) * f.heads * D;
 #pragma unroll
-        for (int d0 = wd * CW; d0 < wd * CW + CW; d0 += QC) {
+        for (int cc = 0; cc < CW / 8; cc += QC / 8) {
           float dq[QC / 8][4];
           zero(dq);
 #pragma unroll
           for (int kk = 0; kk < BN / 16; ++kk) {
             uint32_t af[4];
-            ldmatrix_x4_trans(af, dSs + swz<SCH>(kk * 16 + (lane & 7) + ((lane >> 4) << 3), wm * 2 + ((lane >> 3) & 1)));
+            ldsm_x4_trans(af, at<SCH>(ds_a, kk * 16, wm * 2));
 #pragma unroll
             for (int pp = 0; pp < QC / 16; ++pp) {
               uint32_t r4[4];
-              ldmatrix_x4_trans(r4, Ks + swz<D / 8>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                     d0 / 8 + pp * 2 + (lane >> 4)));
+              ldsm_x4_trans(r4, at<CH>(k_bt, kk * 16, cc + pp * 2));
               Mma<T>::run(dq[2 * pp], af, r4[0], r4[1]);
               Mma<T>::run(dq[2 * pp + 1], af, r4[2], r4[3]);
             }
           }
 #pragma unroll
           for (int nt = 0; nt < QC / 8; ++nt) {
-            float* p0 = acc_base + d0 + nt * 8 + c2;
+            float* p0 = acc_base + wd * CW + cc * 8 + nt * 8 + c2;
             if (row < sq) {
               atomicAdd(p0, f.scale * dq[nt][0]);
               atomicAdd(p0 + 1, f.scale * dq[nt][1]);
@@ -420,17 +529,19 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
         }
       }
 
-      if (t + 1 < steps) store_stat(s ^ 1, next_stat);
+      if (has_next) store_stat(s ^ 1, next_stat);
+      hh = next_hh;
+      mb = next_mb;
     }
 
     // Epilogue: rows are keys g and g + 8 of this warp; keys past sk (the
     // zero-filled tail) are not written. Keys no query sees get zeros.
-    T* dkbase = static_cast<T*>(a.dk) + b * a.dk_stride[0] + kspan.start * a.dk_stride[1] + hk * a.dk_stride[2];
-    T* dvbase = static_cast<T*>(a.dv) + b * a.dv_stride[0] + kspan.start * a.dv_stride[1] + hk * a.dv_stride[2];
+    T* dkbase = static_cast<T*>(a.dk) + b * a.dk_stride[0] + krow0 * a.dk_stride[1] + hk * a.dk_stride[2];
+    T* dvbase = static_cast<T*>(a.dv) + b * a.dv_stride[0] + krow0 * a.dv_stride[1] + hk * a.dv_stride[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t j = n0 + warp * 16 + g + r * 8;
-      if (j >= sk) continue;
+      const int j = warp * 16 + g + r * 8;  // from n0
+      if (n0 + j >= sk) continue;
       T* dkrow = dkbase + j * a.dk_stride[1];
       T* dvrow = dvbase + j * a.dv_stride[1];
 #pragma unroll
@@ -451,11 +562,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
   constexpr int NT = BN / 8, DT = D / 8;
+  constexpr int CH = D / 8;
+  constexpr uint32_t kQBytes = BQ * D * 2, kKVBytes = BN * D * 2;
+  // Byte offsets from the (128-byte aligned) shared-memory base.
+  constexpr uint32_t Qs = 0, dOs = Qs + kQBytes;
+  constexpr uint32_t Ks = dOs + kQBytes;       // [2][BN][D]
+  constexpr uint32_t Vs = Ks + 2 * kKVBytes;  // [2][BN][D]
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* dOs = Qs + BQ * D;
-  T* Ks = dOs + BQ * D;     // [2][BN * D]
-  T* Vs = Ks + 2 * BN * D;  // [2][BN * D]
+  const uint32_t base = smem_addr(aligned_smem(smem_raw));
 
   const FlashFwdArgs& f = a.f;
   const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (f.heads / f.kv_heads);
@@ -475,6 +589,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
   const int g = lane >> 2, c2 = (lane & 3) * 2;
   const float scale_log2 = f.scale * kLog2e;
   const int64_t nblocks_q = (sq + BQ - 1) / BQ;
+  // Per-lane ldmatrix addresses, one per pattern, shared by all [*][D] tiles.
+  const uint32_t l_a = lane_a<CH>(base, warp * 16, lane), l_b = lane_b<CH>(base, lane),
+                 l_bt = lane_bt<CH>(base, lane);
 
   // Latest query blocks first: under a causal mask they see the most keys.
   for (int64_t mb = int64_t(gridDim.x) - 1 - blockIdx.x; mb < nblocks_q; mb += gridDim.x) {
@@ -482,7 +599,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
     // Keys some row of [m0, imax] sees: j <= i + hi and j > i + lo.
     const int64_t imax = min(m0 + BQ, sq) - 1;
     const int64_t lo = max(int64_t(0), m0 + mask.lo + 1);
-    const int64_t hi = min(sk, imax + mask.hi + 1);
+    const int64_t hi = min(sk, imax + int64_t(mask.hi) + 1);
     const int64_t n_first = lo / BN * BN;
     const int64_t steps = hi > lo ? (hi - n_first + BN - 1) / BN : 0;
 
@@ -498,10 +615,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
     float dq[DT][4];
     zero(dq);
     if (steps > 0) {
-      load_tile<D, BQ>(Qs, qbase, f.q_stride[1], m0, sq);
-      load_tile<D, BQ>(dOs, dobase, a.do_stride[1], m0, sq);
-      load_tile<D, BN>(Ks, kbase, f.k_stride[1], n_first, sk);
-      load_tile<D, BN>(Vs, vbase, f.v_stride[1], n_first, sk);
+      load_tile<D, BQ>(base + Qs, qbase, f.q_stride[1], m0, sq);
+      load_tile<D, BQ>(base + dOs, dobase, a.do_stride[1], m0, sq);
+      load_tile<D, BN>(base + Ks, kbase, f.k_stride[1], n_first, sk);
+      load_tile<D, BN>(base + Vs, vbase, f.v_stride[1], n_first, sk);
       cp_async_commit();
     }
     for (int64_t t = 0; t < steps; ++t) {
@@ -510,37 +627,38 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
       cp_async_wait<0>();
       __syncthreads();  // stage s landed; every warp is done with stage s ^ 1
       if (t + 1 < steps) {
-        load_tile<D, BN>(Ks + (s ^ 1) * BN * D, kbase, f.k_stride[1], n0 + BN, sk);
-        load_tile<D, BN>(Vs + (s ^ 1) * BN * D, vbase, f.v_stride[1], n0 + BN, sk);
+        load_tile<D, BN>(base + Ks + (s ^ 1) * kKVBytes, kbase, f.k_stride[1], n0 + BN, sk);
+        load_tile<D, BN>(base + Vs + (s ^ 1) * kKVBytes, vbase, f.v_stride[1], n0 + BN, sk);
         cp_async_commit();
       }
-      const T* K = Ks + s * BN * D;
-      const T* V = Vs + s * BN * D;
+      const uint32_t so = s * kKVBytes;
 
       // S = Q K^T: rows queries (g, g + 8), columns keys (c2, c2 + 1).
       float p[NT][4];
       zero(p);
-      mma_abt<D, BN>(p, Qs, warp * 16, K, lane);
-      const bool full = mask.full(m0, BQ, n0, BN);
-      const BlockMask bm = block_mask<BQ, BN>(mask, m0, n0);
+      mma_abt<D, BN, T>(p, l_a, Qs, l_b, Ks + so);
+      if (!mask.full(m0, BQ, n0, BN)) {
+        const BlockMask bm = block_mask<BQ, BN>(mask, m0, n0);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!bm.visible(warp * 16 + g + (e >> 1) * 8, nt * 8 + c2 + (e & 1))) p[nt][e] = -INFINITY;
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = exp2f(fmaf(p[nt][e], scale_log2, -lse[e >> 1]));
-          if (!full && !bm.visible(warp * 16 + g + (e >> 1) * 8, nt * 8 + c2 + (e & 1))) v = 0.f;
-          p[nt][e] = v;
-        }
+        for (int e = 0; e < 4; ++e) p[nt][e] = exp2f(fmaf(p[nt][e], scale_log2, -lse[e >> 1]));
 
       float ds[NT][4];
       zero(ds);
-      mma_abt<D, BN>(ds, dOs, warp * 16, V, lane);
+      mma_abt<D, BN, T>(ds, l_a, dOs, l_b, Vs + so);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) ds[nt][e] = p[nt][e] * (ds[nt][e] - delta[e >> 1]);
 
-      mma_xb<BN, D>(dq, ds, K, lane);
+      mma_xb<BN, D, T>(dq, ds, l_bt, Ks + so);
     }
 
 #pragma unroll
@@ -612,7 +730,7 @@ void flash_bwd(const FlashBwdArgs& a, gpuStream_t stream) {
   // and writes them without touching q, dout, lse or delta.
   constexpr int BM = kBM<D>;
   const dim3 kv_grid(grid_blocks(f.seqlen_k, BN), kv_heads, batch);
-  const int kv_smem_base = (2 * BN * D + 4 * BM * D) * int(sizeof(T)) + 4 * BM * int(sizeof(float));
+  const int kv_smem_base = (2 * BN * D + 4 * BM * D) * int(sizeof(T)) + 4 * BM * int(sizeof(float)) + kAlignPad;
   if (a.deterministic || !has_q) {
     launch(dkdv_kernel<D, T, false>, kv_grid, kv_smem_base, stream, a, "launching flash_bwd dkdv_kernel");
   } else {
@@ -623,7 +741,7 @@ void flash_bwd(const FlashBwdArgs& a, gpuStream_t stream) {
   if (!has_q) return;
   const dim3 q_grid(qblocks, heads, batch);
   if (a.deterministic) {
-    launch(dq_kernel<D, T>, q_grid, (2 * BQ * D + 4 * BN * D) * int(sizeof(T)), stream, a,
+    launch(dq_kernel<D, T>, q_grid, (2 * BQ * D + 4 * BN * D) * int(sizeof(T)) + kAlignPad, stream, a,
            "launching flash_bwd dq_kernel");
   } else {
     launch(dq_convert_kernel<D, T>, q_grid, 0, stream, a, "launching flash_bwd dq_convert_kernel");

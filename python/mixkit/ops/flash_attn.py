@@ -212,7 +212,8 @@ def _flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, w
     if dout.stride(-1) != 1 or (dout.device.type == "cuda" and (dout.data_ptr() % 16 or
                                                                  any(s % 8 for s in dout.stride()[:-1]))):
         dout = dout.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # With no keys at all the GPU launches nothing: dq must already be zeros.
+    dq = (torch.zeros if k.numel() == 0 else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
