@@ -79,11 +79,24 @@ DTYPES = {"cpu": [torch.float32, torch.float16, torch.bfloat16], "cuda": [torch.
 
 
 def _dev_dtypes():
+    """(device, dtype, kernel): on the GPU each case runs with the default
+    forward kernel (wgmma on H100 when built) and with the sm_80 one forced."""
     for device in DEVICES:
         dev = device if isinstance(device, str) else device.values[0]
         marks = () if isinstance(device, str) else device.marks
         for dtype in DTYPES[dev]:
-            yield pytest.param(dev, dtype, marks=marks, id=f"{dev}-{str(dtype).replace('torch.', '')}")
+            for kernel in ("default", "sm80") if dev == "cuda" else ("default",):
+                yield pytest.param(dev, dtype, kernel, marks=marks,
+                                   id=f"{dev}-{str(dtype).replace('torch.', '')}-{kernel}")
+
+
+@pytest.fixture
+def select_kernel(monkeypatch):
+    def select(device, kernel):
+        if kernel == "sm80":
+            monkeypatch.setenv("MIXKIT_FORCE_SM80", "1")
+            assert ops.flash_attn_fwd_arch(torch.device(device)) == 80
+    return select
 
 
 # (B, Sq, Sk, H, Hkv, D, causal, window). GQA groups 1-8 (3, 5, 6 included) and
@@ -127,10 +140,11 @@ def _skip_gpu_head_dim(device, d):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("device,dtype", list(_dev_dtypes()))
-def test_forward_and_backward_match_reference(case, device, dtype):
+@pytest.mark.parametrize("device,dtype,kernel", list(_dev_dtypes()))
+def test_forward_and_backward_match_reference(case, device, dtype, kernel, select_kernel):
     b, sq, sk, h, hkv, d, causal, w = case
     _skip_gpu_head_dim(device, d)
+    select_kernel(device, kernel)
     q, k, v = _inputs(case, dtype, device)
     g = torch.Generator().manual_seed(1)
     dout = _randn((b, sq, h, d), dtype, device, g)
@@ -195,8 +209,9 @@ VARLEN = [
 
 
 @pytest.mark.parametrize("lens_q,lens_k,causal,w", VARLEN)
-@pytest.mark.parametrize("device,dtype", list(_dev_dtypes()))
-def test_varlen_matches_per_sequence_reference(lens_q, lens_k, causal, w, device, dtype):
+@pytest.mark.parametrize("device,dtype,kernel", list(_dev_dtypes()))
+def test_varlen_matches_per_sequence_reference(lens_q, lens_k, causal, w, device, dtype, kernel, select_kernel):
+    select_kernel(device, kernel)
     lens_k = lens_k or lens_q
     h, hkv, d = 6, 2, 64
     g = torch.Generator().manual_seed(0)
@@ -272,10 +287,12 @@ def test_deterministic_backward(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["default", "sm80"])
 @pytest.mark.parametrize("s,w", [(32768, 4096), (8192, None)])
-def test_long_sequences_on_gpu(s, w):
+def test_long_sequences_on_gpu(s, w, kernel, select_kernel):
     """32k tokens with Mistral's window, checked query chunk by query chunk
     against the reference over the keys each chunk can see."""
+    select_kernel("cuda", kernel)
     torch.manual_seed(0)
     q = torch.randn(1, s, 4, 128, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(1, s, 1, 128, dtype=torch.bfloat16, device="cuda")
@@ -423,3 +440,7 @@ def test_gpu_rejects_unsupported_head_dim_and_float32():
     q = torch.randn(1, 8, 2, 64, device="cuda")
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         ops.flash_attn(q, q, q)
+
+
+def test_kernel_choice_on_cpu_is_none():
+    assert ops.flash_attn_fwd_arch(torch.device("cpu")) == 0

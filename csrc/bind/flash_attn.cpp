@@ -69,6 +69,16 @@ MIXKIT_BIND(flash_attn) {
       nb::call_guard<nb::gil_scoped_release>());
 
   m.def(
+      "flash_attn_fwd_arch",
+      [](int backend, int device) {
+        int arch = 0;
+        on_backend(backend, [&] {}, [&] { arch = flash_attn_fwd_arch(device); });
+        return arch;
+      },
+      "The forward kernel a GPU call runs: 90 (wgmma), 80 (mma.sync), 0 (CPU or none); MIXKIT_FORCE_SM80=1 "
+      "forces 80.");
+
+  m.def(
       "flash_attn_bwd",
       [](int backend, int device, uintptr_t stream, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
          uintptr_t lse, uintptr_t cu_q, uintptr_t cu_k, int64_t batch, int64_t heads, int64_t kv_heads,

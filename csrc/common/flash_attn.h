@@ -123,6 +123,9 @@ void flash_attn_fwd_cpu(const FlashFwdArgs& a);
 void flash_attn_bwd_cpu(const FlashBwdArgs& a);
 
 void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream);
+// The forward kernel flash_attn_fwd_gpu runs on `device`: 90 (wgmma), 80
+// (mma.sync), 0 (none on this backend).
+int flash_attn_fwd_arch(int device);
 void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream);
 
 }  // namespace mixkit

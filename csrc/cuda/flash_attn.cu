@@ -1,10 +1,15 @@
 // flash_attn forward and backward on the GPU: the checks only the GPU path
-// needs, then dispatch on (head dim, dtype) to the sm_80 kernels in
-// flash_attn_{fwd,bwd}_sm80.cuh. sm_90a runs the same sm_80 kernels for now:
-// the wgmma/TMA kernel is not written yet (issue 3 notes).
+// needs, then dispatch on (head dim, dtype) to the kernels. The forward runs
+// the wgmma kernel (flash_attn_fwd_sm90.cuh) on compute capability 9.0 when
+// the build has sm_90a, else the sm_80 kernel (flash_attn_fwd_sm80.cuh);
+// MIXKIT_FORCE_SM80=1 in the environment forces the sm_80 kernel, which is
+// how an H100 validates the A100 path. The backward is sm_80 everywhere.
 //
 // HIP: the kernels are inline PTX (mma.sync, ldmatrix, cp.async), so the HIP
 // build raises until issue 8 adds the MFMA kernels.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "common/flash_attn.h"
@@ -44,13 +49,54 @@ void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
   else by_dim(f16{});
 }
 
+namespace {
+
+bool force_sm80() {
+  const char* v = std::getenv("MIXKIT_FORCE_SM80");
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
+// Compute capability as major * 10 + minor, cached per device (the query
+// costs a driver call; the answer never changes).
+int capability(int device) {
+  static std::atomic<int> cache[64];
+  if (device >= 0 && device < 64 && cache[device].load(std::memory_order_relaxed) > 0)
+    return cache[device].load(std::memory_order_relaxed);
+  int major = 0, minor = 0;
+  gpu_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "querying the capability");
+  gpu_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "querying the capability");
+  if (device >= 0 && device < 64) cache[device].store(major * 10 + minor, std::memory_order_relaxed);
+  return major * 10 + minor;
+}
+
+}  // namespace
+
+// Which forward kernel a call on `device` runs: 90 (wgmma) or 80 (mma.sync).
+int flash_attn_fwd_arch(int device) {
+  if (force_sm80()) return 80;
+#ifdef MIXKIT_WITH_SM90
+  if (capability(device) == 90) return 90;
+#else
+  (void)capability;
+  (void)device;
+#endif
+  return 80;
+}
+
 void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
   check(a);
   check_gpu(a, {a.q, a.k, a.v, a.out}, {a.q_stride, a.k_stride, a.v_stride, a.o_stride});
   if (a.total_q == 0 || a.batch == 0) return;
   DeviceGuard guard(device);
+  const bool hopper = flash_attn_fwd_arch(device) == 90;
   dispatch_head_dim_dtype(a, [&](auto d, auto t) {
-    sm80::flash_fwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
+    constexpr int D = decltype(d)::value;
+    using T = decltype(t);
+#ifdef MIXKIT_WITH_SM90
+    if (hopper) return sm90::flash_fwd<D, T>(a, static_cast<gpuStream_t>(stream));
+#endif
+    (void)hopper;
+    sm80::flash_fwd<D, T>(a, static_cast<gpuStream_t>(stream));
   });
 }
 
@@ -79,6 +125,8 @@ void flash_attn_bwd_gpu(const FlashBwdArgs& a, int, void*) {
   check(a);
   throw std::runtime_error("mixkit: flash_attn's backward is not implemented on HIP yet (issue 8)");
 }
+
+int flash_attn_fwd_arch(int) { return 0; }
 
 #endif  // __HIPCC__
 

@@ -267,6 +267,13 @@ torch.library.register_autograd("mixkit::flash_attn", _backward, setup_context=_
 
 # ---- public API ------------------------------------------------------------------
 
+def flash_attn_fwd_arch(device: torch.device | str) -> int:
+    """The forward kernel flash_attn runs on `device`: 90 (Hopper wgmma), 80
+    (mma.sync; also what MIXKIT_FORCE_SM80=1 selects on an H100) or 0 (CPU)."""
+    backend, index, _ = launch_args(torch.device(device))
+    return _core.flash_attn_fwd_arch(backend, index)
+
+
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int | None = None,
                softmax_scale: float | None = None, return_lse: bool = False, deterministic: bool = False):
     """Exact (sliding-window) attention, differentiable, never forming S x S.
