@@ -42,11 +42,13 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+import mixkit.ops
 from mixkit.bench.harness import Case, compiled, mixkit_op
 
 BATCH, N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 1, 32, 8, 128  # Mistral 7B
@@ -152,6 +154,27 @@ def _fa_peer(fn: Callable, window: int | None) -> Callable:
     return run
 
 
+def _fwd_arch(device) -> int:
+    fn = getattr(mixkit.ops, "flash_attn_fwd_arch", None)
+    return fn(device) if fn else 0
+
+
+def _forced_sm80(fn: Callable) -> Callable:
+    """fn with MIXKIT_FORCE_SM80=1 set around each call (a dict write, far
+    below the kernels' milliseconds)."""
+    def run(*args):
+        old = os.environ.get("MIXKIT_FORCE_SM80")
+        os.environ["MIXKIT_FORCE_SM80"] = "1"
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["MIXKIT_FORCE_SM80"]
+            else:
+                os.environ["MIXKIT_FORCE_SM80"] = old
+    return run
+
+
 def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, backward: bool) -> Case:
     cuda = torch.device(device).type == "cuda"
     if window is not None and not cuda:
@@ -162,6 +185,9 @@ def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, b
     op = mixkit_op("flash_attn")
 
     peers: dict[str, Callable] = {"mixkit": lambda q, k, v: op(q, k, v, causal=True, window=window)}
+    if cuda and _fwd_arch(device) == 90:
+        # The A100 kernel on the same H100, for the sm_80 goal (>= SDPA flash).
+        peers["mixkit_sm80"] = _forced_sm80(lambda q, k, v: op(q, k, v, causal=True, window=window))
     if not cuda or s <= EAGER_MAX_S:
         peers["eager"] = lambda q, k, v: attention_ref(q, k, v, window)
     if window is None and not cuda:
