@@ -306,6 +306,22 @@ def test_long_sequences_on_gpu(s, w, kernel, select_kernel):
         assert_fa_rule(f"rows {start}..{end}", out[:, start:end], want, lowp, 2)
 
 
+def test_32k_tokens_with_a_window_on_cpu():
+    """Long sequences on the CPU backend: 32k tokens, W = 64 (so that the
+    O(S * W) cost stays small), rows checked chunk by chunk as on the GPU."""
+    s, w = 32768 + 77, 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, s, 2, 16, generator=g)
+    k = torch.randn(1, s, 1, 16, generator=g)
+    v = torch.randn(1, s, 1, 16, generator=g)
+    out = ops.flash_attn(q, k, v, window=w)
+    for start in (0, 20000, s - 300):
+        end = min(start + 300, s)
+        k0 = max(0, start - w + 1)
+        want, _ = attention_ref(q[:, start:end], k[:, k0:end], v[:, k0:end], window=w)
+        torch.testing.assert_close(out[:, start:end].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_speed_is_fit_for_ci():
     """Not a benchmark: a guard that the CPU path stays blocked and parallel
     (2k tokens must take well under a second), asserted with a 10x margin."""
