@@ -6,8 +6,9 @@ from .flash_attn import flash_attn, flash_attn_fwd_arch, flash_attn_varlen
 from .moe import moe_permute, moe_route, moe_unpermute
 from .moe_mlp import grouped_gemm, grouped_gemm_wgrad, moe_aux_loss, moe_mlp
 from .norm import layer_norm, rms_norm, rms_norm_residual
+from .prefill import prefill_attn
 from .rope import rope
 
 __all__ = ["rms_norm", "rms_norm_residual", "layer_norm", "rope", "moe_route", "moe_permute", "moe_unpermute",
            "grouped_gemm", "grouped_gemm_wgrad", "moe_mlp", "moe_aux_loss", "kv_cache_append", "decode_attn",
-           "flash_attn", "flash_attn_varlen", "flash_attn_fwd_arch"]
+           "flash_attn", "flash_attn_varlen", "flash_attn_fwd_arch", "prefill_attn"]
