@@ -27,6 +27,10 @@ CASES = {
     "decode_attn_b1": decode.decode_attn_b1_case,
     "decode_attn_b8": decode.decode_attn_b8_case,
     "decode_attn_b32": decode.decode_attn_b32_case,
+    "decode_attn_b128": decode.decode_attn_b128_case,
+    "decode_attn_nowin_b1": decode.decode_attn_nowin_b1_case,
+    "decode_attn_nowin_b8": decode.decode_attn_nowin_b8_case,
+    "decode_attn_nowin_b32": decode.decode_attn_nowin_b32_case,
     "flash_attn_fwd_w4096": flash_attn.flash_attn_fwd_w4096_case,
     "flash_attn_fwd_causal": flash_attn.flash_attn_fwd_causal_case,
     "flash_attn_fwd_bwd_w4096": flash_attn.flash_attn_fwd_bwd_w4096_case,
@@ -43,8 +47,10 @@ TOKENS = {
     ("cpu", True): (1, 64),
 }
 # Per-op replacements for TOKENS: flash attention sweeps sequence lengths
-# 1k..32k on the GPU (flash_attn.SEQLENS).
+# 1k..32k on the GPU (flash_attn.SEQLENS); decode sweeps seen lengths
+# 1k, 4k and 32k (decode.SEEN).
 OP_TOKENS = {op: flash_attn.SEQLENS for op in CASES if op.startswith("flash_attn")}
+OP_TOKENS.update({op: decode.SEEN for op in CASES if op.startswith("decode_attn")})
 DTYPES = {
     ("cuda", False): (torch.bfloat16,),
     ("cuda", True): (torch.bfloat16,),

@@ -44,32 +44,91 @@ def decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n
     return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
 
 
-def decode_attn_case(device, tokens: int, dtype, compile_mode: str | None, batch: int = 8) -> Case:
-    capacity = min(tokens, WINDOW)
+def _flex_decode(compile_mode: str):
+    """FlexAttention over the visible slots, compiled: one query per
+    sequence sees every slot, so no block mask is needed."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = compiled(flex_attention, compile_mode)
+
+    def run(q, k_cache, v_cache, n):
+        k = k_cache[:, :n].transpose(1, 2)
+        v = v_cache[:, :n].transpose(1, 2)
+        return flex(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+    return run
+
+
+def _fa_kvcache():
+    """FlashAttention's decode op, when the package is importable."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+
+    def run(q, k_cache, v_cache, n, seqlens):
+        # Every visible slot holds a token and order does not matter for one
+        # query, so the ring needs no unrolling: cache_seqlens = n.
+        return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seqlens.clamp(max=n))[:, 0]
+
+    return run
+
+
+# Caches above this many bytes are skipped (batch 128 at 32k tokens without a
+# window would need 17 GB per tensor).
+MAX_CACHE_BYTES = 4 << 30
+
+
+def decode_attn_case(device, tokens: int, dtype, compile_mode: str | None, batch: int = 8,
+                     window: int | None = WINDOW) -> Case | None:
+    """One decode step after `tokens` seen. With Mistral's window the cache
+    holds C = W = 4096 slots (a full ring past 4096 tokens); without one it
+    holds every token."""
+    capacity = min(tokens, window) if window else tokens
     n = capacity  # seen >= C or seen == C: every slot is visible
+    if 2 * batch * capacity * N_KV_HEADS * HEAD_DIM * torch.finfo(dtype).bits // 8 > MAX_CACHE_BYTES:
+        return None
     q = torch.randn(batch, N_Q_HEADS, HEAD_DIM, device=device, dtype=dtype)
     k_cache = torch.randn(batch, capacity, N_KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     seqlens = torch.full((batch,), tokens, dtype=torch.int32, device=device)
     op = mixkit_op("decode_attn")
     impls = {
-        "mixkit": lambda: op(q, k_cache, v_cache, seqlens, window=WINDOW),
+        "mixkit": lambda: op(q, k_cache, v_cache, seqlens, window=window),
         "eager": lambda: decode_ref(q, k_cache, v_cache, n),
         "sdpa": lambda: decode_sdpa(q, k_cache, v_cache, n),
     }
     if compile_mode:
         ref = compiled(decode_ref, compile_mode)
         impls["compile"] = lambda: ref(q, k_cache, v_cache, n)
+        if torch.device(device).type == "cuda":
+            flex = _flex_decode(compile_mode)
+            impls["flex"] = lambda: flex(q, k_cache, v_cache, n)
+    fa = _fa_kvcache() if torch.device(device).type == "cuda" else None
+    if fa:
+        impls["fa2_kvcache"] = lambda: fa(q, k_cache, v_cache, n, seqlens)
     kv_bytes = 2 * batch * n * N_KV_HEADS * HEAD_DIM * k_cache.element_size()
     nbytes = kv_bytes + 2 * q.numel() * q.element_size() + seqlens.numel() * 4
-    shape = f"B={batch} seen={tokens} C={capacity} W={WINDOW} H={N_Q_HEADS} Hkv={N_KV_HEADS} D={HEAD_DIM}"
-    return Case("decode_attn", shape, dtype, nbytes, impls, tokens=tokens)
+    shape = f"B={batch} seen={tokens} C={capacity} W={window or 'none'} H={N_Q_HEADS} Hkv={N_KV_HEADS} D={HEAD_DIM}"
+    return Case("decode_attn" if window else "decode_attn_nowin", shape, dtype, nbytes, impls, tokens=tokens)
 
 
 # The issue's batch sizes, as separate ops so that each is one line of a plot.
 decode_attn_b1_case = functools.partial(decode_attn_case, batch=1)
 decode_attn_b8_case = functools.partial(decode_attn_case, batch=8)
 decode_attn_b32_case = functools.partial(decode_attn_case, batch=32)
+decode_attn_b128_case = functools.partial(decode_attn_case, batch=128)
+decode_attn_nowin_b1_case = functools.partial(decode_attn_case, batch=1, window=None)
+decode_attn_nowin_b8_case = functools.partial(decode_attn_case, batch=8, window=None)
+decode_attn_nowin_b32_case = functools.partial(decode_attn_case, batch=32, window=None)
+
+# Seen lengths (issue 4): 1k, 4k and 32k on the GPU.
+SEEN = {
+    ("cuda", False): (1024, 4096, 32768),
+    ("cuda", True): (4096, 32768),
+    ("cpu", False): (16, 256, 1024),
+    ("cpu", True): (64,),
+}
 
 
 def append_ref(k, v, k_cache, v_cache, positions):
