@@ -58,29 +58,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 // twice the steps (barriers, K/V fragment reloads). D = 64 keeps BM = 64.
 template <int D> constexpr int kBM = D <= 64 ? 64 : 32;
 
-// Element offset of 16-byte chunk c of row r in a tile of CH chunks a row.
-// CH >= 8: the low three chunk bits are XORed with the row, so the 8
-// consecutive rows one ldmatrix phase reads hit 8 distinct bank groups (row
-// pitch is a multiple of 128 bytes). CH = 4 (64-byte rows, two rows per 128
-// bytes): XOR with (r >> 1) & 3 does the same for row pairs.
-template <int CH>
-__device__ __forceinline__ int swz(int r, int c) {
-  static_assert(CH == 4 || CH % 8 == 0, "tile rows must be 4 or a multiple of 8 chunks");
-  if constexpr (CH == 4) return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
-  else return r * (CH * 8) + (((c & ~7) | ((c ^ r) & 7)) << 3);
-}
-
-// Where sequence b lives: first row and length, clamped into [0, total).
-struct Span {
-  int64_t start;
-  int64_t len;
-};
-__device__ __forceinline__ Span span(const int32_t* cu, int64_t b, int64_t fixed_len, int64_t total) {
-  if (!cu) return {0, fixed_len};
-  const int64_t s = min(max(int64_t(cu[b]), int64_t(0)), total);
-  const int64_t e = min(max(int64_t(cu[b + 1]), s), total);
-  return {s, e - s};
-}
+using flash::Span;
+using flash::span;
+using flash::swz;
 
 // The mask of one sequence: key j is visible to query i when j < sk,
 // j - i <= hi (causal) and j - i > lo (window). Lengths are below 2^31, so

@@ -36,26 +36,9 @@ constexpr int BM = 16 * kWarps;  // query rows per CTA
 constexpr int BN = 64;           // keys per iteration
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Element offset of 16-byte chunk c of row r in a [rows][D] tile: the low
-// three chunk bits are XORed with the row, so the 8 rows one ldmatrix phase
-// reads (and the 8 chunks consecutive threads write) hit 8 distinct bank
-// groups.
-template <int D>
-__device__ __forceinline__ int swz(int r, int c) {
-  return r * D + (((c & ~7) | ((c ^ r) & 7)) << 3);
-}
-
-// Where sequence b lives: first row and length, clamped into [0, total).
-struct Span {
-  int64_t start;
-  int64_t len;
-};
-__device__ __forceinline__ Span span(const int32_t* cu, int64_t b, int64_t fixed_len, int64_t total) {
-  if (!cu) return {0, fixed_len};
-  const int64_t s = min(max(int64_t(cu[b]), int64_t(0)), total);
-  const int64_t e = min(max(int64_t(cu[b + 1]), s), total);
-  return {s, e - s};
-}
+using flash::Span;
+using flash::span;
+using flash::swz;
 
 // Copies rows [row0, row0 + ROWS) of a (len)-row sequence into a swizzled
 // tile; rows past the end are zero-filled, so V's padding contributes 0 * 0.
@@ -67,7 +50,7 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t row_st
     const int idx = threadIdx.x + i * kThreads;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool ok = row0 + r < len;
-    cp_async16(tile + swz<D>(r, c), ok ? base + (row0 + r) * row_stride + c * 8 : base, ok);
+    cp_async16(tile + swz<D / 8>(r, c), ok ? base + (row0 + r) * row_stride + c * 8 : base, ok);
   }
 }
 
@@ -123,14 +106,14 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
       if constexpr (kQInRegs) {
         return qf[ks];
       } else {
-        ldmatrix_x4(qf[0], Qs + swz<D>(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+        ldmatrix_x4(qf[0], Qs + swz<D / 8>(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
         return qf[0];
       }
     };
     if constexpr (kQInRegs) {
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks)
-        ldmatrix_x4(qf[ks], Qs + swz<D>(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+        ldmatrix_x4(qf[ks], Qs + swz<D / 8>(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
     }
 
     float o[D / 8][4];
@@ -164,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
 #pragma unroll
         for (int p = 0; p < BN / 16; ++p) {
           uint32_t r4[4];
-          ldmatrix_x4(r4, K + swz<D>(p * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+          ldmatrix_x4(r4, K + swz<D / 8>(p * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
           Mma<T>::run(sc[2 * p], qa, r4[0], r4[1]);
           Mma<T>::run(sc[2 * p + 1], qa, r4[2], r4[3]);
         }
@@ -228,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
 #pragma unroll
         for (int p = 0; p < D / 16; ++p) {
           uint32_t r4[4];
-          ldmatrix_x4_trans(r4, V + swz<D>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), p * 2 + (lane >> 4)));
+          ldmatrix_x4_trans(r4, V + swz<D / 8>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), p * 2 + (lane >> 4)));
           Mma<T>::run(o[2 * p], pa, r4[0], r4[1]);
           Mma<T>::run(o[2 * p + 1], pa, r4[2], r4[3]);
         }

@@ -1,0 +1,403 @@
+// Flash-attention forward for Hopper (sm_90a only): wgmma.mma_async with
+// float32 accumulators, cp.async double buffering of K and V into 128-byte
+// swizzled shared memory, online softmax in float32 with exp2. Same
+// semantics as flash_attn_fwd_sm80.cuh (spans, clamping, masks, -inf
+// handling, epilogue); only the tensor-core path differs.
+// Included only by the generated per-(head dim, dtype) files (CMakeLists.txt).
+//
+// A CTA owns BM = 128 query rows of one (sequence, query head): two
+// warpgroups of 64 rows, each issuing its own wgmma. Per key block of BN = 128:
+//   S = Q K^T   m64n128k16, A = Q and B = K from shared memory (both K-major);
+//   O += P V    m64nDk16,   A = P from registers, B = V (keys x d, d
+//               contiguous: MN-major, transpose bit set).
+// The S accumulators, packed to 16 bits, are the register A fragments of P
+// (layouts below), so P never touches shared memory.
+//
+// Shared memory: Q plus two stages of K and V, each tile stored as D / 64
+// column blocks of [rows][64] with the 128-byte swizzle (16-byte chunk c of
+// row r at chunk c ^ (r % 8)); 81 KB at D = 64, 161 KB at D = 128 (plus 1 KB
+// to round the base up to the 1024-byte swizzle period).
+//
+// All 256 threads load with cp.async (zero-fill past the sequence end, so
+// V's padding contributes 0 * 0) while the tensor cores work on the other
+// stage. Warp specialisation with TMA producers and overlapping softmax with
+// the next block's wgmma (FlashAttention-3) are not done here: TMA cannot
+// express the clamped varlen spans with arbitrary strides without one tensor
+// map per sequence.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/flash_attn.cuh"
+#include "cuda/flash_attn_fwd_sm80.cuh"  // sm80::fwd::span: one copy of the varlen clamping
+#include "cuda/mma_sm80.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "flash_attn_fwd_sm90.cuh uses wgmma: compile it for sm_90a only"
+#endif
+
+namespace mixkit {
+namespace sm90 {
+namespace fwd {
+
+constexpr int kWarpgroups = 2;
+constexpr int kThreads = 128 * kWarpgroups;
+constexpr int BM = 64 * kWarpgroups;  // query rows per CTA
+constexpr int BN = 128;               // keys per iteration
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- wgmma ------------------------------------------------------------------
+// Fragment layouts (PTX ISA, "Register Fragments" for wgmma .m64nNk16), warp w
+// of the warpgroup owning rows 16w .. 16w + 15, g = lane / 4, c = 2 * (lane % 4):
+//   D (f32, N/2 regs):  d[4i + 0, 1] = (g,     8i + c + {0, 1})
+//                       d[4i + 2, 3] = (g + 8, 8i + c + {0, 1})
+//   A (16-bit, 4 regs): a0 = (g, c..c+1)  a1 = (g+8, c..c+1)  a2 = (g, c+8..)  a3 = (g+8, c+8..)
+// i.e. per warp the mma.m16n8k16 layouts of mma_sm80.cuh, so chunks 2k and
+// 2k + 1 of S, packed, are the A fragment of keys 16k .. 16k + 15.
+//
+// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"):
+// bits 0-13 start address >> 4, 16-29 leading-dimension byte offset >> 4,
+// 32-45 stride-dimension byte offset >> 4, 49-51 base offset (0: every
+// pattern starts on a 1024-byte boundary here), 62-63 swizzle (1 = 128 B).
+// Canonical 128B-swizzle layouts (same section), T = 8 16-bit elements:
+//   K-major  ((8, m), (T, 2k)) : ((8T, SBO), (1, T))    LBO unused ("assumed 1")
+//   MN-major ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO))
+// Our [rows][64] column blocks give SBO = 1024 (8 rows of 128 B) for both;
+// for MN-major V, LBO = the column-block stride BN * 128 B (d 64 .. 127).
+// A K step of 16 inside a 128-byte row advances the start address by 32 B:
+// the swizzle XORs address bits 4-6 with bits 7-9, so the hardware finds
+// chunk (2 ks + j) ^ (r % 8) exactly where the loads put it.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t(1) << 62) | (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+         uint64_t((addr & 0x3FFFF) >> 4);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy writes (cp.async, st.shared) become visible to the async
+// proxy that wgmma reads shared memory through only after this fence.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins accumulators in place: the compiler may not move their reads or
+// writes across it, so no ordinary instruction touches them while a wgmma
+// that owns them is in flight (ptxas would otherwise serialise the wgmmas).
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+#define MIXKIT_SM90_WGMMA_SS_N64(TY) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+      "%32, %33, p, 1, 1, 0, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+#define MIXKIT_SM90_WGMMA_RS_N64(TY) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d))
+
+#define MIXKIT_SM90_WGMMA_SS_N128(TY) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+      "%64, %65, p, 1, 1, 0, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+#define MIXKIT_SM90_WGMMA_RS_N128(TY) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d))
+
+
+// d (+)= A B over k16; scale_d = 0 overwrites d. SS: A and B from shared
+// memory, both K-major. RS: A from registers, B MN-major (transposed).
+template <class T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+  static_assert(N == 64 || N == 128, "wgmma_ss: N is 64 or 128");
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
+  if constexpr (N == 64) {
+    if constexpr (kBf16) MIXKIT_SM90_WGMMA_SS_N64("bf16");
+    else MIXKIT_SM90_WGMMA_SS_N64("f16");
+  } else {
+    if constexpr (kBf16) MIXKIT_SM90_WGMMA_SS_N128("bf16");
+    else MIXKIT_SM90_WGMMA_SS_N128("f16");
+  }
+}
+template <class T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  static_assert(N == 64 || N == 128, "wgmma_rs: N is 64 or 128");
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
+  if constexpr (N == 64) {
+    if constexpr (kBf16) MIXKIT_SM90_WGMMA_RS_N64("bf16");
+    else MIXKIT_SM90_WGMMA_RS_N64("f16");
+  } else {
+    if constexpr (kBf16) MIXKIT_SM90_WGMMA_RS_N128("bf16");
+    else MIXKIT_SM90_WGMMA_RS_N128("f16");
+  }
+}
+
+#undef MIXKIT_SM90_WGMMA_SS_N64
+#undef MIXKIT_SM90_WGMMA_RS_N64
+#undef MIXKIT_SM90_WGMMA_SS_N128
+#undef MIXKIT_SM90_WGMMA_RS_N128
+
+// ---- kernel -----------------------------------------------------------------
+
+// Byte offset of 16-byte chunk c (of D / 8) of row r in a 128B-swizzled tile
+// of ROWS rows: column block c / 8, then row r's 128 bytes, chunk c ^ (r % 8).
+// Eight consecutive threads write one row's eight chunks: no bank conflict.
+template <int ROWS>
+__device__ __forceinline__ uint32_t swz128(int r, int c) {
+  return uint32_t((c >> 3) * ROWS * 128 + r * 128 + (((c ^ r) & 7) << 4));
+}
+
+// Copies rows [row0, row0 + ROWS) of a (len)-row sequence into a swizzled
+// tile; rows past the end are zero-filled.
+template <int D, int ROWS, class T>
+__device__ __forceinline__ void load_tile(unsigned char* tile, const T* base, int64_t row_stride, int64_t row0,
+                                          int64_t len) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool ok = row0 + r < len;
+    sm80::cp_async16(tile + swz128<ROWS>(r, c), ok ? base + (row0 + r) * row_stride + c * 8 : base, ok);
+  }
+}
+
+template <int D, class T>
+__global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) {
+  constexpr int kQBytes = BM * D * 2, kKVBytes = BN * D * 2;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // The swizzle is a function of the address bits, so every tile must start
+  // on a 1024-byte boundary; the launch adds 1 KB for this round-up.
+  unsigned char* Qs = smem_raw + ((1024u - (sm80::smem_addr(smem_raw) & 1023u)) & 1023u);
+  unsigned char* Ks = Qs + kQBytes;       // [2][kKVBytes]
+  unsigned char* Vs = Ks + 2 * kKVBytes;  // [2][kKVBytes]
+
+  const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (a.heads / a.kv_heads);
+  const sm80::fwd::Span qspan = sm80::fwd::span(a.cu_seqlens_q, b, a.seqlen_q, a.total_q);
+  const sm80::fwd::Span kspan = sm80::fwd::span(a.cu_seqlens_k, b, a.seqlen_k, a.total_k);
+  const int64_t sq = qspan.len, sk = kspan.len, off = sk - sq;
+  const T* qbase = static_cast<const T*>(a.q) + b * a.q_stride[0] + qspan.start * a.q_stride[1] + h * a.q_stride[2];
+  const T* kbase = static_cast<const T*>(a.k) + b * a.k_stride[0] + kspan.start * a.k_stride[1] + kvh * a.k_stride[2];
+  const T* vbase = static_cast<const T*>(a.v) + b * a.v_stride[0] + kspan.start * a.v_stride[1] + kvh * a.v_stride[2];
+  T* obase = static_cast<T*>(a.out) + b * a.o_stride[0] + qspan.start * a.o_stride[1] + h * a.o_stride[2];
+  float* lbase = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1] + qspan.start;
+
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c2 = (lane & 3) * 2;
+  const float scale_log2 = a.scale * kLog2e;
+  const int64_t nblocks_q = (sq + BM - 1) / BM;
+
+  // Descriptor bases: this warpgroup's 64 Q rows, and stage 0 of K and V.
+  const uint32_t q_addr = sm80::smem_addr(Qs) + wg * 64 * 128;
+  const uint32_t k_addr = sm80::smem_addr(Ks), v_addr = sm80::smem_addr(Vs);
+
+  // Heaviest (latest) query blocks first: under a causal mask they see the
+  // most keys, and starting them first evens out the tail of the grid.
+  for (int64_t mb = int64_t(gridDim.x) - 1 - blockIdx.x; mb < nblocks_q; mb += gridDim.x) {
+    const int64_t m0 = mb * BM;
+    // Visible keys of this block: [lo, hi).
+    const int64_t hi = a.causal ? min(sk, m0 + BM + off) : sk;
+    const int64_t lo = a.window > 0 ? max(int64_t(0), m0 + off - a.window + 1) : 0;
+    const int64_t n_first = lo / BN, n_end = hi > lo ? (hi + BN - 1) / BN : n_first;
+
+    __syncthreads();  // the previous query block's wgmmas are done with Qs/Ks/Vs
+    load_tile<D, BM>(Qs, qbase, a.q_stride[1], m0, sq);
+    if (n_first < n_end) {
+      load_tile<D, BN>(Ks, kbase, a.k_stride[1], n_first * BN, sk);
+      load_tile<D, BN>(Vs, vbase, a.v_stride[1], n_first * BN, sk);
+    }
+    sm80::cp_async_commit();
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY};  // running max of the raw scores q.k, rows g and g + 8
+    float l[2] = {0.f, 0.f};              // this thread's share of the row sums
+    const int64_t row[2] = {m0 + wg * 64 + warp * 16 + g, m0 + wg * 64 + warp * 16 + g + 8};
+
+    for (int64_t nb = n_first; nb < n_end; ++nb) {
+      const int s = int((nb - n_first) & 1);
+      // One barrier per key block: after it, stage s has landed for every
+      // thread, and both warpgroups have waited out their wgmmas of the
+      // previous block, which read stage s ^ 1, so it can be refilled now
+      // and has this whole block's compute to land.
+      sm80::cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();
+      if (nb + 1 < n_end) {
+        load_tile<D, BN>(Ks + (s ^ 1) * kKVBytes, kbase, a.k_stride[1], (nb + 1) * BN, sk);
+        load_tile<D, BN>(Vs + (s ^ 1) * kKVBytes, vbase, a.v_stride[1], (nb + 1) * BN, sk);
+        sm80::cp_async_commit();
+      }
+      const uint32_t ks_addr = k_addr + s * kKVBytes, vs_addr = v_addr + s * kKVBytes;
+
+      // S = Q K^T: 64 rows x BN keys per warpgroup, D / 16 k-steps. K step ks
+      // is column block ks / 4, byte (ks % 4) * 32 of each 128-byte row.
+      float sc[BN / 2];
+      pin(sc);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        wgmma_ss<T, BN>(sc, smem_desc(q_addr + (ks >> 2) * BM * 128 + (ks & 3) * 32, 16, 1024),
+                        smem_desc(ks_addr + (ks >> 2) * BN * 128 + (ks & 3) * 32, 16, 1024), ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin(sc);
+
+      const int64_t n0 = nb * BN;
+      const bool full = n0 + BN <= sk && (!a.causal || n0 + BN - 1 <= m0 + off) &&
+                        (a.window == 0 || n0 > m0 + BM - 1 + off - a.window);
+      if (!full) {
+        // In 32-bit offsets from the block corner: key jj = j - n0 is visible
+        // to row ii = i - m0 when jj < kend, jj <= ii + cd (causal) and
+        // jj > ii + wd (window). Clamping cd and wd to [-BM, BN] keeps every
+        // comparison's outcome for ii in [0, BM) and jj in [0, BN).
+        const int kend = int(min(sk - n0, int64_t(BN)));
+        const int64_t diag = m0 + off - n0;
+        const int cd = int(min(max(diag, int64_t(-BM)), int64_t(BN)));
+        const int wd = int(min(max(diag - a.window, int64_t(-BM)), int64_t(BN)));
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int jj = t * 8 + c2 + (e & 1), ii = wg * 64 + warp * 16 + g + (e >> 1) * 8;
+            const bool vis = jj < kend && (!a.causal || jj <= ii + cd) && (a.window == 0 || jj > ii + wd);
+            if (!vis) sc[4 * t + e] = -INFINITY;
+          }
+      }
+
+      // Online softmax; the 4 lanes of a quad share a row.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m[r];
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(sc[4 * t + 2 * r], sc[4 * t + 2 * r + 1]));
+        mx = fmaxf(mx, shfl_xor(mx, 1));
+        mx = fmaxf(mx, shfl_xor(mx, 2));
+        // A row that has seen only masked keys keeps max -inf: subtract 0
+        // instead, so exp2(-inf) = 0 and no inf - inf NaN appears.
+        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+        const float corr = m[r] == -INFINITY ? 0.f : exp2f(m[r] * scale_log2 - base);
+        m[r] = mx;
+        l[r] *= corr;
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) {
+          o[4 * t + 2 * r] *= corr;
+          o[4 * t + 2 * r + 1] *= corr;
+        }
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t) {
+          sc[4 * t + 2 * r] = exp2f(fmaf(sc[4 * t + 2 * r], scale_log2, -base));
+          sc[4 * t + 2 * r + 1] = exp2f(fmaf(sc[4 * t + 2 * r + 1], scale_log2, -base));
+          l[r] += sc[4 * t + 2 * r] + sc[4 * t + 2 * r + 1];
+        }
+      }
+
+      // O += P V: keys 16kk .. 16kk + 15 are rows 16kk.. of V's column
+      // blocks, two 1024-byte atoms of 8 keys (SBO); d 64 .. 127 is the next
+      // column block (LBO).
+      uint32_t pa[BN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[kk][0] = sm80::pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+        pa[kk][1] = sm80::pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+        pa[kk][2] = sm80::pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+        pa[kk][3] = sm80::pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+      }
+      pin(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        wgmma_rs<T, D>(o, pa[kk], smem_desc(vs_addr + kk * 16 * 128, BN * 128, 1024), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin(o);
+    }
+    sm80::cp_async_wait<0>();  // an empty block range leaves the Q group pending
+
+    // Epilogue: O / l and lse = m * scale + ln(l); rows that saw nothing get
+    // zeros and -inf.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[r];
+      sum += shfl_xor(sum, 1);
+      sum += shfl_xor(sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int64_t i = row[r];
+      if (i >= sq) continue;
+      T* orow = obase + i * a.o_stride[1];
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t)
+        *reinterpret_cast<uint32_t*>(orow + t * 8 + c2) =
+            sm80::pack2<T>(o[4 * t + 2 * r] * inv, o[4 * t + 2 * r + 1] * inv);
+      if ((lane & 3) == 0) lbase[i] = sum > 0.f ? m[r] * a.scale + logf(sum) : -INFINITY;
+    }
+  }
+}
+
+}  // namespace fwd
+
+template <int D, class T>
+void flash_fwd(const FlashFwdArgs& a, gpuStream_t stream) {
+  static_assert(D == 64 || D == 128, "sm90::flash_fwd: head dim 64 or 128");
+  constexpr int kSmem = (fwd::BM + 4 * fwd::BN) * D * int(sizeof(T)) + 1024;
+  const int64_t qblocks = (a.seqlen_q + fwd::BM - 1) / fwd::BM;
+  // At least one block per (sequence, head): with a 0 max_seqlen hint the
+  // kernel still walks the real lengths.
+  const dim3 grid(unsigned(std::min<int64_t>(std::max<int64_t>(qblocks, 1), INT32_MAX)), unsigned(a.heads),
+                  unsigned(a.batch));
+  auto kernel = fwd::flash_fwd_kernel<D, T>;
+  gpu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+            "raising the sm90 flash_fwd_kernel's shared-memory limit");
+  kernel<<<grid, fwd::kThreads, kSmem, stream>>>(a);
+  gpu_check(gpuGetLastError(), "launching the sm90 flash_fwd_kernel");
+}
+
+}  // namespace sm90
+}  // namespace mixkit
