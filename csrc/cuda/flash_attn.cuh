@@ -40,6 +40,100 @@ __device__ __forceinline__ int swz(int r, int c) {
   else return r * (CH * 8) + (((c & ~7) | ((c ^ r) & 7)) << 3);
 }
 
+// The mask of one (query block, key block) pair of a sequence with sk keys,
+// queries offset by off = sk - sq (bottom-right alignment). `full`: every
+// pair is visible, no element mask needed. Otherwise visible(ii, jj), in
+// offsets from the block corner: key jj is visible to row ii when jj < kend,
+// jj <= ii + cd (causal) and jj > ii + wd (window). Clamping cd and wd to
+// [-bm, bn] keeps each comparison's outcome for ii in [0, bm), jj in [0, bn)
+// while the arithmetic stays 32-bit.
+struct BlockMask {
+  bool full, causal, windowed;
+  int kend, cd, wd;
+  __device__ __forceinline__ BlockMask(int64_t m0, int bm, int64_t n0, int bn, int64_t sk, int64_t off, bool causal_,
+                                       int64_t window)
+      : causal(causal_), windowed(window > 0) {
+    full = n0 + bn <= sk && (!causal || n0 + bn - 1 <= m0 + off) && (window == 0 || n0 > m0 + bm - 1 + off - window);
+    kend = int(min(sk - n0, int64_t(bn)));
+    const int64_t diag = m0 + off - n0;
+    cd = int(min(max(diag, int64_t(-bm)), int64_t(bn)));
+    wd = int(min(max(diag - window, int64_t(-bm)), int64_t(bn)));
+  }
+  __device__ __forceinline__ bool visible(int ii, int jj) const {
+    return jj < kend && (!causal || jj <= ii + cd) && (!windowed || jj > ii + wd);
+  }
+};
+
+// Accumulator layout shared by mma.m16n8 and wgmma: element 4t + e of a
+// thread's scores (or output) is row g + 8 * (e >> 1), column
+// 8t + 2 * (lane % 4) + (e & 1). Masks scores with -inf outside `mask`;
+// `row0` is this thread's first row within the block.
+template <int NS>
+__device__ __forceinline__ void apply_mask(float (&s)[NS], const BlockMask& mask, int row0, int c2) {
+#pragma unroll
+  for (int t = 0; t < NS / 4; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (!mask.visible(row0 + (e >> 1) * 8, t * 8 + c2 + (e & 1))) s[4 * t + e] = -INFINITY;
+}
+
+// One online-softmax step for a thread's two rows (the 4 lanes of a quad
+// share a row): raw scores s become P = exp2(s * scale_log2 - max), the
+// output o and the partial row sums l are rescaled to the new max m (kept
+// in raw-score units).
+template <int NS, int NO>
+__device__ __forceinline__ void online_softmax(float (&s)[NS], float (&o)[NO], float (&m)[2], float (&l)[2],
+                                               float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m[r];
+#pragma unroll
+    for (int t = 0; t < NS / 4; ++t) mx = fmaxf(mx, fmaxf(s[4 * t + 2 * r], s[4 * t + 2 * r + 1]));
+    mx = fmaxf(mx, shfl_xor(mx, 1));
+    mx = fmaxf(mx, shfl_xor(mx, 2));
+    // A row that has seen only masked keys keeps max -inf: subtract 0
+    // instead, so exp2(-inf) = 0 and no inf - inf NaN appears.
+    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+    const float corr = m[r] == -INFINITY ? 0.f : exp2f(m[r] * scale_log2 - base);
+    m[r] = mx;
+    l[r] *= corr;
+#pragma unroll
+    for (int t = 0; t < NO / 4; ++t) {
+      o[4 * t + 2 * r] *= corr;
+      o[4 * t + 2 * r + 1] *= corr;
+    }
+#pragma unroll
+    for (int t = 0; t < NS / 4; ++t) {
+      s[4 * t + 2 * r] = exp2f(fmaf(s[4 * t + 2 * r], scale_log2, -base));
+      s[4 * t + 2 * r + 1] = exp2f(fmaf(s[4 * t + 2 * r + 1], scale_log2, -base));
+      l[r] += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
+    }
+  }
+}
+
+// Epilogue of a thread's two rows: out = O / l rounded once, lse = m * scale
+// + ln(l); rows that saw nothing get zeros and -inf, rows >= sq are not stored.
+template <class T, int NO, class Pack>
+__device__ __forceinline__ void store_rows(const float (&o)[NO], const float (&m)[2], const float (&l)[2],
+                                           const int64_t (&row)[2], int64_t sq, T* obase, int64_t o_row_stride,
+                                           float* lbase, float scale, int lane, Pack pack) {
+  const int c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += shfl_xor(sum, 1);
+    sum += shfl_xor(sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int64_t i = row[r];
+    if (i >= sq) continue;
+    T* orow = obase + i * o_row_stride;
+#pragma unroll
+    for (int t = 0; t < NO / 4; ++t)
+      *reinterpret_cast<uint32_t*>(orow + t * 8 + c2) = pack(o[4 * t + 2 * r] * inv, o[4 * t + 2 * r + 1] * inv);
+    if ((lane & 3) == 0) lbase[i] = sum > 0.f ? m[r] * scale + logf(sum) : -INFINITY;
+  }
+}
+
 }  // namespace flash
 
 namespace sm80 {

@@ -40,6 +40,13 @@ using flash::Span;
 using flash::span;
 using flash::swz;
 
+// The [tiles][4] accumulator arrays as the flat arrays flash:: helpers take
+// (same elements, same order).
+template <int N>
+__device__ __forceinline__ float (&flat(float (&a)[N][4]))[N * 4] {
+  return reinterpret_cast<float(&)[N * 4]>(a);
+}
+
 // Copies rows [row0, row0 + ROWS) of a (len)-row sequence into a swizzled
 // tile; rows past the end are zero-filled, so V's padding contributes 0 * 0.
 template <int D, int ROWS, class T>
@@ -153,54 +160,9 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
         }
       }
 
-      const int64_t n0 = nb * BN;
-      const bool full = n0 + BN <= sk && (!a.causal || n0 + BN - 1 <= m0 + off) &&
-                        (a.window == 0 || n0 > m0 + BM - 1 + off - a.window);
-      if (!full) {
-        // In 32-bit offsets from the block corner: key jj = j - n0 is visible
-        // to row ii = i - m0 when jj < kend, jj <= ii + cd (causal) and
-        // jj > ii + wd (window). Clamping cd and wd to [-BM, BN] keeps every
-        // comparison's outcome for ii in [0, BM) and jj in [0, BN).
-        const int kend = int(min(sk - n0, int64_t(BN)));
-        const int64_t diag = m0 + off - n0;
-        const int cd = int(min(max(diag, int64_t(-BM)), int64_t(BN)));
-        const int wd = int(min(max(diag - a.window, int64_t(-BM)), int64_t(BN)));
-#pragma unroll
-        for (int t = 0; t < BN / 8; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int jj = t * 8 + c2 + (e & 1), ii = warp * 16 + g + (e >> 1) * 8;
-            const bool vis = jj < kend && (!a.causal || jj <= ii + cd) && (a.window == 0 || jj > ii + wd);
-            if (!vis) sc[t][e] = -INFINITY;
-          }
-      }
-
-      // Online softmax; the 4 lanes of a quad share a row.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m[r];
-#pragma unroll
-        for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(sc[t][2 * r], sc[t][2 * r + 1]));
-        mx = fmaxf(mx, shfl_xor(mx, 1));
-        mx = fmaxf(mx, shfl_xor(mx, 2));
-        // A row that has seen only masked keys keeps max -inf: subtract 0
-        // instead, so exp2(-inf) = 0 and no inf - inf NaN appears.
-        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        const float corr = m[r] == -INFINITY ? 0.f : exp2f(m[r] * scale_log2 - base);
-        m[r] = mx;
-        l[r] *= corr;
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-          o[i][2 * r] *= corr;
-          o[i][2 * r + 1] *= corr;
-        }
-#pragma unroll
-        for (int t = 0; t < BN / 8; ++t) {
-          sc[t][2 * r] = exp2f(fmaf(sc[t][2 * r], scale_log2, -base));
-          sc[t][2 * r + 1] = exp2f(fmaf(sc[t][2 * r + 1], scale_log2, -base));
-          l[r] += sc[t][2 * r] + sc[t][2 * r + 1];
-        }
-      }
+      const flash::BlockMask mask(m0, BM, nb * BN, BN, sk, off, a.causal, a.window);
+      if (!mask.full) flash::apply_mask(flat(sc), mask, warp * 16 + g, c2);
+      flash::online_softmax(flat(sc), flat(o), m, l, scale_log2);
 
       // O += P V: P's accumulators are the A fragments of each 16-key step.
 #pragma unroll
@@ -220,22 +182,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
     }
     cp_async_wait<0>();  // an empty block range leaves the K/V group of nothing pending
 
-    // Epilogue: O / l and lse = m * scale + ln(l); rows that saw nothing get
-    // zeros and -inf.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = l[r];
-      sum += shfl_xor(sum, 1);
-      sum += shfl_xor(sum, 2);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      const int64_t i = row[r];
-      if (i >= sq) continue;
-      T* orow = obase + i * a.o_stride[1];
-#pragma unroll
-      for (int t = 0; t < D / 8; ++t)
-        *reinterpret_cast<uint32_t*>(orow + t * 8 + c2) = pack2<T>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
-      if ((lane & 3) == 0) lbase[i] = sum > 0.f ? m[r] * a.scale + logf(sum) : -INFINITY;
-    }
+    flash::store_rows<T>(flat(o), m, l, row, sq, obase, a.o_stride[1], lbase, a.scale, lane,
+                         [](float lo, float hi) { return pack2<T>(lo, hi); });
   }
 }
 
