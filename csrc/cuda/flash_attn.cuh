@@ -5,6 +5,9 @@
 // dispatches, stays cheap. CUDA only.
 #pragma once
 
+#include <algorithm>
+#include <climits>
+
 #include "common/flash_attn.h"
 #include "cuda/compat.cuh"
 
@@ -132,6 +135,22 @@ __device__ __forceinline__ void store_rows(const float (&o)[NO], const float (&m
       *reinterpret_cast<uint32_t*>(orow + t * 8 + c2) = pack(o[4 * t + 2 * r] * inv, o[4 * t + 2 * r + 1] * inv);
     if ((lane & 3) == 0) lbase[i] = sum > 0.f ? m[r] * scale + logf(sum) : -INFINITY;
   }
+}
+
+// Grid blocks for `len` rows (a max_seqlen hint) in tiles of `tile`: at
+// least one per (sequence, head), since the kernels walk the real lengths
+// with a grid stride.
+inline unsigned grid_blocks(int64_t len, int tile) {
+  return unsigned(std::min<int64_t>(std::max<int64_t>((len + tile - 1) / tile, 1), INT32_MAX));
+}
+
+// Launch with `smem` bytes of dynamic shared memory (above 48 KB needs the
+// attribute; setting it is cheap and allowed during graph capture).
+template <class Kernel, class... Args>
+void launch(Kernel kernel, dim3 grid, int threads, int smem, gpuStream_t stream, const char* what, Args... args) {
+  gpu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  gpu_check(gpuGetLastError(), what);
 }
 
 }  // namespace flash

@@ -681,18 +681,10 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(FlashBwdArgs a) {
 
 template <class Kernel>
 void launch(Kernel kernel, dim3 grid, int smem, gpuStream_t stream, const FlashBwdArgs& a, const char* what) {
-  if (smem > 48 * 1024)
-    gpu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-              "raising a flash_bwd kernel's shared-memory limit");
-  kernel<<<grid, kThreads, smem, stream>>>(a);
-  gpu_check(gpuGetLastError(), what);
+  flash::launch(kernel, grid, kThreads, smem, stream, what, a);
 }
 
-// Blocks of `tile` rows for a max_seqlen hint: at least one per (sequence,
-// head), since the kernels walk the real lengths with a grid stride.
-inline unsigned grid_blocks(int64_t len, int tile) {
-  return unsigned(std::min<int64_t>(std::max<int64_t>((len + tile - 1) / tile, 1), INT32_MAX));
-}
+using flash::grid_blocks;
 
 }  // namespace bwd
 

@@ -334,16 +334,8 @@ template <int D, class T>
 void flash_fwd(const FlashFwdArgs& a, gpuStream_t stream) {
   static_assert(D == 64 || D == 128, "sm90::flash_fwd: head dim 64 or 128");
   constexpr int kSmem = (fwd::BM + 4 * fwd::BN) * D * int(sizeof(T)) + 1024;
-  const int64_t qblocks = (a.seqlen_q + fwd::BM - 1) / fwd::BM;
-  // At least one block per (sequence, head): with a 0 max_seqlen hint the
-  // kernel still walks the real lengths.
-  const dim3 grid(unsigned(std::min<int64_t>(std::max<int64_t>(qblocks, 1), INT32_MAX)), unsigned(a.heads),
-                  unsigned(a.batch));
-  auto kernel = fwd::flash_fwd_kernel<D, T>;
-  gpu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-            "raising the sm90 flash_fwd_kernel's shared-memory limit");
-  kernel<<<grid, fwd::kThreads, kSmem, stream>>>(a);
-  gpu_check(gpuGetLastError(), "launching the sm90 flash_fwd_kernel");
+  flash::launch(fwd::flash_fwd_kernel<D, T>, dim3(flash::grid_blocks(a.seqlen_q, fwd::BM), unsigned(a.heads), unsigned(a.batch)), fwd::kThreads, kSmem, stream,
+                "launching the sm90 flash_fwd_kernel", a);
 }
 
 }  // namespace sm90
