@@ -36,7 +36,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
              stop: Iterable[int] = (), seed: int | None = None, prefill_chunk: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None, cuda_graph: bool = False) -> list[list[int]]:
     """Generate up to max_new_tokens after each prompt; returns the new tokens
     per prompt (a stop token is included and ends that sequence).
 
@@ -44,6 +44,11 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
     tensor. prefill_chunk: tokens per prefill call, at most (and by default)
     the sliding window. on_token(row, token) is called as tokens are produced.
     Sampling is deterministic for a given seed.
+
+    cuda_graph: on a GPU, capture one decode step in a CUDA graph and replay
+    it for every new token, so that per-token host overhead (kernel launches,
+    op dispatch) disappears; the decode path has fixed shapes and no host
+    sync, which is what makes it capturable.
     """
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.view(-1, prompts.shape[-1]).tolist()
@@ -80,6 +85,11 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
         seqlens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * b
+        decode = model.decode_step
+        if cuda_graph:
+            if device.type != "cuda":
+                raise ValueError("generate: cuda_graph needs the model on a CUDA device")
+            decode = _GraphedDecode(model, b, device)
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, top_k, generator)
             for row, t in enumerate(token.tolist()):
@@ -91,8 +101,37 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
             if all(done) or step == max_new_tokens - 1:
                 break
             # finished rows keep decoding (fixed shapes); their tokens are dropped
-            logits = model.decode_step(token, seqlens)
+            logits = decode(token, seqlens)
             seqlens = seqlens + 1
         return out
     finally:
         model.clear_caches()
+
+
+class _GraphedDecode:
+    """model.decode_step captured once in a CUDA graph, replayed per token.
+
+    The inputs live in static buffers that each call refills. Capture needs
+    warm-up runs first; they execute the real step for the current inputs,
+    which is idempotent (the same K/V land in the same cache slot), so the
+    caches stay right. The returned logits are the graph's output buffer,
+    overwritten by the next call.
+    """
+
+    def __init__(self, model: Transformer, batch: int, device: torch.device):
+        self.model, self.graph = model, None
+        self.token = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def __call__(self, token: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token.view(-1))
+        self.seqlens.copy_(seqlens)
+        if self.graph is None:
+            from ..bench.harness import capture_cuda_graph
+            try:
+                self.graph, self.logits = capture_cuda_graph(lambda: self.model.decode_step(self.token, self.seqlens))
+            except RuntimeError as e:
+                raise RuntimeError(f"generate: the decode step could not be captured in a CUDA graph ({e}); "
+                                   "run without cuda_graph") from e
+        self.graph.replay()
+        return self.logits
