@@ -356,9 +356,9 @@ def test_core_rejects_bad_calls_without_crashing():
     from mixkit import _core
 
     with pytest.raises(ValueError, match="multiple of kv_heads"):
-        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 1, 5, 2, 64, 16, 0, 1.0, 1, 0, 0)
+        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 1, 5, 2, 64, 16, 0, 1.0, 1, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="workspace"):
-        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 1, 4, 2, 64, 16, 0, 1.0, 4, 0, 0)
+        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 1, 4, 2, 64, 16, 0, 1.0, 4, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="null"):
         _core.kv_cache_append(0, 0, 0, 0, False, 0, 8, 8, 8, 8, 1, 1, 2, 64, 16, 0, 0, 0, 0, 0, 0)
 
@@ -397,3 +397,69 @@ def test_bench_cases_run_and_agree(tokens, monkeypatch):
     for r in rows:
         if r["impl"] != "eager":
             assert r["max_abs_err"] <= 0.02, r
+
+
+# ---- paged caches -------------------------------------------------------------------
+
+def _to_pages(cache, page_size, perm, num_pages):
+    """(B, C, Hkv, D) -> (num_pages, page_size, Hkv, D): page perm[b * max_pages + i]
+    holds positions i * page_size.. of sequence b; unused pages are NaN."""
+    b, c, hkv, d = cache.shape
+    pages = torch.full((num_pages, page_size, hkv, d), float("nan"), dtype=cache.dtype, device=cache.device)
+    pages[perm] = cache.reshape(b * (c // page_size), page_size, hkv, d)
+    return pages
+
+
+# (B, H, Hkv, D, page_size, max_pages, window, seqlens): lengths within a
+# page, across pages, filling the table; windows that skip early pages.
+PAGED = [
+    (3, 8, 2, 64, 16, 4, None, [1, 17, 64]),
+    (2, 6, 1, 128, 8, 10, 20, [80, 33]),
+    (2, 12, 2, 96, 5, 7, 9, [35, 0]),
+    (1, 32, 8, 128, 64, 40, 1000, [2500]),
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,d,ps,max_pages,window,seqlens", PAGED)
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_decode_equals_ring_decode(b, h, hkv, d, ps, max_pages, window, seqlens, device):
+    _skip_gpu_head_dim(device, d)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    c = ps * max_pages  # every length fits, so the ring never wraps and slot == position
+    k_cache, v_cache = make_caches(b, c, hkv, d, seqlens, window, dtype, device)
+    q = torch.randn(b, h, d, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    num_pages = b * max_pages + 3
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(1))[: b * max_pages].to(device)
+    table = perm.view(b, max_pages).to(torch.int32).contiguous()
+    k_pages, v_pages = _to_pages(k_cache, ps, perm, num_pages), _to_pages(v_cache, ps, perm, num_pages)
+
+    out, lse = ops.decode_attn_paged(q, k_pages, v_pages, table, lens, window=window, return_lse=True)
+    ring, ring_lse = ops.decode_attn(q, k_cache, v_cache, lens, window=window, return_lse=True)
+    assert torch.equal(out, ring) and torch.equal(lse, ring_lse), "the page lookup changed the result"
+    assert_fa_rule(out.cpu(), q.cpu(), k_cache.cpu(), v_cache.cpu(), lens.cpu(), window)
+
+
+def test_paged_decode_rejects_bad_tables_on_cpu():
+    q = torch.randn(2, 4, 64)
+    pages = torch.randn(6, 4, 2, 64)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="not a page index"):
+        ops.decode_attn_paged(q, pages, pages, table.clone().fill_(9), torch.tensor([5, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="exceeds"):
+        ops.decode_attn_paged(q, pages, pages, table, torch.tensor([13, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_table must be"):
+        ops.decode_attn_paged(q, pages, pages, table[:1], torch.tensor([5, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="int32"):
+        ops.decode_attn_paged(q, pages, pages, table.long(), torch.tensor([5, 1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = torch.randn(2, 4, 64, dtype=dtype, device=device)
+    pages = torch.randn(6, 4, 2, 64, dtype=dtype, device=device)
+    table = torch.tensor([[5, 1, 2], [3, 4, 0]], dtype=torch.int32, device=device)
+    lens = torch.tensor([9, 4], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.mixkit.decode_attn_paged, (q, pages, pages, table, lens, None, None))
+    torch.library.opcheck(torch.ops.mixkit.decode_attn_paged, (q, pages, pages, table, lens, 3, 0.5))

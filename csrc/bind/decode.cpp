@@ -35,13 +35,14 @@ MIXKIT_BIND(decode) {
       [](int backend, int device, uintptr_t stream, int dtype, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache,
          uintptr_t seqlens, uintptr_t out, uintptr_t lse, int64_t batch, int64_t heads, int64_t kv_heads,
          int64_t head_dim, int64_t capacity, int64_t window, float scale, int64_t splits, uintptr_t ws_out,
-         uintptr_t ws_lse) {
+         uintptr_t ws_lse, uintptr_t block_table, int64_t page_size, int64_t max_pages, int64_t num_pages) {
         const DecodeArgs a{DType(dtype),       ptr<const void>(q), ptr<const void>(k_cache),
                            ptr<const void>(v_cache), ptr<const int32_t>(seqlens), ptr<void>(out),
                            ptr<float>(lse),    batch,              heads,
                            kv_heads,           head_dim,           capacity,
                            window,             scale,              splits,
-                           ptr<float>(ws_out), ptr<float>(ws_lse)};
+                           ptr<float>(ws_out), ptr<float>(ws_lse), ptr<const int32_t>(block_table),
+                           page_size,          max_pages,          num_pages};
         on_backend(backend, [&] { decode_attn_cpu(a); }, [&] { decode_attn_gpu(a, device, stream_ptr(stream)); });
       },
       nb::call_guard<nb::gil_scoped_release>());

@@ -1,4 +1,4 @@
-// _core.grouped_gemm, grouped_wgrad: python/mixkit/ops/moe_mlp.py.
+// _core.grouped_gemm, grouped_wgrad, grouped_swiglu: python/mixkit/ops/moe_mlp.py.
 #include "bind/bind.h"
 #include "common/grouped_gemm.h"
 
@@ -24,6 +24,17 @@ MIXKIT_BIND(grouped_gemm) {
                                  ptr<void>(db), rows, k, n, experts, trans_b};
         on_backend(backend, [&] { grouped_wgrad_cpu(g); },
                    [&] { grouped_wgrad_gpu(g, device, stream_ptr(stream)); });
+      },
+      nb::call_guard<nb::gil_scoped_release>());
+
+  m.def(
+      "grouped_swiglu",
+      [](int backend, int device, uintptr_t stream, int dtype, uintptr_t x, uintptr_t w13, uintptr_t offsets,
+         uintptr_t act, uintptr_t h, int64_t rows, int64_t k, int64_t ffn, int64_t experts) {
+        const GroupedSwigluArgs g{DType(dtype), ptr<const void>(x), ptr<const void>(w13), ptr<const int64_t>(offsets),
+                                  ptr<void>(act), ptr<void>(h), rows, k, ffn, experts};
+        on_backend(backend, [&] { grouped_swiglu_cpu(g); },
+                   [&] { grouped_swiglu_gpu(g, device, stream_ptr(stream)); });
       },
       nb::call_guard<nb::gil_scoped_release>());
 }

@@ -36,6 +36,12 @@ struct KvAppendArgs {
 // cached tokens, positions seqlen - n .. seqlen - 1 in slots pos % C.
 // q/out: contiguous (B, H, D); caches: contiguous (B, C, Hkv, D); query head h
 // reads KV head h / (H / Hkv).
+//
+// Paged variant (block_table set): the caches are pages (num_pages,
+// page_size, Hkv, D) shared by all sequences, and position p of sequence b
+// lives at row p % page_size of page block_table[b * max_pages + p /
+// page_size]; C = max_pages * page_size and nothing wraps. Only the key
+// address changes: the ring's slot becomes a page lookup.
 struct DecodeArgs {
   DType dtype;
   const void* q;
@@ -56,6 +62,11 @@ struct DecodeArgs {
   int64_t splits;
   float* ws_out;
   float* ws_lse;
+  // Paged caches (see above); block_table == nullptr for the ring buffer.
+  const int32_t* block_table;  // (B, max_pages) contiguous
+  int64_t page_size;
+  int64_t max_pages;
+  int64_t num_pages;
 };
 
 inline void check_head_dims(int64_t batch, int64_t kv_heads, int64_t head_dim, int64_t capacity) {
@@ -81,6 +92,21 @@ inline void check(const DecodeArgs& a) {
   require(a.splits >= 1 && a.splits <= 1024, "splits must be in [1, 1024]");
   require(a.batch == 0 || (a.q && a.k_cache && a.v_cache && a.seqlens && a.out && a.lse), "null tensor pointer");
   require(a.splits == 1 || a.batch == 0 || (a.ws_out && a.ws_lse), "split-KV needs the ws_out/ws_lse workspace");
+  if (a.block_table) {
+    require(a.page_size >= 1 && a.max_pages >= 1 && a.num_pages >= 1, "page_size, max_pages and num_pages must be >= 1");
+    require(a.capacity == a.page_size * a.max_pages, "a paged cache's capacity is max_pages * page_size");
+  }
+}
+
+// Row of the cache tensor holding position p of sequence b (p in [0, C)):
+// slot p % C of the sequence's ring, or the row within the page table. A
+// page number outside [0, num_pages) is clamped on the GPU (it cannot raise
+// without a host sync), so a bad table never reads outside the pages.
+MIXKIT_HD int64_t cache_row(const DecodeArgs& a, int64_t b, int64_t p) {
+  if (!a.block_table) return b * a.capacity + p % a.capacity;
+  int64_t page = a.block_table[b * a.max_pages + p / a.page_size];
+  page = page < 0 ? 0 : (page >= a.num_pages ? a.num_pages - 1 : page);
+  return page * a.page_size + p % a.page_size;
 }
 
 // ---- backends --------------------------------------------------------------

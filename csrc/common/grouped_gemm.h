@@ -9,6 +9,14 @@
 //
 // The weight gradient ("wgrad") sums over the rows of each expert:
 //   dB[e] = A_e^T @ dY_e  (K, N)   or, with trans_b, dY_e^T @ A_e  (N, K).
+//
+// The fused SwiGLU GEMM ("swiglu") is Mixtral's first expert GEMM with its
+// activation in the epilogue: with w13[e] (2F, K) = gate rows then up rows,
+//   h = x_e @ w13[e]^T  (2F columns),  act = silu(h[:, :F]) * h[:, F:]  (F),
+// the activation computed in float32 from the unrounded sums and rounded
+// once; h itself (rounded) is written too when a pointer is given, for the
+// backward. Rows from offsets[E] on are zero in both.
+//
 // (csrc/cpu/grouped_gemm.cpp, csrc/cuda/grouped_gemm.cu,
 // python/mixkit/ops/moe_mlp.py.)
 #pragma once
@@ -47,6 +55,19 @@ struct GroupedWgradArgs {
   bool trans_b;
 };
 
+struct GroupedSwigluArgs {
+  DType dtype;              // of x, w13, act and h
+  const void* x;            // (rows, k), contiguous
+  const void* w13;          // (experts, 2 * ffn, k): gate rows, then up rows
+  const int64_t* offsets;   // (experts + 1,)
+  void* act;                // (rows, ffn)
+  void* h;                  // (rows, 2 * ffn) pre-activations, or null: not stored
+  int64_t rows;
+  int64_t k;
+  int64_t ffn;
+  int64_t experts;
+};
+
 inline void check_grouped_sizes(int64_t rows, int64_t k, int64_t n, int64_t experts) {
   require(rows >= 0 && rows <= kMoeMaxRows, "rows must be in [0, 2^31 - 1]");
   require(k >= 1 && k <= (int64_t(1) << 30), "K must be in [1, 2^30]");
@@ -70,12 +91,22 @@ inline void check(const GroupedWgradArgs& a) {
   require(a.rows == 0 || (a.a && a.dy), "null tensor pointer");
 }
 
+inline void check(const GroupedSwigluArgs& a) {
+  check_dtype(a.dtype);
+  require(a.ffn >= 1 && a.ffn <= (int64_t(1) << 29), "ffn must be in [1, 2^29]");
+  check_grouped_sizes(a.rows, a.k, 2 * a.ffn, a.experts);
+  require(a.offsets && a.w13, "null offsets or weight pointer");
+  require(a.rows == 0 || (a.x && a.act), "null tensor pointer");
+}
+
 // ---- backends --------------------------------------------------------------
 void grouped_gemm_cpu(const GroupedGemmArgs& a);
 void grouped_wgrad_cpu(const GroupedWgradArgs& a);
+void grouped_swiglu_cpu(const GroupedSwigluArgs& a);
 // CUDA only (sm_80 tensor cores; sm_90a runs the same kernel). The HIP build
 // raises until the MFMA path exists (issue 8).
 void grouped_gemm_gpu(const GroupedGemmArgs& a, int device, void* stream);
 void grouped_wgrad_gpu(const GroupedWgradArgs& a, int device, void* stream);
+void grouped_swiglu_gpu(const GroupedSwigluArgs& a, int device, void* stream);
 
 }  // namespace mixkit

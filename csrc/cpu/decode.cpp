@@ -45,8 +45,20 @@ void kv_cache_append(const KvAppendArgs& a) {
 // once and used by every query head of the GQA group.
 template <class T>
 void decode_attn(const DecodeArgs& a) {
-  for (int64_t b = 0; b < a.batch; ++b)
+  for (int64_t b = 0; b < a.batch; ++b) {
     require(a.seqlens[b] >= 0, "cache_seqlens must be >= 0, got " + std::to_string(a.seqlens[b]));
+    if (!a.block_table) continue;
+    require(a.seqlens[b] <= a.capacity, "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(a.seqlens[b]) +
+                                            " exceeds the block table's max_pages * page_size = " +
+                                            std::to_string(a.capacity));
+    const int64_t used = (a.seqlens[b] + a.page_size - 1) / a.page_size;
+    for (int64_t i = 0; i < used; ++i) {
+      const int32_t page = a.block_table[b * a.max_pages + i];
+      require(page >= 0 && page < a.num_pages, "block_table[" + std::to_string(b) + ", " + std::to_string(i) +
+                                                   "] = " + std::to_string(page) + " is not a page index in [0, " +
+                                                   std::to_string(a.num_pages) + ")");
+    }
+  }
   const int64_t d = a.head_dim, c = a.capacity, hkv = a.kv_heads, group = a.heads / a.kv_heads;
   const int64_t keys = a.window > 0 ? std::min(a.window, c) : c;
   const T* q = static_cast<const T*>(a.q);
@@ -63,13 +75,12 @@ void decode_attn(const DecodeArgs& a) {
       for (int64_t kvh = 0; kvh < hkv; ++kvh) {
         const int64_t seen = a.seqlens[b];
         const int64_t n = std::min(seen, keys);
-        const int64_t first_slot = (seen - n) % c;  // slot of the oldest visible token
+        const int64_t first = seen - n;  // position of the oldest visible token
         const int64_t row0 = b * a.heads + kvh * group;
         for (int64_t i = 0; i < group * d; ++i) qf[i] = to_f32(q[row0 * d + i]) * a.scale;
         std::fill(m.begin(), m.end(), neg_inf);
         for (int64_t j = 0; j < n; ++j) {
-          const int64_t slot = (first_slot + j) % c;
-          const T* kr = kc + ((b * c + slot) * hkv + kvh) * d;
+          const T* kr = kc + (cache_row(a, b, first + j) * hkv + kvh) * d;
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) row[i] = to_f32(kr[i]);
           for (int64_t g = 0; g < group; ++g) {
@@ -84,8 +95,7 @@ void decode_attn(const DecodeArgs& a) {
         std::fill(acc.begin(), acc.end(), 0.f);
         std::fill(l.begin(), l.end(), 0.f);
         for (int64_t j = 0; j < n; ++j) {
-          const int64_t slot = (first_slot + j) % c;
-          const T* vr = vc + ((b * c + slot) * hkv + kvh) * d;
+          const T* vr = vc + (cache_row(a, b, first + j) * hkv + kvh) * d;
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) row[i] = to_f32(vr[i]);
           for (int64_t g = 0; g < group; ++g) {

@@ -1,10 +1,11 @@
-// Grouped GEMM and its weight gradient on the CPU (layout in
+// Grouped GEMM, its weight gradient and the fused SwiGLU GEMM on the CPU (layout in
 // common/grouped_gemm.h). The CPU reads the offsets directly, lists the
 // (expert, row block) tiles and spreads them over OpenMP threads. Each tile
 // converts its weights' rows to float32 once per K step and accumulates a
 // block of output rows in float32, rounding once at the end. Simple and exact
 // in its summation order; the fast paths are the GPU kernels.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/grouped_gemm.h"
@@ -21,19 +22,19 @@ void check_offsets(const int64_t* off, int64_t experts, int64_t rows) {
               "pass the offsets returned by moe_permute");
 }
 
-template <class T>
-void gemm(const GroupedGemmArgs& g) {
+// The GEMM over the experts' rows; `store(row, acc)` receives each finished
+// row of N float32 sums (the epilogue: round into C, or the fused SwiGLU).
+// Rows from offsets[E] on are the caller's to zero.
+template <class T, class Store>
+void gemm(const GroupedGemmArgs& g, Store&& store) {
   const int64_t K = g.k, N = g.n;
   const T* A = static_cast<const T*>(g.a);
   const T* B = static_cast<const T*>(g.b);
-  T* C = static_cast<T*>(g.c);
   struct Tile { int64_t e, r0, r1; };
   std::vector<Tile> tiles;
   for (int64_t e = 0; e < g.experts; ++e)
     for (int64_t r = g.offsets[e]; r < g.offsets[e + 1]; r += kRowBlock)
       tiles.push_back({e, r, std::min(r + kRowBlock, g.offsets[e + 1])});
-  const T zero = from_f32<T>(0.f);
-  std::fill(C + g.offsets[g.experts] * N, C + g.rows * N, zero);  // the bad-id bucket
   const int64_t ntiles = int64_t(tiles.size());
 #pragma omp parallel if (g.rows * K * N > kCpuParallelGrain)
   {
@@ -66,10 +67,40 @@ void gemm(const GroupedGemmArgs& g) {
           }
         }
       }
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t j = 0; j < N; ++j) C[(t.r0 + r) * N + j] = from_f32<T>(acc[r * N + j]);
+      for (int64_t r = 0; r < m; ++r) store(t.r0 + r, acc.data() + r * N);
     }
   }
+}
+
+template <class T>
+void gemm(const GroupedGemmArgs& g) {
+  const int64_t N = g.n;
+  T* C = static_cast<T*>(g.c);
+  std::fill(C + g.offsets[g.experts] * N, C + g.rows * N, from_f32<T>(0.f));  // the bad-id bucket
+  gemm<T>(g, [&](int64_t row, const float* acc) {
+    for (int64_t j = 0; j < N; ++j) C[row * N + j] = from_f32<T>(acc[j]);
+  });
+}
+
+// The same math as the GPU's fused epilogue: silu(gate) * up from the
+// float32 sums, one rounding.
+template <class T>
+void swiglu(const GroupedSwigluArgs& s) {
+  const int64_t F = s.ffn;
+  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, nullptr, s.rows, s.k, 2 * F, s.experts, true};
+  T* act = static_cast<T*>(s.act);
+  T* h = static_cast<T*>(s.h);
+  const T zero = from_f32<T>(0.f);
+  std::fill(act + s.offsets[s.experts] * F, act + s.rows * F, zero);
+  if (h) std::fill(h + s.offsets[s.experts] * 2 * F, h + s.rows * 2 * F, zero);
+  gemm<T>(g, [&](int64_t row, const float* acc) {
+    for (int64_t j = 0; j < F; ++j) {
+      const float gate = acc[j];
+      act[row * F + j] = from_f32<T>(gate / (1.f + std::exp(-gate)) * acc[F + j]);
+    }
+    if (h)
+      for (int64_t j = 0; j < 2 * F; ++j) h[row * 2 * F + j] = from_f32<T>(acc[j]);
+  });
 }
 
 template <class T>
@@ -107,6 +138,12 @@ void grouped_gemm_cpu(const GroupedGemmArgs& a) {
   check(a);
   check_offsets(a.offsets, a.experts, a.rows);
   dispatch_dtype(a.dtype, [&](auto t) { gemm<decltype(t)>(a); });
+}
+
+void grouped_swiglu_cpu(const GroupedSwigluArgs& a) {
+  check(a);
+  check_offsets(a.offsets, a.experts, a.rows);
+  dispatch_dtype(a.dtype, [&](auto t) { swiglu<decltype(t)>(a); });
 }
 
 void grouped_wgrad_cpu(const GroupedWgradArgs& a) {

@@ -93,7 +93,8 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
   int64_t per_split = (n + a.splits - 1) / a.splits;
   per_split = (per_split + GROUPS - 1) / GROUPS * GROUPS;
   const int64_t begin = min64(n, split * per_split), end = min64(n, begin + per_split);
-  const int64_t first_slot = (seen - n) % C;
+  const int64_t first = seen - n;  // position of the oldest visible key
+  const int64_t first_slot = first % C;  // ring: its slot
 
   const int64_t row0 = b * a.heads + kvh * group_size + h0;  // first query head (row of q/out) of this block
   const float qscale = a.scale * kLog2e;
@@ -116,9 +117,8 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
   }
 
   const int64_t slot_stride = a.kv_heads * D;
-  const int64_t head_off = (b * C * a.kv_heads + kvh) * D;
-  const T* kbase = static_cast<const T*>(a.k_cache) + head_off;
-  const T* vbase = static_cast<const T*>(a.v_cache) + head_off;
+  const T* kbase = static_cast<const T*>(a.k_cache) + kvh * D;
+  const T* vbase = static_cast<const T*>(a.v_cache) + kvh * D;
   // The trip count is the same for every thread of the block, so the
   // shuffles below always run with all lanes present.
   for (int64_t base = begin; base < end; base += GROUPS * KB) {
@@ -131,10 +131,16 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
       kv[k] = V{};
       vv[k] = V{};  // zeros, not stale registers: p = 0 times NaN would still be NaN
       if (ok[k]) {
-        int64_t slot = first_slot + j;  // j < n <= C, so one wrap at most
-        if (slot >= C) slot -= C;
-        kv[k] = reinterpret_cast<const V*>(kbase + slot * slot_stride)[lane];
-        vv[k] = reinterpret_cast<const V*>(vbase + slot * slot_stride)[lane];
+        int64_t row;
+        if (a.block_table) {
+          row = cache_row(a, b, min64(first + j, C - 1));  // a seqlen past the page table's end is clamped
+        } else {
+          int64_t slot = first_slot + j;  // j < n <= C, so one wrap at most
+          if (slot >= C) slot -= C;
+          row = b * C + slot;
+        }
+        kv[k] = reinterpret_cast<const V*>(kbase + row * slot_stride)[lane];
+        vv[k] = reinterpret_cast<const V*>(vbase + row * slot_stride)[lane];
       }
     }
     float s[KB][G];

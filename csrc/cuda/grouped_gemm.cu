@@ -17,9 +17,10 @@
 // offsets walk, and the launch shape depends only on tensor shapes: the call
 // captures in a CUDA graph.
 //
-// Weight gradient: a SIMT kernel (float32 FMA, 64x64 output tile per CTA,
-// rows of the expert staged through shared memory). It is correct but not
-// tensor-core fast; a transposed-A mma path is the next step.
+// Weight gradient: the same 128x128 tile, warps and mma, with the reduction
+// running over the expert's rows (BK = 32 per step) instead of over K: both
+// operands are row-major in that reduction index, so both go through
+// ldmatrix .trans (details at grouped_wgrad_kernel). grid.z = experts.
 //
 // HIP: the inline PTX cannot compile for AMD, so the HIP build gets launchers
 // that raise until issue 8 adds an MFMA kernel.
@@ -41,9 +42,6 @@ using namespace sm80;
 constexpr int BM = 128, BN = 128, BK = 32;
 constexpr int kThreads = 128;       // 4 warps in a 2x2 grid of 64x64 warp tiles
 constexpr int kStages = 2;
-constexpr int kWgradTile = 64;      // wgrad: 64x64 outputs per CTA
-constexpr int kWgradRows = 16;      // rows staged per step
-constexpr int kWgradThreads = 256;  // 4x4 outputs per thread
 
 // Shared-memory tiles, in 16-byte chunks of 8 elements. A row of 32 K
 // elements is 4 chunks (64 bytes); chunk c of row r sits at c ^ ((r >> 1) & 3)
@@ -77,26 +75,38 @@ __device__ __forceinline__ bool find_tile(const int64_t* off, int experts, int64
 
 // ============================== kernels ======================================
 
-template <class T, bool TRANS_B>
-__global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs g) {
+// SWIGLU (with TRANS_B; g.b = w13 (E, 2F, K), g.n = F, g.c = act (rows, F),
+// h = (rows, 2F) or null): the CTA owns BN / 2 = 64 output columns n0.. and
+// stages w13's gate rows n0.. as Bs rows 0-63 and its up rows F + n0.. as
+// rows 64-127, so the main loop is the plain one. Each warp's 64 columns are
+// 32 gate then the same 32 up columns (acc[][0..3] and acc[][4..7]), so one
+// thread holds gate and up of the same outputs: silu(g) * u in float32 in the
+// epilogue, one rounding, and the register budget of the 128-wide tile.
+template <class T, bool TRANS_B, bool SWIGLU>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs g, T* h) {
+  static_assert(!SWIGLU || TRANS_B, "the fused SwiGLU reads w13 in nn.Linear's (2F, K) layout");
+  constexpr int kOutCols = SWIGLU ? BN / 2 : BN;
   __shared__ __align__(128) T As[kStages][BM * BK];
   __shared__ __align__(128) T Bs[kStages][BN * BK];
 
-  const int64_t K = g.k, N = g.n;
-  const int64_t n0 = int64_t(blockIdx.y) * BN;
+  const int64_t K = g.k, N = g.n;  // with SWIGLU, N = F
+  const int64_t n0 = int64_t(blockIdx.y) * kOutCols;
   int expert = 0;
   int64_t row0, row1;
   T* C = static_cast<T*>(g.c);
   if (!find_tile(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
-    // Rows after offsets[E] have no expert: zero our BN columns of them.
-    const int64_t width = min(int64_t(BN), N - n0);
-    for (int64_t i = threadIdx.x; i < (row1 - row0) * width; i += kThreads)
-      C[(row0 + i / width) * N + n0 + i % width] = from_f32<T>(0.f);
+    // Rows after offsets[E] have no expert: zero our columns of them.
+    const int64_t width = min(int64_t(kOutCols), N - n0);
+    for (int64_t i = threadIdx.x; i < (row1 - row0) * width; i += kThreads) {
+      const int64_t row = row0 + i / width, col = n0 + i % width;
+      C[row * N + col] = from_f32<T>(0.f);
+      if (SWIGLU && h) h[row * 2 * N + col] = h[row * 2 * N + N + col] = from_f32<T>(0.f);
+    }
     return;
   }
 
   const T* A = static_cast<const T*>(g.a);
-  const T* B = static_cast<const T*>(g.b) + int64_t(expert) * K * N;
+  const T* B = static_cast<const T*>(g.b) + int64_t(expert) * K * N * (SWIGLU ? 2 : 1);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = (warp & 1) * 64, wn = (warp >> 1) * 64;
 
@@ -116,9 +126,11 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
       const int idx = tid + i * kThreads;
       if (TRANS_B) {  // B[e] is (N, K): rows n, 4 chunks of K
         const int r = idx >> 2, c = idx & 3;
-        const int64_t n = n0 + r, kk = k0 + c * 8;
+        // SWIGLU: tile rows 0-63 are gate rows n0.., 64-127 up rows F + n0..
+        const int64_t n = n0 + (SWIGLU ? r & (kOutCols - 1) : r), kk = k0 + c * 8;
+        const int64_t wrow = SWIGLU && r >= kOutCols ? N + n : n;
         const bool ok = n < N && kk < K;
-        cp_async16(&Bs[s][swz_k(r, c)], ok ? B + n * K + kk : B, ok);
+        cp_async16(&Bs[s][swz_k(r, c)], ok ? B + wrow * K + kk : B, ok);
       } else {  // B[e] is (K, N): rows k, 16 chunks of N
         const int r = idx >> 4, c = idx & 15;
         const int64_t kk = k0 + r, n = n0 + c * 8;
@@ -165,7 +177,9 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
       for (int p = 0; p < 4; ++p) {
         uint32_t r4[4];
         if (TRANS_B) {
-          const int n = wn + p * 16 + (lane & 7) + ((lane >> 4) << 3);
+          // SWIGLU: p = 0, 1 read gate tile rows, p = 2, 3 the matching up rows.
+          const int nb = SWIGLU ? (p >> 1) * kOutCols + (warp >> 1) * 32 + (p & 1) * 16 : wn + p * 16;
+          const int n = nb + (lane & 7) + ((lane >> 4) << 3);
           ldmatrix_x4(r4, &Bs[s][swz_k(n, ks * 2 + ((lane >> 3) & 1))]);
         } else {
           const int k = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
@@ -187,6 +201,35 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
   // Epilogue: each thread owns pairs of adjacent columns; round once and
   // store them as one 32-bit word (N % 8 == 0 keeps pairs whole and aligned).
   const int g8 = lane >> 2, c2 = (lane & 3) * 2;
+  auto store2 = [](T* p, float lo, float hi) {
+    *reinterpret_cast<uint32_t*>(p) = uint32_t(from_f32<T>(lo).bits) | (uint32_t(from_f32<T>(hi).bits) << 16);
+  };
+  if (SWIGLU) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
+        if (row >= row1) continue;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int64_t col = n0 + (warp >> 1) * 32 + ni * 8 + c2;
+          if (col >= N) continue;
+          const float* gate = &acc[mi][ni][half * 2];
+          const float* up = &acc[mi][ni + 4][half * 2];
+          // silu(x) = x / (1 + e^-x); __expf's few-ulp error is far below
+          // the output rounding, and e^-x = inf gives the right -0 limit.
+          store2(C + row * N + col, gate[0] / (1.f + __expf(-gate[0])) * up[0],
+                 gate[1] / (1.f + __expf(-gate[1])) * up[1]);
+          if (h) {
+            store2(h + row * 2 * N + col, gate[0], gate[1]);
+            store2(h + row * 2 * N + N + col, up[0], up[1]);
+          }
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
@@ -204,53 +247,146 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
   }
 }
 
-// dB[e] tile (k0.., j0..) = sum over the expert's rows r of a[r, k] * dy[r, j];
-// written at [k][j] or, with TRANS_B, at [j][k]. Empty experts write zeros.
+// dB[e] tile = A_e^T dY_e over the expert's rows, on the tensor cores. The
+// output tile is BM x BN = 128 K-indices x 128 N-columns, 4 warps of 64x64 as
+// in the forward; the mma's k dimension is the row index r, stepped BK = 32
+// rows at a time. Both operands are row-major in r: A as [r][K index] and dY
+// as [r][n], so both stage as [BK][128] tiles with the swz_n swizzle and both
+// are read with ldmatrix .trans. For A (the mma's m x k operand, m = K index)
+// the .trans turns the stored [k][m] 8x8 blocks into the row-major fragments
+// mma wants; the 4 matrices of an x4 go m-block-first (a0: m 0-7 / k 0-7,
+// a1: m 8-15, a2: k 8-15, a3: both), where the forward's B operand goes
+// k-block-first. Rows past the expert's end load as zeros (cp.async src-size
+// 0), so they add nothing; an empty expert runs no step and writes zeros.
 template <class T, bool TRANS_B>
-__global__ void __launch_bounds__(kWgradThreads) grouped_wgrad_kernel(GroupedWgradArgs g) {
-  __shared__ float as[kWgradRows][kWgradTile];
-  __shared__ float ds[kWgradRows][kWgradTile];
+__global__ void __launch_bounds__(kThreads) grouped_wgrad_kernel(GroupedWgradArgs g) {
+  static_assert(BM == BN, "A and dY tiles share the swz_n layout");
+  // The transposed store stages the 128 x 128 output as [n][K index] with 8
+  // elements of padding per row (272-byte rows: the pair-wise writes hit 16
+  // distinct banks, the 16-byte reads are conflict-free), reusing the
+  // operand stages' memory once the main loop is done.
+  constexpr int kLdT = BM + 8;
+  constexpr int kOperands = kStages * 2 * BK * BM;
+  constexpr int kSmem = kOperands > BN * kLdT ? kOperands : BN * kLdT;
+  __shared__ __align__(128) T smem[kSmem];
+
   const int64_t K = g.k, N = g.n;
-  const int64_t k0 = int64_t(blockIdx.x) * kWgradTile, j0 = int64_t(blockIdx.y) * kWgradTile;
+  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
   const int e = blockIdx.z;
   const int64_t begin = g.offsets[e], end = g.offsets[e + 1];
   const T* A = static_cast<const T*>(g.a);
   const T* DY = static_cast<const T*>(g.dy);
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;  // outputs k = ty*4.., j = tx*4..
-  float acc[4][4] = {};
-  for (int64_t r0 = begin; r0 < end; r0 += kWgradRows) {
-    for (int i = threadIdx.x; i < kWgradRows * kWgradTile; i += kWgradThreads) {
-      const int rr = i / kWgradTile, cc = i % kWgradTile;
-      const int64_t r = r0 + rr;
-      as[rr][cc] = (r < end && k0 + cc < K) ? to_f32(A[r * K + k0 + cc]) : 0.f;
-      ds[rr][cc] = (r < end && j0 + cc < N) ? to_f32(DY[r * N + j0 + cc]) : 0.f;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = (warp & 1) * 64, wn = (warp >> 1) * 64;
+  auto As = [&](int s) { return smem + s * BK * BM; };
+  auto Bs = [&](int s) { return smem + (kStages + s) * BK * BN; };
+
+  // BK rows from r0 into stage s: 512 16-byte chunks of each operand, four
+  // per thread. K and N are multiples of 8, so a chunk is all in or all out.
+  auto load = [&](int s, int64_t r0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = tid + i * kThreads;
+      const int r = idx >> 4, c = idx & 15;
+      const int64_t row = r0 + r, kk = m0 + c * 8, nn = n0 + c * 8;
+      const bool ok_a = row < end && kk < K, ok_b = row < end && nn < N;
+      cp_async16(&As(s)[swz_n(r, c)], ok_a ? A + row * K + kk : A, ok_a);
+      cp_async16(&Bs(s)[swz_n(r, c)], ok_b ? DY + row * N + nn : DY, ok_b);
+    }
+    cp_async_commit();
+  };
+
+  float acc[4][8][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+  const int64_t steps = (end - begin + BK - 1) / BK;
+  if (steps > 0) load(0, begin);
+  for (int64_t st = 0; st < steps; ++st) {
+    const int s = int(st & 1);
+    if (st + 1 < steps) {
+      load(s ^ 1, begin + (st + 1) * BK);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
-#pragma unroll 4
-    for (int rr = 0; rr < kWgradRows; ++rr) {
-      float av[4], dv[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        av[i] = as[rr][ty * 4 + i];
-        dv[i] = ds[rr][tx * 4 + i];
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      // A fragments: lanes 8q..8q+7 address rows (k) ks*16 + (q >> 1) * 8 + 0..7
+      // at m chunk (wm + mi*16) / 8 + (q & 1).
+      uint32_t af[4][4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int k = ks * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4_trans(af[mi], &As(s)[swz_n(k, (wm + mi * 16) / 8 + ((lane >> 3) & 1))]);
+      }
+      // B fragments exactly as the forward's (K, N) weight path.
+      uint32_t bfr[8][2];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        uint32_t r4[4];
+        const int k = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        ldmatrix_x4_trans(r4, &Bs(s)[swz_n(k, (wn + p * 16) / 8 + (lane >> 4))]);
+        bfr[2 * p][0] = r4[0];
+        bfr[2 * p][1] = r4[1];
+        bfr[2 * p + 1][0] = r4[2];
+        bfr[2 * p + 1][1] = r4[3];
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], dv[j], acc[i][j]);
+        for (int ni = 0; ni < 8; ++ni) Mma<T>::run(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
     }
-    __syncthreads();
+    __syncthreads();  // stage s is refilled by the next step's load
   }
+
   T* out = static_cast<T*>(g.db) + int64_t(e) * K * N;
+  const int g8 = lane >> 2, c2 = (lane & 3) * 2;
+  if (!TRANS_B) {
+    // [K index][n]: adjacent accumulator pairs are adjacent columns; one
+    // 32-bit store each, as in the forward.
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t k = k0 + ty * 4 + i;
-    if (k >= K) continue;
+    for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t n = j0 + tx * 4 + j;
-      if (n >= N) continue;
-      out[TRANS_B ? n * K + k : k * N + n] = from_f32<T>(acc[i][j]);
+      for (int half = 0; half < 2; ++half) {
+        const int64_t kk = m0 + wm + mi * 16 + g8 + half * 8;
+        if (kk >= K) continue;
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni) {
+          const int64_t col = n0 + wn + ni * 8 + c2;
+          if (col >= N) continue;
+          const T lo = from_f32<T>(acc[mi][ni][half * 2]), hi = from_f32<T>(acc[mi][ni][half * 2 + 1]);
+          *reinterpret_cast<uint32_t*>(out + kk * N + col) = uint32_t(lo.bits) | (uint32_t(hi.bits) << 16);
+        }
+      }
+    }
+  } else {
+    // [n][K index]: a thread's pairs run along n, i.e. stride K in memory.
+    // Transpose through shared memory, then store whole 16-byte chunks of
+    // output rows. (The main loop ended on a barrier: the stages are free.)
+    T* Cs = smem;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            Cs[(wn + ni * 8 + c2 + j) * kLdT + wm + mi * 16 + g8 + half * 8] = from_f32<T>(acc[mi][ni][half * 2 + j]);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < BN * BM / 8 / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      const int nl = idx >> 4, c = idx & 15;
+      const int64_t n = n0 + nl, kk = m0 + c * 8;
+      if (n < N && kk < K)
+        *reinterpret_cast<uint4*>(out + n * K + kk) = *reinterpret_cast<const uint4*>(&Cs[nl * kLdT + c * 8]);
     }
   }
 }
@@ -279,28 +415,48 @@ void grouped_gemm_gpu(const GroupedGemmArgs& g, int device, void* stream) {
   auto launch = [&](auto t) {
     using T = decltype(t);
     if (g.trans_b)
-      grouped_gemm_kernel<T, true><<<grid, kThreads, 0, as_stream(stream)>>>(g);
+      grouped_gemm_kernel<T, true, false><<<grid, kThreads, 0, as_stream(stream)>>>(g, nullptr);
     else
-      grouped_gemm_kernel<T, false><<<grid, kThreads, 0, as_stream(stream)>>>(g);
+      grouped_gemm_kernel<T, false, false><<<grid, kThreads, 0, as_stream(stream)>>>(g, nullptr);
   };
   if (g.dtype == DType::bf16) launch(bf16{});
   else launch(f16{});
   gpu_check(gpuGetLastError(), "launching grouped_gemm_kernel");
 }
 
+void grouped_swiglu_gpu(const GroupedSwigluArgs& s, int device, void* stream) {
+  check(s);
+  require(s.dtype != DType::f32, "the GPU fused SwiGLU GEMM takes bfloat16 or float16 (float32 runs on the CPU only)");
+  check_gpu_shape(s.k, s.ffn, {s.x, s.w13, s.act, s.h});
+  require((s.ffn + BN / 2 - 1) / (BN / 2) <= 65535, "ffn too large for the grid (at most 65535 * 64)");
+  if (s.rows == 0) return;
+  DeviceGuard guard(device);
+  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.ffn, s.experts, true};
+  const dim3 grid(unsigned((s.rows + BM - 1) / BM + s.experts + 1), unsigned((s.ffn + BN / 2 - 1) / (BN / 2)));
+  auto launch = [&](auto t) {
+    using T = decltype(t);
+    grouped_gemm_kernel<T, true, true><<<grid, kThreads, 0, as_stream(stream)>>>(g, static_cast<T*>(s.h));
+  };
+  if (s.dtype == DType::bf16) launch(bf16{});
+  else launch(f16{});
+  gpu_check(gpuGetLastError(), "launching grouped_gemm_kernel (fused SwiGLU)");
+}
+
 void grouped_wgrad_gpu(const GroupedWgradArgs& g, int device, void* stream) {
   check(g);
   require(g.dtype != DType::f32, "the GPU grouped wgrad takes bfloat16 or float16 (float32 runs on the CPU only)");
-  require((g.n + kWgradTile - 1) / kWgradTile <= 65535, "N_out too large for the grid");
+  check_gpu_shape(g.k, g.n, {g.a, g.dy, g.db});
+  require((g.n + BN - 1) / BN <= 65535, "N_out too large for the grid (at most 65535 * 128)");
   DeviceGuard guard(device);
-  const dim3 grid(unsigned((g.k + kWgradTile - 1) / kWgradTile), unsigned((g.n + kWgradTile - 1) / kWgradTile),
-                  unsigned(g.experts));
+  // Every (expert, output tile) gets a CTA, empty experts included: they
+  // write the zeros of their gradient.
+  const dim3 grid(unsigned((g.k + BM - 1) / BM), unsigned((g.n + BN - 1) / BN), unsigned(g.experts));
   auto launch = [&](auto t) {
     using T = decltype(t);
     if (g.trans_b)
-      grouped_wgrad_kernel<T, true><<<grid, kWgradThreads, 0, as_stream(stream)>>>(g);
+      grouped_wgrad_kernel<T, true><<<grid, kThreads, 0, as_stream(stream)>>>(g);
     else
-      grouped_wgrad_kernel<T, false><<<grid, kWgradThreads, 0, as_stream(stream)>>>(g);
+      grouped_wgrad_kernel<T, false><<<grid, kThreads, 0, as_stream(stream)>>>(g);
   };
   if (g.dtype == DType::bf16) launch(bf16{});
   else launch(f16{});
@@ -317,6 +473,11 @@ void grouped_gemm_gpu(const GroupedGemmArgs& g, int, void*) {
   check(g);
   throw std::runtime_error("mixkit: grouped_gemm is not implemented on HIP yet (the CUDA kernel uses mma.sync PTX; "
                            "an MFMA kernel is planned in issue 8); run it on the CPU");
+}
+
+void grouped_swiglu_gpu(const GroupedSwigluArgs& g, int, void*) {
+  check(g);
+  throw std::runtime_error("mixkit: the fused SwiGLU grouped GEMM is not implemented on HIP yet (issue 8)");
 }
 
 void grouped_wgrad_gpu(const GroupedWgradArgs& g, int, void*) {

@@ -1,7 +1,7 @@
 """mixkit ops: each is a torch.library op in the `mixkit` namespace with a fake
 implementation (and autograd where differentiable), so it works in eager,
 torch.compile(fullgraph=True) and CUDA graphs. These functions are the public API."""
-from .decode import decode_attn, kv_cache_append
+from .decode import decode_attn, decode_attn_paged, kv_cache_append
 from .flash_attn import flash_attn, flash_attn_fwd_arch, flash_attn_varlen
 from .moe import moe_permute, moe_route, moe_unpermute
 from .moe_mlp import grouped_gemm, grouped_gemm_wgrad, moe_aux_loss, moe_mlp
@@ -11,4 +11,5 @@ from .rope import rope
 
 __all__ = ["rms_norm", "rms_norm_residual", "layer_norm", "rope", "moe_route", "moe_permute", "moe_unpermute",
            "grouped_gemm", "grouped_gemm_wgrad", "moe_mlp", "moe_aux_loss", "kv_cache_append", "decode_attn",
+           "decode_attn_paged",
            "flash_attn", "flash_attn_varlen", "flash_attn_fwd_arch", "prefill_attn"]

@@ -168,7 +168,7 @@ def _decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
     _core.decode_attn(backend, device, stream, DTYPE_CODES[q.dtype], q.data_ptr(), k_cache.data_ptr(),
                       v_cache.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
                       b, h, hkv, d, c, window or 0, scale, splits,
-                      ptr(ws_out), ptr(ws_lse))
+                      ptr(ws_out), ptr(ws_lse), 0, 0, 0, 0)
     return out, lse
 
 
@@ -179,6 +179,73 @@ define("decode_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqle
 @torch.library.register_fake("mixkit::decode_attn")
 def _(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
     _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale)
+    return torch.empty_like(q), _lse_like(q)
+
+
+# ---- decode_attn_paged -------------------------------------------------------------
+
+def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
+    op = "decode_attn_paged"
+    _cache_pair(op, k_pages, v_pages)
+    _checks.tensor(op, "q", q, min_dim=3)
+    _checks.same_device(op, "k_pages", k_pages, "q", q)
+    _checks.same_dtype(op, "k_pages", k_pages, "q", q)
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be (batch, heads, head_dim), one token per sequence, got shape {tuple(q.shape)}")
+    _checks.contiguous(op, "q", q)
+    _, page_size, hkv, d = k_pages.shape
+    b = q.shape[0]
+    if q.shape[2] != d:
+        raise ValueError(f"{op}: q has head_dim {q.shape[2]} but k_pages has {d}")
+    if q.shape[1] == 0 or q.shape[1] % hkv:
+        raise ValueError(f"{op}: the {q.shape[1]} query heads of q must be a positive multiple of the "
+                         f"{hkv} kv_heads of k_pages (GQA)")
+    _checks.tensor(op, "block_table", block_table, dtypes=(torch.int32,))
+    _checks.same_device(op, "k_pages", k_pages, "block_table", block_table)
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.shape[1] == 0:
+        raise ValueError(f"{op}: block_table must be (batch, max_pages) = ({b}, >= 1), got {tuple(block_table.shape)}")
+    _checks.contiguous(op, "block_table", block_table)
+    _checks.tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,))
+    _checks.same_device(op, "k_pages", k_pages, "cache_seqlens", cache_seqlens)
+    if cache_seqlens.shape != (b,):
+        raise ValueError(f"{op}: cache_seqlens must have shape ({b},), got {tuple(cache_seqlens.shape)}")
+    _checks.contiguous(op, "cache_seqlens", cache_seqlens)
+    if window is not None and window < 1:
+        raise ValueError(f"{op}: window must be >= 1 or None, got {window}")
+    if softmax_scale is not None:
+        _checks.finite_float(op, "softmax_scale", softmax_scale, positive=True)
+    _gpu_head_dim(op, q, d)
+
+
+def _decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
+    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale)
+    _aligned16("decode_attn_paged", q=q, k_pages=k_pages, v_pages=v_pages)
+    b, h, d = q.shape
+    num_pages, page_size, hkv = k_pages.shape[:3]
+    max_pages = block_table.shape[1]
+    c = max_pages * page_size
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    out, lse = torch.empty_like(q), _lse_like(q)
+    backend, device, stream = launch_args(q.device)
+    splits = _splits(backend, device, DTYPE_CODES[q.dtype], b, h, hkv, d, c, window or 0)
+    ws_out = ws_lse = None
+    if splits > 1:
+        ws_out = torch.empty((b, h, splits, d), dtype=F32, device=q.device)
+        ws_lse = torch.empty((b, h, splits), dtype=F32, device=q.device)
+    _core.decode_attn(backend, device, stream, DTYPE_CODES[q.dtype], q.data_ptr(), k_pages.data_ptr(),
+                      v_pages.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                      b, h, hkv, d, c, window or 0, scale, splits, ptr(ws_out), ptr(ws_lse),
+                      block_table.data_ptr(), page_size, max_pages, num_pages)
+    return out, lse
+
+
+define("decode_attn_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor cache_seqlens, "
+       "int? window, float? softmax_scale) -> (Tensor, Tensor)", _decode_attn_paged)
+
+
+@torch.library.register_fake("mixkit::decode_attn_paged")
+def _(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
+    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale)
     return torch.empty_like(q), _lse_like(q)
 
 
@@ -227,4 +294,26 @@ def decode_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     GPU: float32/float16/bfloat16, D in (64, 128). CPU: any D.
     """
     out, lse = torch.ops.mixkit.decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale)
+    return (out, lse) if return_lse else out
+
+
+def decode_attn_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                      cache_seqlens: torch.Tensor, window: int | None = None, softmax_scale: float | None = None,
+                      return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """decode_attn over a paged KV cache (vLLM-style block tables).
+
+    k_pages, v_pages: (num_pages, page_size, Hkv, D), pages shared by all
+    sequences. block_table: (B, max_pages) int32; position p of sequence b
+    lives at row p % page_size of page block_table[b, p // page_size].
+    cache_seqlens: (B,) int32 tokens seen, the current one included, at most
+    max_pages * page_size. Each query attends to the last
+    min(cache_seqlens[b], window) positions, so pages older than the window
+    are never read (an engine may recycle them). The kernel is decode_attn's,
+    with the ring slot replaced by a page lookup: the same split-KV, GQA
+    sharing and CUDA-graph capturability. The CPU checks page indices and
+    lengths and raises; the GPU cannot without a host sync, and clamps them
+    into the page pool instead.
+    """
+    out, lse = torch.ops.mixkit.decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window,
+                                                  softmax_scale)
     return (out, lse) if return_lse else out
