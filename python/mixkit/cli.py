@@ -45,29 +45,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255, for the embedded tiny models."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
-class _HFTokenizer:
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(path))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
-
-
 def _generate(args: argparse.Namespace) -> int:
     import time
 
@@ -75,27 +52,38 @@ def _generate(args: argparse.Namespace) -> int:
 
     from mixkit import models
 
+    from mixkit.tokenizer import ByteTokenizer, encode_chat, load_tokenizer
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stop: list[int] = []
-    if args.checkpoint:
-        ckpt = Path(args.checkpoint)
-        model = models.load(ckpt, device=device)
-        if not (ckpt / "tokenizer.json").exists():
-            print(f"mixkit generate: error: {ckpt} has no tokenizer.json", file=sys.stderr)
+    checkpoint = args.checkpoint or (args.model if Path(args.model).is_dir() else None)
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        try:
+            tokenizer = load_tokenizer(ckpt)
+        except FileNotFoundError as exc:
+            print(f"mixkit generate: error: {exc}", file=sys.stderr)
             return 2
-        tokenizer = _HFTokenizer(ckpt / "tokenizer.json")
+        model = models.load(ckpt, device=device)
         cfg = ckpt / "config.json"
-        eos = json.loads(cfg.read_text()).get("eos_token_id") if cfg.exists() else None
+        eos = json.loads(cfg.read_text()).get("eos_token_id") if cfg.exists() else tokenizer.eos_id
         stop = [eos] if isinstance(eos, int) else list(eos or [])
     else:
         if args.model not in models.CONFIGS or not args.model.startswith("tiny-"):
             tiny = ", ".join(n for n in models.CONFIGS if n.startswith("tiny-"))
-            print(f"mixkit generate: error: --model must be one of {tiny} (or pass --checkpoint DIR)",
+            print(f"mixkit generate: error: --model must be a checkpoint directory or one of {tiny}",
                   file=sys.stderr)
             return 2
         model = models.Transformer(models.CONFIGS[args.model]).init_weights(args.seed, std=0.1).to(device).eval()
-        tokenizer = _ByteTokenizer()
-    ids = tokenizer.encode(args.prompt)
+        tokenizer = ByteTokenizer()
+    if args.chat:
+        try:
+            ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])[0]
+        except ValueError as exc:
+            print(f"mixkit generate: error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        ids = tokenizer.encode(args.prompt)
     if not ids:
         print("mixkit generate: error: the prompt encodes to no tokens", file=sys.stderr)
         return 2
@@ -143,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=_bench)
 
     g = sub.add_parser("generate", help="generate text with a tiny random model or a checkpoint directory")
-    g.add_argument("--model", default="tiny-mistral", help="embedded tiny random model (default tiny-mistral)")
-    g.add_argument("--checkpoint", help="HF or Mistral-native checkpoint directory with tokenizer.json")
+    g.add_argument("--model", default="tiny-mistral",
+                   help="checkpoint directory (HF or Mistral native, with tokenizer.json or tokenizer.model), or an "
+                        "embedded tiny random model name (default tiny-mistral)")
+    g.add_argument("--checkpoint", help="same as --model DIR")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a Mistral/Llama chat turn ([INST] ... [/INST])")
     g.add_argument("--prompt", default="Hello", help="prompt text")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
