@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
@@ -129,11 +130,18 @@ class MoE(nn.Module):
         self.gate = nn.Linear(args.dim, args.moe_num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(args.moe_num_experts, 2 * args.hidden_dim, args.dim))
         self.w2 = nn.Parameter(torch.empty(args.moe_num_experts, args.dim, args.hidden_dim))
+        # Training sets keep_router_logits to read (router logits (T, E),
+        # expert_ids (T, k)) of the last forward for the load-balancing loss.
+        self.keep_router_logits = False
+        self.router_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, expert_ids = ops.moe_route(self.gate(x), self.top_k)
+        router_logits = self.gate(x)
+        weights, expert_ids = ops.moe_route(router_logits, self.top_k)
+        if self.keep_router_logits:
+            self.router_logits = (router_logits, expert_ids)
         x_perm, offsets, row_map = ops.moe_permute(x, expert_ids, self.num_experts)
         y_rows = _experts_forward(x_perm, offsets, self.w13, self.w2)
         return ops.moe_unpermute(y_rows, row_map, weights).view(shape)
@@ -175,6 +183,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = _make_norm(args)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Training: recompute each block in the backward (non-reentrant
+        # torch.utils.checkpoint) instead of keeping its activations.
+        self.activation_checkpointing = False
         self.tie_weights()
 
     def tie_weights(self):
@@ -222,8 +233,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                 start_pos: int | None = None, rows: slice | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
-        """Logits (B, S, vocab) for tokens (B, S).
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, S, vocab) for tokens (B, S); with return_hidden, the final
+        normed hidden states (B, S, dim) instead (the input of `output`, for
+        losses that apply the output weight chunk by chunk).
 
         positions: (S,) or (B, S) absolute positions; default start_pos + arange(S).
         With caches (setup_caches), the tokens are a prefill chunk starting at
@@ -253,7 +267,12 @@ class Transformer(nn.Module):
         x, residual = self.tok_embeddings(tokens), None
         attend = lambda attn, y: attn(y, positions, rows, start_pos, docs)  # noqa: E731
         for layer in self.layers:
-            x, residual = layer(x, residual, attend)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, residual = torch.utils.checkpoint.checkpoint(layer, x, residual, attend, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, attend)
+        if return_hidden:
+            return _add_norm(self.norm, x, residual)[0]
         return self._head(x, residual)
 
     def decode_step(self, token: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
