@@ -152,7 +152,7 @@ def test_prefill_decode_matches_full_forward(name, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-llama", "tiny-mixtral"])
 def test_cuda_graph_decode_matches_eager(name):
     model = _tiny(name, device="cuda")
     prompts = [list(range(3, 40)), [5, 6, 7]]

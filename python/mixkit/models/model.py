@@ -39,6 +39,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.bias)
         self.cache: KVCache | None = None
+        # flash_attn's deterministic backward (dQ without atomics): bitwise
+        # reproducible training on the GPU, at some speed; set by the trainer.
+        self.deterministic = False
 
     def _qkv(self, x, positions):
         b, s, _ = x.shape
@@ -63,7 +66,8 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, positions)
         if docs is not None:
             cu, max_len = docs
-            out = ops.flash_attn_varlen(q[0], k[0], v[0], cu, cu, max_len, max_len, window=self.window)[None]
+            out = ops.flash_attn_varlen(q[0], k[0], v[0], cu, cu, max_len, max_len, window=self.window,
+                                        deterministic=self.deterministic)[None]
             return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
         keys, values = k, v
         if self.cache is not None:
@@ -79,7 +83,7 @@ class Attention(nn.Module):
                 keys = torch.cat([k_cache.gather(1, idx), k], 1)
                 values = torch.cat([v_cache.gather(1, idx), v], 1)
             ops.kv_cache_append(k, v, k_cache, v_cache, positions)
-        out = ops.flash_attn(q, keys, values, causal=True, window=self.window)
+        out = ops.flash_attn(q, keys, values, causal=True, window=self.window, deterministic=self.deterministic)
         return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
 
     def decode(self, x, positions):
@@ -106,23 +110,11 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-def _experts_forward(x_perm, offsets, w13, w2):
-    """SwiGLU of each expert e over its rows offsets[e]:offsets[e+1] of x_perm."""
-    # TEMPORARY until mixkit.ops.moe_mlp (issue 5): one host sync reads the
-    # offsets, then one matmul pair per expert. Not capturable in a CUDA graph.
-    bounds = offsets.tolist()
-    out = torch.zeros_like(x_perm)
-    for e in range(w13.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            gate, up = torch.matmul(x_perm[lo:hi], w13[e].t()).chunk(2, dim=-1)
-            out[lo:hi] = torch.matmul(F.silu(gate) * up, w2[e].t())
-    return out
-
-
 class MoE(nn.Module):
     """Mixtral's sparse FFN: top-k router (mixkit.ops.moe_route), rows grouped by
-    expert (moe_permute), expert SwiGLUs, weighted gather back (moe_unpermute)."""
+    expert (moe_permute), the expert SwiGLUs as two grouped GEMMs over the
+    device-side offsets (no host sync, so a decode step captures in a CUDA
+    graph), weighted gather back (moe_unpermute)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -143,7 +135,9 @@ class MoE(nn.Module):
         if self.keep_router_logits:
             self.router_logits = (router_logits, expert_ids)
         x_perm, offsets, row_map = ops.moe_permute(x, expert_ids, self.num_experts)
-        y_rows = _experts_forward(x_perm, offsets, self.w13, self.w2)
+        h = ops.grouped_gemm(x_perm, self.w13, offsets, trans_b=True)
+        gate, up = h.chunk(2, dim=-1)
+        y_rows = ops.grouped_gemm(F.silu(gate) * up, self.w2, offsets, trans_b=True)
         return ops.moe_unpermute(y_rows, row_map, weights).view(shape)
 
 

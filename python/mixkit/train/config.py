@@ -48,6 +48,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "bf16"  # "bf16": bf16 compute, float32 master weights and grads; "fp32"
     activation_checkpointing: bool = False
+    # GPU attention backward without atomics, so that a resumed run repeats
+    # the uninterrupted one bit for bit (the CPU is always deterministic).
+    deterministic: bool = False
     moe_aux_loss_coef: float = 0.02  # Mixtral / HF router_aux_loss_coef; 0 disables
     loss_chunk_size: int = 4096  # tokens per chunk of the cross-entropy
 

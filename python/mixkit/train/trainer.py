@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .. import ops
-from ..models.model import MoE, Transformer
+from ..models.model import Attention, MoE, Transformer
 from .config import TrainConfig
 from .flops import batch_flops
 from .losses import IGNORE_INDEX, chunked_cross_entropy
@@ -153,6 +153,9 @@ class Trainer:
             raise RuntimeError(f"Trainer: {self.world} ranks need fsdp (data parallelism without it is not "
                                "implemented)")
         model.activation_checkpointing = cfg.activation_checkpointing
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.deterministic = cfg.deterministic
         self.module = CausalLMLoss(model, cfg.loss_chunk_size, moe_aux=cfg.moe_aux_loss_coef > 0)
         if self.fsdp:
             apply_fsdp(self.module, cfg.precision)
