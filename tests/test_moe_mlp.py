@@ -158,12 +158,15 @@ MLP_SHAPES = [(37, 64, 96, 8, 2), (20, 32, 48, 3, 1), (17, 32, 48, 3, 2), (1, 64
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", MLP_SHAPES)
-def test_moe_mlp_forward_and_gradients(device, shape):
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_mlp_forward_and_gradients(device, shape, fused):
+    # The fused SwiGLU rounds less than ref_lowp assumes (once instead of
+    # after the GEMM, the silu and the product), so the same bound holds.
     tokens, hidden, ffn, experts, top_k = shape
     for dtype in _dtypes(device):
         params = _mlp_inputs(tokens, hidden, ffn, experts, dtype, device, seed=tokens)
         ours_in = [p.clone().requires_grad_(True) for p in params]
-        y, logits = mm.moe_mlp(*ours_in, top_k=top_k, return_router_logits=True)
+        y, logits = mm.moe_mlp(*ours_in, top_k=top_k, return_router_logits=True, fused_swiglu=fused)
         assert y.shape == (tokens, hidden) and y.dtype == dtype and logits.shape == (tokens, experts)
         grad_y = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
         y.backward(grad_y)
@@ -178,6 +181,80 @@ def test_moe_mlp_forward_and_gradients(device, shape):
         _check_fa_rule(y, refs["ref32"][0], refs["lowp"][0], 2, 1e-5, f"{dtype} y")
         for name, p, g32, glp in zip(("x", "router_weight", "w13", "w2"), ours_in, refs["ref32"][1], refs["lowp"][1]):
             _check_fa_rule(p.grad, g32, glp, 3, 1e-4, f"{dtype} grad {name}")
+
+
+# ---- grouped_swiglu (fused SwiGLU epilogue) -------------------------------------
+
+# (K, F, counts, rows): F over several 64-column GPU tiles with a tail, an
+# expert past 128 rows, empty experts, bad-id rows after offsets[E].
+SWIGLU_CASES = [(64, 72, [5, 0, 130, 3], 141), (32, 8, [1], 1), (48, 136, [0, 9, 0], 12), (16, 24, [0, 0], 3)]
+
+
+def swiglu_ref(x, w13, offsets):
+    """float32 h (N, 2F) and silu(gate) * up from it."""
+    h = gemm_ref(x, w13, offsets, trans_b=True)
+    ffn = h.shape[1] // 2
+    return h, F.silu(h[:, :ffn]) * h[:, ffn:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_swiglu_matches_float32_reference(device):
+    for dtype in _dtypes(device):
+        for i, (k, ffn, counts, rows) in enumerate(SWIGLU_CASES):
+            x, w13, off = _gemm_case(device, dtype, k, 2 * ffn, counts, rows, True, seed=i)
+            h_ref, act_ref = swiglu_ref(x, w13, off)
+            act, h = mm.grouped_swiglu(x, w13, off, store_h=True)
+            assert act.shape == (rows, ffn) and h.shape == (rows, 2 * ffn) and act.dtype == h.dtype == dtype
+            # One rounding of a float32 value each: h is the plain GEMM; act is
+            # silu(g) * u with |d act| <= |d g| * max|silu'| * |u| + |silu(g)| |d u|,
+            # d of a few float32 ulps of the summed terms, hence the scale.
+            ref.assert_close(h.cpu(), h_ref, dtype, f"h {dtype} {(k, ffn, counts)}")
+            scale = (h_ref.abs().max().item() + 1) ** 2
+            ref.assert_close(act.cpu(), act_ref, dtype, f"act {dtype} {(k, ffn, counts)}", scale=scale)
+            assert not act[off[-1]:].any() and not h[off[-1]:].any(), "rows after offsets[E] must be zero"
+            act2, h2 = mm.grouped_swiglu(x, w13, off, store_h=False)
+            assert h2.shape == (0, 2 * ffn)
+            torch.testing.assert_close(act2, act, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_swiglu_matches_unfused_forward_and_gradients(device):
+    """The fused layer against the unfused one: identical math, fewer roundings.
+    float32 (CPU): same sums, so float32 noise only. Low precision: both
+    within the FlashAttention rule of test_moe_mlp_forward_and_gradients, so
+    they differ by at most the sum of the two bounds; we check the tighter
+    fact that the fused one is no further from ref32 than the unfused one
+    plus one rounding of the output's scale."""
+    tokens, hidden, ffn, experts, top_k = 45, 32, 72, 5, 2
+    for dtype in _dtypes(device):
+        params = _mlp_inputs(tokens, hidden, ffn, experts, dtype, device, seed=3)
+        outs = {}
+        for fused in (False, True):
+            inp = [p.clone().requires_grad_(True) for p in params]
+            y = mm.moe_mlp(*inp, top_k=top_k, fused_swiglu=fused)
+            y.backward(torch.ones_like(y))
+            outs[fused] = [y.detach()] + [p.grad for p in inp]
+        if dtype == torch.float32:
+            for name, a, b in zip(("y", "x", "router_weight", "w13", "w2"), outs[True], outs[False]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+        else:
+            ids = _selected_ids(params[0], params[1], top_k)
+            inp = [p.detach().float().cpu().requires_grad_(True) for p in params]
+            y32 = mlp_ref(*inp, top_k, ids=ids)
+            y32.backward(torch.ones_like(y32))
+            refs = [y32.detach()] + [p.grad for p in inp]
+            u = ref.UNIT_ROUNDOFF[dtype]
+            for name, a, b, r in zip(("y", "x", "router_weight", "w13", "w2"), outs[True], outs[False], refs):
+                err_f = (a.float().cpu() - r).abs().max().item()
+                err_u = (b.float().cpu() - r).abs().max().item()
+                assert err_f <= err_u + 2 * u * r.abs().max().item(), f"{dtype} {name}: fused {err_f} unfused {err_u}"
+
+
+def test_grouped_swiglu_backward_needs_stored_h():
+    x, w13, off = _gemm_case("cpu", torch.float32, 16, 48, [3, 2], 5, True)
+    act, h = mm.grouped_swiglu(x.requires_grad_(True), w13, off, store_h=False)
+    with pytest.raises(RuntimeError, match="store_h"):
+        act.sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -221,14 +298,19 @@ def test_opcheck(device):
                               (a.requires_grad_(True), b.requires_grad_(True), off, trans_b))
         grad = torch.randn(9, 24).to(dtype).to(device)
         torch.library.opcheck(torch.ops.mixkit.grouped_gemm_wgrad.default, (a.detach(), grad, off, trans_b))
+    x, w13, off = _gemm_case(device, dtype, 16, 48, [3, 0, 5], 9, True)
+    torch.library.opcheck(torch.ops.mixkit.grouped_swiglu.default,
+                          (x.requires_grad_(True), w13.requires_grad_(True), off, True))
+    torch.library.opcheck(torch.ops.mixkit.grouped_swiglu.default, (x.detach(), w13.detach(), off, False))
 
 
-def test_torch_compile_fullgraph_forward_backward():
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_compile_fullgraph_forward_backward(fused):
     params = _mlp_inputs(24, 32, 48, 8, torch.float32, "cpu")
     eager = [p.clone().requires_grad_(True) for p in params]
     comp = [p.clone().requires_grad_(True) for p in params]
-    y_eager = mm.moe_mlp(*eager, top_k=2)
-    y_comp = torch.compile(mm.moe_mlp, fullgraph=True)(*comp, top_k=2)
+    y_eager = mm.moe_mlp(*eager, top_k=2, fused_swiglu=fused)
+    y_comp = torch.compile(mm.moe_mlp, fullgraph=True)(*comp, top_k=2, fused_swiglu=fused)
     torch.testing.assert_close(y_comp, y_eager)
     y_eager.square().sum().backward()
     y_comp.square().sum().backward()
@@ -237,15 +319,37 @@ def test_torch_compile_fullgraph_forward_backward():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_moe_mlp_forward():
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_graph_capture_moe_mlp_forward(fused):
     x, rw, w13, w2 = _mlp_inputs(256, 512, 384, 8, torch.bfloat16, "cuda")
-    expected = mm.moe_mlp(x, rw, w13, w2, top_k=2)
-    graph, out = capture_cuda_graph(lambda: mm.moe_mlp(x, rw, w13, w2, top_k=2))
+    expected = mm.moe_mlp(x, rw, w13, w2, top_k=2, fused_swiglu=fused)
+    graph, out = capture_cuda_graph(lambda: mm.moe_mlp(x, rw, w13, w2, top_k=2, fused_swiglu=fused))
     graph.replay()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    torch.testing.assert_close(out, mm.moe_mlp(x, rw, w13, w2, top_k=2), rtol=0, atol=0)
+    torch.testing.assert_close(out, mm.moe_mlp(x, rw, w13, w2, top_k=2, fused_swiglu=fused), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_wgrad_large_experts_match_cpu():
+    """Many 32-row steps per expert, several output tiles with tails in both
+    dimensions, an empty expert: the tensor-core wgrad against float32."""
+    counts = [300, 0, 77, 1, 129]
+    for trans_b in (False, True):
+        for dtype in (torch.float16, torch.bfloat16):
+            g = torch.Generator().manual_seed(7)
+            a = torch.randn(sum(counts) + 5, 136, generator=g).to(dtype)
+            dy = torch.randn(sum(counts) + 5, 264, generator=g).to(dtype)
+            off = _offsets(counts, "cpu")
+            db = mm.grouped_gemm_wgrad(a.cuda(), dy.cuda(), off.cuda(), trans_b=trans_b).cpu()
+            o = off.tolist()
+            expected = torch.stack([a[o[e]:o[e + 1]].float().t() @ dy[o[e]:o[e + 1]].float() for e in range(5)])
+            if trans_b:
+                expected = expected.transpose(1, 2)
+            scale = (a.float().abs().max() * dy.float().abs().max()).item() * max(counts) ** 0.5
+            ref.assert_close(db, expected, dtype, f"{dtype} trans_b={trans_b}", scale=scale)
+            assert not db[1].any()
 
 
 # ---- bad input -------------------------------------------------------------------

@@ -17,6 +17,10 @@
 // offsets walk, and the launch shape depends only on tensor shapes: the call
 // captures in a CUDA graph.
 //
+// Fused SwiGLU (grouped_swiglu_gpu): the forward kernel with SWIGLU = true,
+// 64 output columns per CTA whose gate and up rows of w13 fill the 128-row
+// weight tile; silu(gate) * up in the epilogue (details at the kernel).
+//
 // Weight gradient: the same 128x128 tile, warps and mma, with the reduction
 // running over the expert's rows (BK = 32 per step) instead of over K: both
 // operands are row-major in that reduction index, so both go through
@@ -204,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
   auto store2 = [](T* p, float lo, float hi) {
     *reinterpret_cast<uint32_t*>(p) = uint32_t(from_f32<T>(lo).bits) | (uint32_t(from_f32<T>(hi).bits) << 16);
   };
-  if (SWIGLU) {
+  if constexpr (SWIGLU) {
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
@@ -228,20 +232,20 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
         }
       }
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
+    for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
-      if (row >= row1) continue;
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
+        if (row >= row1) continue;
 #pragma unroll
-      for (int ni = 0; ni < 8; ++ni) {
-        const int64_t col = n0 + wn + ni * 8 + c2;
-        if (col >= N) continue;
-        const T lo = from_f32<T>(acc[mi][ni][half * 2]), hi = from_f32<T>(acc[mi][ni][half * 2 + 1]);
-        *reinterpret_cast<uint32_t*>(C + row * N + col) = uint32_t(lo.bits) | (uint32_t(hi.bits) << 16);
+        for (int ni = 0; ni < 8; ++ni) {
+          const int64_t col = n0 + wn + ni * 8 + c2;
+          if (col >= N) continue;
+          const T lo = from_f32<T>(acc[mi][ni][half * 2]), hi = from_f32<T>(acc[mi][ni][half * 2 + 1]);
+          *reinterpret_cast<uint32_t*>(C + row * N + col) = uint32_t(lo.bits) | (uint32_t(hi.bits) << 16);
+        }
       }
     }
   }
