@@ -180,3 +180,22 @@ def test_cli_generate_from_checkpoint(llama_dir, capsys):
                  "--device", "cpu"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("w5 w9 w17") and "6 tokens" in out.err
+
+
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-mixtral", "tiny-llama", "tiny-olmo"])
+def test_save_round_trips_and_transformers_reads_it(name, tmp_path):
+    """mixkit.models.save writes a Hugging Face directory: mixkit reloads it
+    exactly, and transformers' own model gives the same logits (float32
+    rounding only, as in test_models.py)."""
+    import transformers
+
+    from mixkit.models import CONFIGS, Transformer, save
+
+    model = Transformer(CONFIGS[name]).init_weights(0, std=0.1).eval()
+    save(model, tmp_path)
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        want = model(tokens)
+        assert torch.equal(load(tmp_path)(tokens), want)
+        torch.testing.assert_close(hf(tokens).logits, want, atol=1e-4, rtol=0)

@@ -225,3 +225,52 @@ def load(path, dtype: torch.dtype | None = None, device=None, default_rope_theta
     if bar is not None:
         bar.close()
     return model.eval()
+
+
+def to_hf_config(args: ModelArgs) -> dict:
+    """A Hugging Face config.json dict for `args`: the inverse of from_hf_config."""
+    if args.rope_interleaved:
+        raise ValueError("save: interleaved-RoPE models have no Hugging Face layout; load them half-split")
+    if args.norm == "layer_np":
+        arch, model_type = "OlmoForCausalLM", "olmo"
+    elif args.moe_num_experts:
+        arch, model_type = "MixtralForCausalLM", "mixtral"
+    elif args.sliding_window is not None:
+        arch, model_type = "MistralForCausalLM", "mistral"
+    else:
+        arch, model_type = "LlamaForCausalLM", "llama"
+    cfg = dict(architectures=[arch], model_type=model_type, hidden_size=args.dim, num_hidden_layers=args.n_layers,
+               num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+               intermediate_size=args.hidden_dim, vocab_size=args.vocab_size, rope_theta=args.rope_theta,
+               max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_embeddings,
+               hidden_act="silu", attention_bias=args.bias, mlp_bias=args.bias)
+    if args.norm == "rms":
+        cfg["rms_norm_eps"] = args.norm_eps
+    if args.clip_qkv is not None:
+        cfg["clip_qkv"] = args.clip_qkv
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
+        cfg["sliding_window"] = args.sliding_window
+    if args.moe_num_experts:
+        cfg.update(num_local_experts=args.moe_num_experts, num_experts_per_tok=args.moe_top_k)
+    return cfg
+
+
+def save(model: Transformer, path, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a Hugging Face checkpoint directory (config.json +
+    model.safetensors, per-expert Mixtral keys) that `load` and
+    `transformers` read; the fused qkv and w13 parameters are split back into
+    their projections. dtype: default the model's."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    mapping, _ = _hf_map(model.args, set())
+    tensors = {}
+    for key, (name, index, _) in mapping.items():
+        t = params[name].detach()
+        t = t if index is None else t[index]
+        tensors[key] = t.to(dtype or t.dtype).contiguous().cpu()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(to_hf_config(model.args), indent=2) + "\n")
+    return path
