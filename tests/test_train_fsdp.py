@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import mixkit
 import train_fsdp_worker as worker
 from mixkit.train import Trainer
 
@@ -43,8 +44,10 @@ def _gloo_unavailable() -> str | None:
 @pytest.mark.skipif(_gloo_unavailable() is not None, reason=str(_gloo_unavailable()))
 def test_fsdp2_two_ranks_match_one_process(tmp_path):
     out = tmp_path / "losses.json"
+    # The workers import the mixkit this test imported (a source tree with its
+    # built _core, or an installed wheel), not whatever python/ holds.
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent / "python"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(mixkit.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "train_fsdp_worker.py"), str(out), str(tmp_path / "ckpt")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
