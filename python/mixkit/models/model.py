@@ -57,10 +57,10 @@ class Attention(nn.Module):
         """Prefill or training over x (B, S, dim) at positions (B, S).
 
         Attention masks by token order (flash_attn's causal, sliding-window
-        mask); positions only feed RoPE. With a cache, the chunk also attends
-        to the `tail` tokens cached before it (the chunk's start position, so
-        the cache rows must hold that sequence's earlier tokens) and is then
-        appended to cache rows `rows`. docs = (cu_seqlens int32, max_seqlen):
+        mask); positions only feed RoPE. With a cache, `tail` is the chunk's
+        start position: the chunk attends to the tokens cached before it and
+        is appended to cache rows `rows` (ops.prefill_attn). docs =
+        (cu_seqlens int32, max_seqlen):
         packed documents in one row, each seeing only itself.
         """
         q, k, v = self._qkv(x, positions)
@@ -69,21 +69,13 @@ class Attention(nn.Module):
             out = ops.flash_attn_varlen(q[0], k[0], v[0], cu, cu, max_len, max_len, window=self.window,
                                         deterministic=self.deterministic)[None]
             return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
-        keys, values = k, v
         if self.cache is not None:
-            k_cache, v_cache = self.cache.k[rows or slice(None)], self.cache.v[rows or slice(None)]
-            c = k_cache.shape[1]
-            tail = min(tail or 0, c)
-            if tail:
-                # The cached tail, unrolled from the ring buffer in position
-                # order: the chunk's queries are then the last S of the keys,
-                # flash_attn's bottom-right-aligned mask.
-                tail_pos = positions[:, :1] - tail + torch.arange(tail, device=x.device)
-                idx = tail_pos.remainder(c)[:, :, None, None].expand(-1, -1, self.n_kv_heads, self.head_dim)
-                keys = torch.cat([k_cache.gather(1, idx), k], 1)
-                values = torch.cat([v_cache.gather(1, idx), v], 1)
-            ops.kv_cache_append(k, v, k_cache, v_cache, positions)
-        out = ops.flash_attn(q, keys, values, causal=True, window=self.window, deterministic=self.deterministic)
+            # Chunked prefill: the cached tail plus this chunk, then the chunk
+            # is appended (mixkit.ops.prefill_attn).
+            out = ops.prefill_attn(q, k, v, self.cache.k[rows or slice(None)], self.cache.v[rows or slice(None)],
+                                   tail or 0, window=self.window)
+            return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
+        out = ops.flash_attn(q, k, v, causal=True, window=self.window, deterministic=self.deterministic)
         return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
 
     def decode(self, x, positions):
