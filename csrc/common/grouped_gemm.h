@@ -103,7 +103,7 @@ inline void check(const GroupedSwigluArgs& a) {
 void grouped_gemm_cpu(const GroupedGemmArgs& a);
 void grouped_wgrad_cpu(const GroupedWgradArgs& a);
 void grouped_swiglu_cpu(const GroupedSwigluArgs& a);
-// CUDA only (sm_80 tensor cores; sm_90a runs the same kernel). The HIP build
+// CUDA: sm_80 tensor cores, and a wgmma forward on sm_90a. The HIP build
 // raises until the MFMA path exists (issue 8).
 void grouped_gemm_gpu(const GroupedGemmArgs& a, int device, void* stream);
 void grouped_wgrad_gpu(const GroupedWgradArgs& a, int device, void* stream);

@@ -2,6 +2,9 @@
 // CUDA (nvcc) and as HIP (hipcc -x hip). Kernels use only what is named here.
 #pragma once
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -83,5 +86,43 @@ inline int sm_count(int device) {
 }
 
 inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// MIXKIT_FORCE_SM80=1 (any value but "0") makes the CUDA kernels that have a
+// Hopper variant run their sm_80 one instead: how an H100 validates the A100
+// path. Read per call, so tests can switch it.
+inline bool force_sm80() {
+  const char* v = std::getenv("MIXKIT_FORCE_SM80");
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
+// Compute capability as major * 10 + minor (CUDA), cached per device: the
+// query is a driver call and the answer never changes.
+inline int capability(int device) {
+  static std::atomic<int> cache[64];
+  const bool cached = device >= 0 && device < 64;
+  if (cached && cache[device].load(std::memory_order_relaxed) > 0) return cache[device].load(std::memory_order_relaxed);
+  int major = 0, minor = 0;
+#if defined(__HIPCC__)
+  gpu_check(hipDeviceGetAttribute(&major, hipDeviceAttributeComputeCapabilityMajor, device), "querying the capability");
+  gpu_check(hipDeviceGetAttribute(&minor, hipDeviceAttributeComputeCapabilityMinor, device), "querying the capability");
+#else
+  gpu_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "querying the capability");
+  gpu_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "querying the capability");
+#endif
+  if (cached) cache[device].store(major * 10 + minor, std::memory_order_relaxed);
+  return major * 10 + minor;
+}
+
+// The kernel family a GPU call on `device` runs where a Hopper variant
+// exists: 90 when this build has the sm_90a kernels (MIXKIT_WITH_SM90) and
+// the device is capability 9.0, else 80.
+inline int hopper_or_sm80(int device) {
+#ifdef MIXKIT_WITH_SM90
+  if (!force_sm80() && capability(device) == 90) return 90;
+#else
+  (void)device;
+#endif
+  return 80;
+}
 
 }  // namespace mixkit

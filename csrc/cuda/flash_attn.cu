@@ -7,9 +7,6 @@
 //
 // HIP: the kernels are inline PTX (mma.sync, ldmatrix, cp.async), so the HIP
 // build raises until issue 8 adds the MFMA kernels.
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "common/flash_attn.h"
@@ -49,39 +46,8 @@ void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
   else by_dim(f16{});
 }
 
-namespace {
-
-bool force_sm80() {
-  const char* v = std::getenv("MIXKIT_FORCE_SM80");
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
-// Compute capability as major * 10 + minor, cached per device (the query
-// costs a driver call; the answer never changes).
-int capability(int device) {
-  static std::atomic<int> cache[64];
-  if (device >= 0 && device < 64 && cache[device].load(std::memory_order_relaxed) > 0)
-    return cache[device].load(std::memory_order_relaxed);
-  int major = 0, minor = 0;
-  gpu_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "querying the capability");
-  gpu_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "querying the capability");
-  if (device >= 0 && device < 64) cache[device].store(major * 10 + minor, std::memory_order_relaxed);
-  return major * 10 + minor;
-}
-
-}  // namespace
-
 // Which forward kernel a call on `device` runs: 90 (wgmma) or 80 (mma.sync).
-int flash_attn_fwd_arch(int device) {
-  if (force_sm80()) return 80;
-#ifdef MIXKIT_WITH_SM90
-  if (capability(device) == 90) return 90;
-#else
-  (void)capability;
-  (void)device;
-#endif
-  return 80;
-}
+int flash_attn_fwd_arch(int device) { return hopper_or_sm80(device); }
 
 void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
   check(a);

@@ -5,9 +5,10 @@
 // weight layout): a 128x128x32 CTA tile, 4 warps of 64x64, bf16/fp16
 // mma.sync.m16n8k16 with float32 accumulators, fragments read by ldmatrix
 // from XOR-swizzled shared memory, two cp.async stages so the next K slice
-// loads while the tensor cores work on the current one. sm_90a runs this
-// same sm_80 kernel for now (no wgmma/TMA path yet), so Hopper gets
-// Ampere-class throughput.
+// loads while the tensor cores work on the current one. On capability 9.0
+// the forward and the fused SwiGLU run the wgmma kernel of
+// grouped_gemm_sm90.cuh instead (same schedule and contract), unless
+// MIXKIT_FORCE_SM80 is set; the weight gradient stays on this sm_80 path.
 //
 // Scheduling without a host sync: grid.x is an upper bound on the number of
 // (expert, m-tile) pairs, ceil(rows / 128) + experts + 1, and grid.y the
@@ -37,6 +38,13 @@
 #if !defined(__HIPCC__)
 
 #include "cuda/mma_sm80.cuh"
+
+#ifdef MIXKIT_WITH_SM90
+namespace mixkit::sm90 {  // grouped_gemm_sm90.cuh, built for sm_90a only (CMakeLists.txt)
+template <class T, bool TRANS_B, bool SWIGLU>
+void grouped_gemm(const GroupedGemmArgs& g, gpuStream_t stream, T* h);
+}
+#endif
 
 namespace mixkit {
 namespace {
@@ -416,8 +424,17 @@ void grouped_gemm_gpu(const GroupedGemmArgs& g, int device, void* stream) {
   if (g.rows == 0) return;
   DeviceGuard guard(device);
   const dim3 grid(unsigned((g.rows + BM - 1) / BM + g.experts + 1), unsigned((g.n + BN - 1) / BN));
+  const bool hopper = hopper_or_sm80(device) == 90;
   auto launch = [&](auto t) {
     using T = decltype(t);
+#ifdef MIXKIT_WITH_SM90
+    if (hopper) {
+      if (g.trans_b) sm90::grouped_gemm<T, true, false>(g, as_stream(stream), nullptr);
+      else sm90::grouped_gemm<T, false, false>(g, as_stream(stream), nullptr);
+      return;
+    }
+#endif
+    (void)hopper;
     if (g.trans_b)
       grouped_gemm_kernel<T, true, false><<<grid, kThreads, 0, as_stream(stream)>>>(g, nullptr);
     else
@@ -437,8 +454,16 @@ void grouped_swiglu_gpu(const GroupedSwigluArgs& s, int device, void* stream) {
   DeviceGuard guard(device);
   const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.ffn, s.experts, true};
   const dim3 grid(unsigned((s.rows + BM - 1) / BM + s.experts + 1), unsigned((s.ffn + BN / 2 - 1) / (BN / 2)));
+  const bool hopper = hopper_or_sm80(device) == 90;
   auto launch = [&](auto t) {
     using T = decltype(t);
+#ifdef MIXKIT_WITH_SM90
+    if (hopper) {
+      sm90::grouped_gemm<T, true, true>(g, as_stream(stream), static_cast<T*>(s.h));
+      return;
+    }
+#endif
+    (void)hopper;
     grouped_gemm_kernel<T, true, true><<<grid, kThreads, 0, as_stream(stream)>>>(g, static_cast<T*>(s.h));
   };
   if (s.dtype == DType::bf16) launch(bf16{});
