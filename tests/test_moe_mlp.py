@@ -69,9 +69,13 @@ def _gemm_case(device, dtype, k, n, counts, rows, trans_b, seed=0):
     return a, b, _offsets(counts, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,kernel", [("cpu", "default"), pytest.param("cuda", "default", marks=pytest.mark.gpu),
+                                           pytest.param("cuda", "sm80", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_grouped_gemm_matches_per_expert_matmul(device, trans_b):
+def test_grouped_gemm_matches_per_expert_matmul(device, kernel, trans_b, monkeypatch):
+    # On an H100 "default" runs the wgmma kernel and "sm80" the mma.sync one.
+    if kernel == "sm80":
+        monkeypatch.setenv("MIXKIT_FORCE_SM80", "1")
     cases = GEMM_CASES + (ODD_CASES if device == "cpu" else [])
     for dtype in _dtypes(device):
         for i, (k, n, counts, rows) in enumerate(cases):
@@ -197,8 +201,11 @@ def swiglu_ref(x, w13, offsets):
     return h, F.silu(h[:, :ffn]) * h[:, ffn:]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_grouped_swiglu_matches_float32_reference(device):
+@pytest.mark.parametrize("device,kernel", [("cpu", "default"), pytest.param("cuda", "default", marks=pytest.mark.gpu),
+                                           pytest.param("cuda", "sm80", marks=pytest.mark.gpu)])
+def test_grouped_swiglu_matches_float32_reference(device, kernel, monkeypatch):
+    if kernel == "sm80":
+        monkeypatch.setenv("MIXKIT_FORCE_SM80", "1")
     for dtype in _dtypes(device):
         for i, (k, ffn, counts, rows) in enumerate(SWIGLU_CASES):
             x, w13, off = _gemm_case(device, dtype, k, 2 * ffn, counts, rows, True, seed=i)
