@@ -99,12 +99,38 @@ inline void check(const GroupedSwigluArgs& a) {
   require(a.rows == 0 || (a.x && a.act), "null tensor pointer");
 }
 
+// Which expert and m-tile CTA slot `slot` of a GPU grouped GEMM computes,
+// with tiles of BM rows: walks the device-side offsets (at most 256 experts,
+// read by every thread alike). Returns false for slots with no GEMM work;
+// [row0, row1) then bounds the rows after offsets[E] (the bad-id bucket)
+// that the slot zeroes, empty when there are none. Launching an upper bound
+// of ceil(rows / BM) + experts + 1 slots covers every case without a host
+// sync, so the launch shape depends only on tensor shapes.
+template <int BM>
+MIXKIT_HD bool find_tile(const int64_t* off, int experts, int64_t rows, int64_t slot, int& expert, int64_t& row0,
+                         int64_t& row1) {
+  for (int e = 0; e < experts; ++e) {
+    const int64_t begin = off[e], end = off[e + 1];
+    const int64_t tiles = (end - begin + BM - 1) / BM;
+    if (slot < tiles) {
+      expert = e;
+      row0 = begin + slot * BM;
+      row1 = row0 + BM < end ? row0 + BM : end;
+      return true;
+    }
+    slot -= tiles;
+  }
+  row0 = off[experts] + slot * BM;
+  row1 = row0 + BM < rows ? row0 + BM : rows;
+  return false;
+}
+
 // ---- backends --------------------------------------------------------------
 void grouped_gemm_cpu(const GroupedGemmArgs& a);
 void grouped_wgrad_cpu(const GroupedWgradArgs& a);
 void grouped_swiglu_cpu(const GroupedSwigluArgs& a);
-// CUDA: sm_80 tensor cores, and a wgmma forward on sm_90a. The HIP build
-// raises until the MFMA path exists (issue 8).
+// CUDA: sm_80 tensor cores, and a wgmma forward on sm_90a. HIP: MFMA
+// (gfx90a) for the forward and the fused SwiGLU; the weight gradient raises.
 void grouped_gemm_gpu(const GroupedGemmArgs& a, int device, void* stream);
 void grouped_wgrad_gpu(const GroupedWgradArgs& a, int device, void* stream);
 void grouped_swiglu_gpu(const GroupedSwigluArgs& a, int device, void* stream);

@@ -27,13 +27,30 @@
 // operands are row-major in that reduction index, so both go through
 // ldmatrix .trans (details at grouped_wgrad_kernel). grid.z = experts.
 //
-// HIP: the inline PTX cannot compile for AMD, so the HIP build gets launchers
-// that raise until issue 8 adds an MFMA kernel.
+// HIP: the inline PTX cannot compile for AMD; the HIP build runs the MFMA
+// kernel of grouped_gemm_mfma.cuh for the forward and the fused SwiGLU, and
+// raises for the weight gradient (no MFMA wgrad yet).
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "common/grouped_gemm.h"
 #include "cuda/compat.cuh"
+
+namespace mixkit {
+namespace {
+
+// The GPU kernels (CUDA and HIP) move 16-byte chunks: K and N multiples of 8,
+// aligned pointers.
+void check_gpu_shape(int64_t k, int64_t n, std::initializer_list<const void*> ptrs) {
+  require(k % 8 == 0 && n % 8 == 0,
+          "the GPU grouped GEMM needs K and N_out to be multiples of 8, got K = " + std::to_string(k) +
+              ", N_out = " + std::to_string(n));
+  for (const void* p : ptrs) require(p == nullptr || aligned_to(p, 16), "tensor pointers must be 16-byte aligned");
+}
+
+}  // namespace
+}  // namespace mixkit
 
 #if !defined(__HIPCC__)
 
@@ -63,27 +80,6 @@ constexpr int kStages = 2;
 __device__ __forceinline__ int swz_k(int r, int c) { return r * BK + ((c ^ ((r >> 1) & 3)) << 3); }
 __device__ __forceinline__ int swz_n(int r, int c) { return r * BN + ((c ^ (r & 7)) << 3); }
 
-// Which expert and m-tile CTA slot `slot` computes: walks the offsets (at
-// most 256 experts, read from L1/L2 by every thread alike). Returns false for
-// slots with no GEMM work; `row0 / row1` then bound the bad-id rows this slot
-// zeroes (empty when there are none).
-__device__ __forceinline__ bool find_tile(const int64_t* off, int experts, int64_t rows, int64_t slot, int& expert,
-                                          int64_t& row0, int64_t& row1) {
-  for (int e = 0; e < experts; ++e) {
-    const int64_t begin = off[e], end = off[e + 1];
-    const int64_t tiles = (end - begin + BM - 1) / BM;
-    if (slot < tiles) {
-      expert = e;
-      row0 = begin + slot * BM;
-      row1 = min(row0 + BM, end);
-      return true;
-    }
-    slot -= tiles;
-  }
-  row0 = off[experts] + slot * BM;
-  row1 = min(row0 + BM, rows);
-  return false;
-}
 
 // ============================== kernels ======================================
 
@@ -106,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
   int expert = 0;
   int64_t row0, row1;
   T* C = static_cast<T*>(g.c);
-  if (!find_tile(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
+  if (!find_tile<BM>(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
     // Rows after offsets[E] have no expert: zero our columns of them.
     const int64_t width = min(int64_t(kOutCols), N - n0);
     for (int64_t i = threadIdx.x; i < (row1 - row0) * width; i += kThreads) {
@@ -407,13 +403,6 @@ __global__ void __launch_bounds__(kThreads) grouped_wgrad_kernel(GroupedWgradArg
 
 gpuStream_t as_stream(void* s) { return static_cast<gpuStream_t>(s); }
 
-void check_gpu_shape(int64_t k, int64_t n, std::initializer_list<const void*> ptrs) {
-  require(k % 8 == 0 && n % 8 == 0,
-          "the GPU grouped GEMM needs K and N_out to be multiples of 8, got K = " + std::to_string(k) +
-              ", N_out = " + std::to_string(n));
-  for (const void* p : ptrs) require(p == nullptr || aligned_to(p, 16), "tensor pointers must be 16-byte aligned");
-}
-
 }  // namespace
 
 void grouped_gemm_gpu(const GroupedGemmArgs& g, int device, void* stream) {
@@ -496,17 +485,42 @@ void grouped_wgrad_gpu(const GroupedWgradArgs& g, int device, void* stream) {
 
 #else  // __HIPCC__
 
+#include "cuda/grouped_gemm_mfma.cuh"
+
 namespace mixkit {
 
-void grouped_gemm_gpu(const GroupedGemmArgs& g, int, void*) {
+// HIP: the MFMA kernel of grouped_gemm_mfma.cuh (gfx90a / gfx94x), same
+// contract and schedule as the CUDA kernels.
+void grouped_gemm_gpu(const GroupedGemmArgs& g, int device, void* stream) {
   check(g);
-  throw std::runtime_error("mixkit: grouped_gemm is not implemented on HIP yet (the CUDA kernel uses mma.sync PTX; "
-                           "an MFMA kernel is planned in issue 8); run it on the CPU");
+  require(g.dtype != DType::f32, "the GPU grouped GEMM takes bfloat16 or float16 (float32 runs on the CPU only)");
+  check_gpu_shape(g.k, g.n, {g.a, g.b, g.c});
+  require((g.n + mfma::gg::kBN - 1) / mfma::gg::kBN <= 65535, "N_out too large for the grid (at most 65535 * 128)");
+  if (g.rows == 0) return;
+  DeviceGuard guard(device);
+  const auto s = static_cast<hipStream_t>(stream);
+  if (g.dtype == DType::bf16) {
+    if (g.trans_b) mfma::grouped_gemm<bf16, true>(g, s);
+    else mfma::grouped_gemm<bf16, false>(g, s);
+  } else {
+    if (g.trans_b) mfma::grouped_gemm<f16, true>(g, s);
+    else mfma::grouped_gemm<f16, false>(g, s);
+  }
+  gpu_check(gpuGetLastError(), "launching mfma::grouped_gemm_kernel");
 }
 
-void grouped_swiglu_gpu(const GroupedSwigluArgs& g, int, void*) {
-  check(g);
-  throw std::runtime_error("mixkit: the fused SwiGLU grouped GEMM is not implemented on HIP yet (issue 8)");
+void grouped_swiglu_gpu(const GroupedSwigluArgs& s, int device, void* stream) {
+  check(s);
+  require(s.dtype != DType::f32, "the GPU fused SwiGLU GEMM takes bfloat16 or float16 (float32 runs on the CPU only)");
+  check_gpu_shape(s.k, s.ffn, {s.x, s.w13, s.act, s.h});
+  require((s.ffn + mfma::gg::kSwigluCols - 1) / mfma::gg::kSwigluCols <= 65535,
+          "ffn too large for the grid (at most 65535 * 64)");
+  if (s.rows == 0) return;
+  DeviceGuard guard(device);
+  const auto st = static_cast<hipStream_t>(stream);
+  if (s.dtype == DType::bf16) mfma::grouped_swiglu<bf16>(s, st);
+  else mfma::grouped_swiglu<f16>(s, st);
+  gpu_check(gpuGetLastError(), "launching mfma::grouped_gemm_kernel (fused SwiGLU)");
 }
 
 void grouped_wgrad_gpu(const GroupedWgradArgs& g, int, void*) {

@@ -64,26 +64,6 @@ constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + the round-up to 1
 // chunks: eight distinct 16-byte bank groups, no conflict.
 __device__ __forceinline__ uint32_t swz128(int r, int c) { return uint32_t(r * 128 + (((c ^ r) & 7) << 4)); }
 
-// Which expert and m-tile CTA slot `slot` computes (as grouped_gemm.cu's
-// find_tile, BM = 128): false for slots with no GEMM work, whose [row0, row1)
-// then bounds the bad-id rows they zero (empty when there are none).
-__device__ __forceinline__ bool find_tile(const int64_t* off, int experts, int64_t rows, int64_t slot, int& expert,
-                                          int64_t& row0, int64_t& row1) {
-  for (int e = 0; e < experts; ++e) {
-    const int64_t begin = off[e], end = off[e + 1];
-    const int64_t tiles = (end - begin + BM - 1) / BM;
-    if (slot < tiles) {
-      expert = e;
-      row0 = begin + slot * BM;
-      row1 = min(row0 + BM, end);
-      return true;
-    }
-    slot -= tiles;
-  }
-  row0 = off[experts] + slot * BM;
-  row1 = min(row0 + BM, rows);
-  return false;
-}
 
 template <class T, bool TRANS_B, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmArgs g, T* h) {
@@ -98,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmAr
   int expert = 0;
   int64_t row0, row1;
   T* C = static_cast<T*>(g.c);
-  if (!find_tile(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
+  if (!find_tile<BM>(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
     // Rows after offsets[E] have no expert: zero our columns of them.
     const int64_t width = min(int64_t(kOutCols), N - n0);
     for (int64_t i = threadIdx.x; i < (row1 - row0) * width; i += kThreads) {

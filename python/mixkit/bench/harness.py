@@ -485,14 +485,24 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     return f"# mixkit benchmark, {meta['device_name']}\n\n{head}\n\n{render_table(rows)}\n"
 
 
-def write_results(path: str | Path, meta: dict, rows: list[dict], plot: bool = True) -> list[Path]:
-    """Write `path` (JSON) and the same stem with .md, and .png when matplotlib is there."""
+def write_json_and_markdown(path: str | Path, meta: dict, rows: list[dict], markdown: str,
+                            suffix: str = "") -> list[Path]:
+    """`path` (JSON {"meta", "rows"}) and the same stem with .md; a directory
+    gets `<date>_<device>_<commit><suffix>.json` inside it."""
     path = Path(path)
+    if path.is_dir() or str(path).endswith("/"):
+        path = path / f"{result_name(meta)}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
     md = path.with_suffix(".md")
-    md.write_text(render_markdown(meta, rows))
-    written = [path, md]
+    md.write_text(markdown)
+    return [path, md]
+
+
+def write_results(path: str | Path, meta: dict, rows: list[dict], plot: bool = True) -> list[Path]:
+    """Write `path` (JSON) and the same stem with .md, and .png when matplotlib is there."""
+    written = write_json_and_markdown(path, meta, rows, render_markdown(meta, rows))
+    path = written[0]
     if plot and (png := plot_results(path.with_suffix(".png"), meta, rows)):
         written.append(png)
     return written

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import math
 import sys
 import time
@@ -747,14 +746,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def write_results(path: str | Path, meta: dict, rows: list[dict]) -> list[Path]:
-    path = Path(path)
-    if path.is_dir() or str(path).endswith("/"):
-        path = path / f"{harness.result_name(meta)}_models.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
-    md = path.with_suffix(".md")
-    md.write_text(render_markdown(meta, rows))
-    return [path, md]
+    return harness.write_json_and_markdown(path, meta, rows, render_markdown(meta, rows), suffix="_models")
 
 
 def main(argv: list[str] | None = None) -> int:

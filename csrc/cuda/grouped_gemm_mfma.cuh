@@ -1,0 +1,309 @@
+// Grouped GEMM over moe_permute's rows (contract in common/grouped_gemm.h)
+// for AMD CDNA (gfx90a, gfx94x) matrix cores: the HIP counterpart of
+// grouped_gemm_kernel in grouped_gemm.cu, with the same schedule.
+//
+// Tile: 128x128 outputs per workgroup of 256 threads = 4 wavefronts of 64,
+// each a 64x64 wave tile made of 2x2 32x32 accumulators (64 f32 registers a
+// lane), fed by v_mfma_f32_32x32x8{bf16_1k,f16}; K runs in 32-wide slices.
+// Operand layouts and the "two instructions per 16-byte read" k pairing are
+// in mfma.cuh.
+//
+// LDS: one stage of each operand, A as [128 rows][32 + 8 k] and B either
+// [128 n][32 + 8 k] (trans_b, nn.Linear layout) or [32 k][128 + 8 n] (B
+// stored (K, N)): 20 KiB (18.5 KiB), so three workgroups fit a CU's 64 KiB.
+// The 8 elements of padding put rows 80 bytes apart, so the 16-byte
+// fragment reads of 8 consecutive rows hit 8 distinct groups of 4 of the 32
+// LDS banks (unpadded 64-byte rows would put every other row on the same
+// banks).
+// Latency hiding comes from registers instead of a second LDS stage: the
+// next slice's global loads (2 + 2 16-byte chunks a thread) are issued
+// before the current slice's MFMAs and written to LDS after them.
+// (Unmeasured trade-off: no MI250X here. A second stage would save one
+// barrier per slice at the cost of one workgroup per CU.)
+//
+// With B stored (K, N) the B operand wants 8 consecutive k of one column:
+// the tile stays n-contiguous as loaded and each lane gathers its 8 values
+// with 16-bit LDS reads (32 per k chunk, against 4 16-byte reads of A).
+// The 32 lanes of a half-wave read 64 consecutive bytes; the two half-waves
+// read rows 8 apart, which land on the same 16 banks (whether that costs a
+// cycle depends on how the LDS schedules 16-bit reads: unmeasured).
+//
+// Fused SwiGLU (SWIGLU = true, trans_b, w13 (E, 2F, K)): 64 output columns
+// per workgroup; B tile rows 0-63 are w13's gate rows n0.., rows 64-127 its
+// up rows F + n0... Wave w's accumulator column u = 0 holds 32 gate columns
+// and u = 1 the up columns of the same outputs, and a lane owns the same
+// (row, column) in both, so silu(gate) * up is computed in float32 in the
+// epilogue from the unrounded sums, rounded once.
+//
+// Scheduling without a host sync, as in CUDA: grid.x = ceil(rows / 128) +
+// experts + 1 slots, grid.y = n-tiles; each workgroup walks the device-side
+// offsets (find_tile). Slots past the last expert zero the rows from
+// offsets[E] on; the rest exit.
+//
+// The index math lives in host+device constexpr functions below so that
+// tests/test_mfma_layout.py can replay the kernel's addressing on the CPU.
+// nvcc never sees this file; the kernel itself needs hipcc.
+#pragma once
+
+#if !defined(__CUDACC__) || defined(__HIPCC__)
+
+#include <cstdint>
+
+#include "common/grouped_gemm.h"
+#include "cuda/mfma.cuh"
+
+namespace mixkit {
+namespace mfma {
+namespace gg {
+
+constexpr int kBM = 128, kBN = 128, kBK = 32;
+constexpr int kThreads = 256;            // 4 wavefronts, a 2 x 2 grid of wave tiles
+constexpr int kWaveM = 64, kWaveN = 64;  // per wavefront
+constexpr int kTilesM = kWaveM / kM, kTilesN = kWaveN / kN;  // 32x32 accumulators a wave: 2 x 2
+constexpr int kLdK = kBK + 8;            // row stride (elements) of the k-contiguous tiles
+constexpr int kLdN = kBN + 8;            // row stride of the n-contiguous B tile
+constexpr int kChunks = kBM * kBK / 8 / kThreads;  // 16-byte chunks a thread stages per operand: 2
+static_assert(kBM == kBN && kBK % kPairK == 0 && kChunks * kThreads * 8 == kBN * kBK, "tile plan");
+static_assert(kThreads / kWave == (kBM / kWaveM) * (kBN / kWaveN), "one wave tile per wavefront");
+
+// Origin of wavefront w's 64x64 tile inside the 128x128 workgroup tile.
+MIXKIT_MFMA_HD int wave_row0(int w) { return (w & 1) * kWaveM; }
+MIXKIT_MFMA_HD int wave_col0(int w) { return (w >> 1) * kWaveN; }
+
+// Staging: chunk i (0 .. kChunks - 1) of thread tid. A k-contiguous tile
+// (A, or B with trans_b) has 4 chunks per 32-k row; consecutive threads take
+// consecutive chunks, so a wavefront reads 16 rows x 64 contiguous bytes.
+MIXKIT_MFMA_HD int stage_k_row(int tid, int i) { return (tid + i * kThreads) >> 2; }
+MIXKIT_MFMA_HD int stage_k_col(int tid, int i) { return ((tid + i * kThreads) & 3) * 8; }
+// The n-contiguous B tile ((K, N) weights) has 16 chunks per k row.
+MIXKIT_MFMA_HD int stage_n_row(int tid, int i) { return (tid + i * kThreads) >> 4; }
+MIXKIT_MFMA_HD int stage_n_col(int tid, int i) { return ((tid + i * kThreads) & 15) * 8; }
+
+// LDS element offsets.
+MIXKIT_MFMA_HD int lds_k(int row, int k) { return row * kLdK + k; }
+MIXKIT_MFMA_HD int lds_n(int k, int n) { return k * kLdN + n; }
+
+// Fragments for the 16-wide k chunk kc (0 .. kBK / 16 - 1) of a slice: lane
+// `lane` of wavefront w reads 8 consecutive k starting at frag_k, of tile
+// row frag_row(w, t, lane) for A tile t / column frag_col(w, u, lane) for B
+// tile u. Elements 0-3 feed instruction step 0, 4-7 step 1 (mfma.cuh).
+MIXKIT_MFMA_HD int frag_k(int kc, int lane) { return kc * kPairK + pair_k(lane, 0, 0); }
+MIXKIT_MFMA_HD int frag_row(int w, int t, int lane) { return wave_row0(w) + t * kM + a_row(lane, 0); }
+MIXKIT_MFMA_HD int frag_col(int w, int u, int lane) { return wave_col0(w) + u * kN + b_col(lane, 0); }
+
+// Epilogue: accumulator register r of tile (t, u) in lane `lane` of wave w.
+MIXKIT_MFMA_HD int out_row(int w, int t, int lane, int r) { return wave_row0(w) + t * kM + d_row(lane, r); }
+MIXKIT_MFMA_HD int out_col(int w, int u, int lane, int r) { return wave_col0(w) + u * kN + d_col(lane, r); }
+
+// Fused SwiGLU: kSwigluCols output columns per workgroup. B tile row r holds
+// w13 row swiglu_w13_row(r, n0, F) (valid while n0 + r % 64 < F); wave w's
+// accumulator column tile u reads tile rows swiglu_frag_col and writes
+// output column swiglu_out_col (relative to n0) of act, and of h's gate
+// (u = 0) or up (u = 1) half.
+constexpr int kSwigluCols = kBN / 2;
+MIXKIT_MFMA_HD int64_t swiglu_w13_row(int r, int64_t n0, int64_t ffn) {
+  return r < kSwigluCols ? n0 + r : ffn + n0 + (r - kSwigluCols);
+}
+MIXKIT_MFMA_HD int swiglu_frag_col(int w, int u, int lane) { return u * kSwigluCols + (w >> 1) * kN + b_col(lane, 0); }
+MIXKIT_MFMA_HD int swiglu_out_col(int w, int lane, int r) { return (w >> 1) * kN + d_col(lane, r); }
+static_assert(kTilesN == 2 && kSwigluCols == 2 * kN, "SwiGLU pairs accumulator columns 0 (gate) and 1 (up)");
+
+// Which expert and m-tile workgroup slot `slot` computes: the CUDA kernels'
+// walk (common/grouped_gemm.h) with BM = 128.
+#if defined(__HIPCC__)
+__host__ __device__
+#endif
+inline bool find_tile(const int64_t* off, int experts, int64_t rows, int64_t slot, int& expert, int64_t& row0,
+                      int64_t& row1) {
+  return mixkit::find_tile<kBM>(off, experts, rows, slot, expert, row0, row1);
+}
+
+}  // namespace gg
+
+#if defined(__HIPCC__)
+
+// ============================== kernel =======================================
+
+template <class T> struct Elem;  // the 16-bit scalar the builtin's operand vector holds
+template <> struct Elem<bf16> { using type = short; };
+template <> struct Elem<f16> { using type = _Float16; };
+
+// With SWIGLU (implies TRANS_B): g.b = w13 (E, 2F, K), g.n = F, g.c = act
+// (rows, F), h = (rows, 2F) pre-activations or null.
+template <class T, bool TRANS_B, bool SWIGLU>
+__global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmArgs g, T* h) {
+  using namespace gg;
+  static_assert(!SWIGLU || TRANS_B, "the fused SwiGLU reads w13 in nn.Linear's (2F, K) layout");
+  using Op = typename Operand<T>::type;
+  using E = typename Elem<T>::type;
+  // 8 consecutive k of one row (or column): step s's operand is elements
+  // 4s .. 4s + 3, which is what pair_elem says.
+  struct alignas(16) Frag { Op step[2]; };
+  static_assert(pair_elem(0, 0) == 0 && pair_elem(0, 3) == 3 && pair_elem(1, 0) == 4 && pair_elem(1, 3) == 7,
+                "Frag's layout is pair_elem");
+  constexpr int kOutCols = SWIGLU ? kSwigluCols : kBN;
+  __shared__ __attribute__((aligned(16))) E As[kBM * kLdK];
+  __shared__ __attribute__((aligned(16))) E Bs[TRANS_B ? kBN * kLdK : kBK * kLdN];
+
+  const int64_t K = g.k, N = g.n;  // with SWIGLU, N = F
+  const int64_t n0 = int64_t(blockIdx.y) * kOutCols;
+  const int tid = threadIdx.x, lane = tid % kWave, w = tid / kWave;
+  int expert = 0;
+  int64_t row0, row1;
+  T* C = static_cast<T*>(g.c);
+  if (!find_tile(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
+    // Rows after offsets[E] have no expert: zero our columns of them, 16
+    // bytes at a time (n0 and N are multiples of 8).
+    const int64_t chunks = (N - n0 < kOutCols ? N - n0 : kOutCols) / 8;
+    for (int64_t i = tid; i < (row1 - row0) * chunks; i += kThreads) {
+      const int64_t row = row0 + i / chunks, col = n0 + (i % chunks) * 8;
+      *reinterpret_cast<uint4*>(C + row * N + col) = uint4{0, 0, 0, 0};
+      if (SWIGLU && h) {
+        *reinterpret_cast<uint4*>(h + row * 2 * N + col) = uint4{0, 0, 0, 0};
+        *reinterpret_cast<uint4*>(h + row * 2 * N + N + col) = uint4{0, 0, 0, 0};
+      }
+    }
+    return;
+  }
+
+  const T* A = static_cast<const T*>(g.a);
+  const T* B = static_cast<const T*>(g.b) + int64_t(expert) * K * N * (SWIGLU ? 2 : 1);
+
+  // Global -> registers for the slice at k0. K and N are multiples of 8, so a
+  // 16-byte chunk is all in or all out; out-of-range chunks stage zeros.
+  uint4 ra[kChunks], rb[kChunks];
+  auto load = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int64_t row = row0 + stage_k_row(tid, i), kk = k0 + stage_k_col(tid, i);
+      ra[i] = row < row1 && kk < K ? *reinterpret_cast<const uint4*>(A + row * K + kk) : uint4{0, 0, 0, 0};
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      if (TRANS_B) {  // B[e] is (N, K), or w13[e] (2F, K)
+        const int r = stage_k_row(tid, i);
+        const int64_t kk = k0 + stage_k_col(tid, i);
+        const int64_t n = n0 + (SWIGLU ? r % kSwigluCols : r);
+        const int64_t wrow = SWIGLU ? swiglu_w13_row(r, n0, N) : n;
+        rb[i] = n < N && kk < K ? *reinterpret_cast<const uint4*>(B + wrow * K + kk) : uint4{0, 0, 0, 0};
+      } else {  // B[e] is (K, N)
+        const int64_t kk = k0 + stage_n_row(tid, i), n = n0 + stage_n_col(tid, i);
+        rb[i] = kk < K && n < N ? *reinterpret_cast<const uint4*>(B + kk * N + n) : uint4{0, 0, 0, 0};
+      }
+    }
+  };
+  auto store = [&]() {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      *reinterpret_cast<uint4*>(&As[lds_k(stage_k_row(tid, i), stage_k_col(tid, i))]) = ra[i];
+      if (TRANS_B)
+        *reinterpret_cast<uint4*>(&Bs[lds_k(stage_k_row(tid, i), stage_k_col(tid, i))]) = rb[i];
+      else
+        *reinterpret_cast<uint4*>(&Bs[lds_n(stage_n_row(tid, i), stage_n_col(tid, i))]) = rb[i];
+    }
+  };
+
+  float16_t acc[kTilesM][kTilesN];
+#pragma unroll
+  for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+    for (int u = 0; u < kTilesN; ++u)
+#pragma unroll
+      for (int r = 0; r < kAccRegs; ++r) acc[t][u][r] = 0.f;
+
+  const int64_t ktiles = (K + kBK - 1) / kBK;
+  load(0);
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    store();
+    __syncthreads();
+    if (kt + 1 < ktiles) load((kt + 1) * kBK);  // in flight during the MFMAs below
+#pragma unroll
+    for (int kc = 0; kc < kBK / kPairK; ++kc) {
+      const int k = frag_k(kc, lane);
+      Frag a[kTilesM], b[kTilesN];
+#pragma unroll
+      for (int t = 0; t < kTilesM; ++t) a[t] = *reinterpret_cast<const Frag*>(&As[lds_k(frag_row(w, t, lane), k)]);
+#pragma unroll
+      for (int u = 0; u < kTilesN; ++u) {
+        const int col = SWIGLU ? swiglu_frag_col(w, u, lane) : frag_col(w, u, lane);
+        if (TRANS_B) {
+          b[u] = *reinterpret_cast<const Frag*>(&Bs[lds_k(col, k)]);
+        } else {
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+#pragma unroll
+            for (int e = 0; e < kOperandElems; ++e) b[u].step[s][e] = Bs[lds_n(k + pair_elem(s, e), col)];
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+          for (int u = 0; u < kTilesN; ++u) acc[t][u] = mma_32x32x8(a[t].step[s], b[u].step[s], acc[t][u]);
+    }
+    __syncthreads();  // the tiles are overwritten by the next slice's store
+  }
+
+  // Epilogue: one rounding per output. A lane owns one column of each 32x32
+  // tile, so each register's 64 lanes store two 64-byte row segments.
+  if constexpr (SWIGLU) {
+    const int64_t col = n0 + swiglu_out_col(w, lane, 0);
+    if (col < N) {
+#pragma unroll
+      for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+        for (int r = 0; r < kAccRegs; ++r) {
+          const int64_t row = row0 + out_row(w, t, lane, r);
+          if (row >= row1) continue;
+          const float gate = acc[t][0][r], up = acc[t][1][r];
+          // silu(x) = x / (1 + e^-x); __expf's few-ulp error is far below the
+          // output rounding, and e^-x = inf gives the right -0 limit.
+          C[row * N + col] = from_f32<T>(gate / (1.f + __expf(-gate)) * up);
+          if (h) {
+            h[row * 2 * N + col] = from_f32<T>(gate);
+            h[row * 2 * N + N + col] = from_f32<T>(up);
+          }
+        }
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kTilesN; ++u) {
+      const int64_t col = n0 + out_col(w, u, lane, 0);
+      if (col >= N) continue;
+#pragma unroll
+      for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+        for (int r = 0; r < kAccRegs; ++r) {
+          const int64_t row = row0 + out_row(w, t, lane, r);
+          if (row < row1) C[row * N + col] = from_f32<T>(acc[t][u][r]);
+        }
+    }
+  }
+}
+
+// ============================== launchers ====================================
+
+// The callers (grouped_gemm_gpu, grouped_swiglu_gpu) check the arguments,
+// K % 8 == N % 8 == 0, 16-byte alignment, rows > 0 and the grid limit, and set
+// the device, as for the CUDA kernel; they also check the launch error.
+template <class T, bool TRANS_B> void grouped_gemm(const GroupedGemmArgs& g, hipStream_t stream) {
+  const dim3 grid(unsigned((g.rows + gg::kBM - 1) / gg::kBM + g.experts + 1), unsigned((g.n + gg::kBN - 1) / gg::kBN));
+  hipLaunchKernelGGL((grouped_gemm_kernel<T, TRANS_B, false>), grid, dim3(gg::kThreads), 0, stream, g,
+                     static_cast<T*>(nullptr));
+}
+
+template <class T> void grouped_swiglu(const GroupedSwigluArgs& s, hipStream_t stream) {
+  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.ffn, s.experts, true};
+  const dim3 grid(unsigned((s.rows + gg::kBM - 1) / gg::kBM + s.experts + 1),
+                  unsigned((s.ffn + gg::kSwigluCols - 1) / gg::kSwigluCols));
+  hipLaunchKernelGGL((grouped_gemm_kernel<T, true, true>), grid, dim3(gg::kThreads), 0, stream, g,
+                     static_cast<T*>(s.h));
+}
+
+#endif  // __HIPCC__
+
+}  // namespace mfma
+}  // namespace mixkit
+
+#endif  // !__CUDACC__ || __HIPCC__
