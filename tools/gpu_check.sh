@@ -16,6 +16,12 @@
 #   MIXKIT_SANITIZER_TESTS="..."    pytest arguments for the compute-sanitizer runs
 #   PYTHON=python3                  interpreter holding torch
 #   MIXKIT_COMMIT=<sha>             recorded when the tree arrives without .git
+#   MIXKIT_GPU_CHECK_SUITE=models   instead of the sanitizer and the kernel
+#                                   benchmarks, run the model-level checks:
+#                                   bench.models (Mistral 7B decode/prefill,
+#                                   Mixtral stack) -> bench.json/.md and
+#                                   bench.train (1B Mistral, small Mixtral
+#                                   training MFU) -> attn.json (second pass)
 set -u  # no -e: a failing step is recorded, not fatal
 
 OUT=${OUT:-./gpu_check_out}
@@ -102,13 +108,28 @@ print(mixkit.__file__); print(c.build_info())
 assert "cuda" in c.backends() and torch.cuda.is_available(), "no CUDA backend or no GPU visible"'
 
 # ---- c. tests ------------------------------------------------------------------
-step gpu_tests 100 190 "$OUT/tests.log" "$PY" -m pytest -m gpu -q tests -p no:cacheprovider -rf
+# The model/training benchmark tests compile models with inductor: they run
+# in the models suite only.
+SUITE=${MIXKIT_GPU_CHECK_SUITE:-ops}
+if [[ $SUITE == models ]]; then
+  GPU_TEST_FILES=(tests/test_models.py tests/test_bench_models.py tests/test_bench_train.py tests/test_train.py)
+else
+  GPU_TEST_FILES=(tests --ignore=tests/test_bench_models.py --ignore=tests/test_bench_train.py)
+fi
+step gpu_tests 120 190 "$OUT/tests.log" "$PY" -m pytest -m gpu -q "${GPU_TEST_FILES[@]}" -p no:cacheprovider -rf
+
+if [[ $SUITE == models ]]; then
+  step bench_models 200 150 "$OUT/bench.log" "$PY" -m mixkit.bench.models --quick --device cuda --out "$OUT/bench.json"
+  step bench_train 150 5 "$OUT/bench.log" "$PY" -m mixkit.bench.train --quick --device cuda --out "$OUT/attn.json"
+fi
 
 # ---- d. compute-sanitizer ------------------------------------------------------
 # torch's caching allocator hands out slices of large blocks, so an overrun
 # into a neighbouring tensor is invisible to memcheck. Without caching every
 # tensor is its own cudaMalloc and overruns are caught.
-if [[ -n $SANITIZER ]]; then
+if [[ $SUITE == models ]]; then
+  :
+elif [[ -n $SANITIZER ]]; then
   # shellcheck disable=SC2086  # SANITIZER_TESTS is a list of pytest arguments
   step memcheck 100 130 "$OUT/tests.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --target-processes all --error-exitcode 1 \
@@ -127,12 +148,14 @@ fi
 # ---- e. benchmark --------------------------------------------------------------
 # Two runs, so that a slow attention sweep cannot cost the memory-bound ops
 # their results (each run writes its JSON only at the end). No plots.
-ATTN_OPS=$("$PY" -c 'from mixkit.bench import CASES; print(",".join(o for o in CASES if o.startswith("flash_attn")))' 2>/dev/null)
-OTHER_OPS=$("$PY" -c 'from mixkit.bench import CASES; print(",".join(o for o in CASES if not o.startswith("flash_attn")))' 2>/dev/null)
-step bench 120 80 "$OUT/bench.log" \
-  "$PY" -m mixkit.bench --quick --device cuda --no-plot --ops "$OTHER_OPS" --out "$OUT/bench.json"
-step bench_attn 150 5 "$OUT/bench.log" \
-  "$PY" -m mixkit.bench --quick --device cuda --no-plot --ops "$ATTN_OPS" --out "$OUT/attn.json"
+if [[ $SUITE == ops ]]; then
+  ATTN_OPS=$("$PY" -c 'from mixkit.bench import CASES; print(",".join(o for o in CASES if o.startswith("flash_attn")))' 2>/dev/null)
+  OTHER_OPS=$("$PY" -c 'from mixkit.bench import CASES; print(",".join(o for o in CASES if not o.startswith("flash_attn")))' 2>/dev/null)
+  step bench 120 80 "$OUT/bench.log" \
+    "$PY" -m mixkit.bench --quick --device cuda --no-plot --ops "$OTHER_OPS" --out "$OUT/bench.json"
+  step bench_attn 150 5 "$OUT/bench.log" \
+    "$PY" -m mixkit.bench --quick --device cuda --no-plot --ops "$ATTN_OPS" --out "$OUT/attn.json"
+fi
 
 # ---- f. summary ----------------------------------------------------------------
 {
