@@ -109,33 +109,39 @@ def _(k, v, k_cache, v_cache, positions):
 
 # ---- decode_attn -----------------------------------------------------------------
 
-def _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
-    op = "decode_attn"
-    _cache_pair(op, k_cache, v_cache)
+def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax_scale):
+    """Checks shared by decode_attn and decode_attn_paged: q (batch, H, D)
+    against the cache's Hkv and D, cache_seqlens (batch,) int32, window,
+    scale and the GPU head dims."""
     _checks.tensor(op, "q", q, min_dim=3)
-    _checks.same_device(op, "k_cache", k_cache, "q", q)
-    _checks.same_dtype(op, "k_cache", k_cache, "q", q)
+    _checks.same_device(op, cache_name, cache, "q", q)
+    _checks.same_dtype(op, cache_name, cache, "q", q)
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be (batch, heads, head_dim), one token per sequence, got shape {tuple(q.shape)}")
     _checks.contiguous(op, "q", q)
-    b, c, hkv, d = k_cache.shape
-    if q.shape[0] != b:
-        raise ValueError(f"{op}: q has batch {q.shape[0]} but k_cache has {b}")
+    hkv, d = cache.shape[2], cache.shape[3]
+    if q.shape[0] != batch:
+        raise ValueError(f"{op}: q has batch {q.shape[0]} but {cache_name} has {batch}")
     if q.shape[2] != d:
-        raise ValueError(f"{op}: q has head_dim {q.shape[2]} but k_cache has {d}")
+        raise ValueError(f"{op}: q has head_dim {q.shape[2]} but {cache_name} has {d}")
     if q.shape[1] == 0 or q.shape[1] % hkv:
         raise ValueError(f"{op}: the {q.shape[1]} query heads of q must be a positive multiple of the "
-                         f"{hkv} kv_heads of k_cache (GQA)")
+                         f"{hkv} kv_heads of {cache_name} (GQA)")
     _checks.tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,))
-    _checks.same_device(op, "k_cache", k_cache, "cache_seqlens", cache_seqlens)
-    if cache_seqlens.shape != (b,):
-        raise ValueError(f"{op}: cache_seqlens must have shape ({b},), got {tuple(cache_seqlens.shape)}")
+    _checks.same_device(op, cache_name, cache, "cache_seqlens", cache_seqlens)
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"{op}: cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
     _checks.contiguous(op, "cache_seqlens", cache_seqlens)
     if window is not None and window < 1:
         raise ValueError(f"{op}: window must be >= 1 or None, got {window}")
     if softmax_scale is not None:
         _checks.finite_float(op, "softmax_scale", softmax_scale, positive=True)
     _gpu_head_dim(op, q, d)
+
+
+def _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
+    _cache_pair("decode_attn", k_cache, v_cache)
+    _check_query("decode_attn", q, "k_cache", k_cache, k_cache.shape[0], cache_seqlens, window, softmax_scale)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -187,34 +193,13 @@ def _(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
 def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
     op = "decode_attn_paged"
     _cache_pair(op, k_pages, v_pages)
-    _checks.tensor(op, "q", q, min_dim=3)
-    _checks.same_device(op, "k_pages", k_pages, "q", q)
-    _checks.same_dtype(op, "k_pages", k_pages, "q", q)
-    if q.dim() != 3:
-        raise ValueError(f"{op}: q must be (batch, heads, head_dim), one token per sequence, got shape {tuple(q.shape)}")
-    _checks.contiguous(op, "q", q)
-    _, page_size, hkv, d = k_pages.shape
-    b = q.shape[0]
-    if q.shape[2] != d:
-        raise ValueError(f"{op}: q has head_dim {q.shape[2]} but k_pages has {d}")
-    if q.shape[1] == 0 or q.shape[1] % hkv:
-        raise ValueError(f"{op}: the {q.shape[1]} query heads of q must be a positive multiple of the "
-                         f"{hkv} kv_heads of k_pages (GQA)")
+    b = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else 0
+    _check_query(op, q, "k_pages", k_pages, b, cache_seqlens, window, softmax_scale)
     _checks.tensor(op, "block_table", block_table, dtypes=(torch.int32,))
     _checks.same_device(op, "k_pages", k_pages, "block_table", block_table)
     if block_table.dim() != 2 or block_table.shape[0] != b or block_table.shape[1] == 0:
         raise ValueError(f"{op}: block_table must be (batch, max_pages) = ({b}, >= 1), got {tuple(block_table.shape)}")
     _checks.contiguous(op, "block_table", block_table)
-    _checks.tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,))
-    _checks.same_device(op, "k_pages", k_pages, "cache_seqlens", cache_seqlens)
-    if cache_seqlens.shape != (b,):
-        raise ValueError(f"{op}: cache_seqlens must have shape ({b},), got {tuple(cache_seqlens.shape)}")
-    _checks.contiguous(op, "cache_seqlens", cache_seqlens)
-    if window is not None and window < 1:
-        raise ValueError(f"{op}: window must be >= 1 or None, got {window}")
-    if softmax_scale is not None:
-        _checks.finite_float(op, "softmax_scale", softmax_scale, positive=True)
-    _gpu_head_dim(op, q, d)
 
 
 def _decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):

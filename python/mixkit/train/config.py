@@ -106,6 +106,23 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str], tables: Sequence[str] = ("model",)) -> None:
+    """Apply `key=value` overrides to a TOML-shaped dict in place;
+    `<table>.<key>=` sets a key of one of `tables` (sub-dicts of values)."""
+    for table in tables:
+        values[table] = dict(values.get(table, {}))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key = key.strip().removeprefix("--")
+        table, dot, sub = key.partition(".")
+        if dot and table in tables:
+            values[table][sub] = _parse_value(text.strip())
+        else:
+            values[key] = _parse_value(text.strip())
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """TrainConfig from a TOML file (optional) and `key=value` overrides
     (`model.<field>=value` for ModelArgs fields), applied in order."""
@@ -113,14 +130,5 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Train
     if path is not None:
         with open(path, "rb") as f:
             values = tomllib.load(f)
-    values["model"] = dict(values.get("model", {}))
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key = key.strip().removeprefix("--")
-        if key.startswith("model."):
-            values["model"][key.removeprefix("model.")] = _parse_value(text.strip())
-        else:
-            values[key] = _parse_value(text.strip())
+    apply_overrides(values, overrides)
     return config_from_dict(values)

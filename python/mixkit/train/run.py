@@ -72,25 +72,14 @@ class DataConfig:
 def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> tuple[TrainConfig, DataConfig]:
     """(TrainConfig, DataConfig) from a run file and `key=value` overrides
     (`model.<field>=` for ModelArgs, `data.<field>=` for DataConfig)."""
-    from .config import _parse_value
+    from .config import apply_overrides
 
     values: dict[str, Any] = {}
     if path is not None:
         with open(path, "rb") as f:
             values = tomllib.load(f)
-    data = dict(values.pop("data", {}))
-    values["model"] = dict(values.get("model", {}))
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key = key.strip().removeprefix("--")
-        if key.startswith("data."):
-            data[key.removeprefix("data.")] = _parse_value(text.strip())
-        elif key.startswith("model."):
-            values["model"][key.removeprefix("model.")] = _parse_value(text.strip())
-        else:
-            values[key] = _parse_value(text.strip())
+    apply_overrides(values, overrides, tables=("model", "data"))
+    data = values.pop("data")
     known = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
