@@ -125,6 +125,19 @@ MIXKIT_HD bool find_tile(const int64_t* off, int experts, int64_t rows, int64_t 
   return false;
 }
 
+// The share of thread `tid` (of `threads`) in zeroing columns [n0, n0 +
+// width) of the bad-id rows [row0, row1) of C, N columns wide, and of both
+// halves (gate, up) of h when the fused SwiGLU stores it.
+template <class T, bool SWIGLU>
+MIXKIT_HD void zero_bad_rows(T* C, T* h, int64_t row0, int64_t row1, int64_t n0, int64_t width, int64_t N,
+                             int64_t tid, int64_t threads) {
+  for (int64_t i = tid; i < (row1 - row0) * width; i += threads) {
+    const int64_t row = row0 + i / width, col = n0 + i % width;
+    C[row * N + col] = from_f32<T>(0.f);
+    if (SWIGLU && h) h[row * 2 * N + col] = h[row * 2 * N + N + col] = from_f32<T>(0.f);
+  }
+}
+
 // ---- backends --------------------------------------------------------------
 void grouped_gemm_cpu(const GroupedGemmArgs& a);
 void grouped_wgrad_cpu(const GroupedWgradArgs& a);

@@ -104,12 +104,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
   T* C = static_cast<T*>(g.c);
   if (!find_tile<BM>(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
     // Rows after offsets[E] have no expert: zero our columns of them.
-    const int64_t width = min(int64_t(kOutCols), N - n0);
-    for (int64_t i = threadIdx.x; i < (row1 - row0) * width; i += kThreads) {
-      const int64_t row = row0 + i / width, col = n0 + i % width;
-      C[row * N + col] = from_f32<T>(0.f);
-      if (SWIGLU && h) h[row * 2 * N + col] = h[row * 2 * N + N + col] = from_f32<T>(0.f);
-    }
+    zero_bad_rows<T, SWIGLU>(C, h, row0, row1, n0, min(int64_t(kOutCols), N - n0), N, threadIdx.x, kThreads);
     return;
   }
 

@@ -40,6 +40,23 @@
 // offsets (find_tile). Slots past the last expert zero the rows from
 // offsets[E] on; the rest exit.
 //
+// Weight gradient (grouped_wgrad_kernel): dB[e] = A_e^T dY_e, or with
+// trans_b dY_e^T A_e. Both are out[p][q] = sum_r X[r][p] Y[r][q] over the
+// expert's rows r, with (X, Y) = (A, dY) or (dY, A): trans_b swaps the
+// operands instead of transposing the result, so both layouts store 64-byte
+// row segments straight from the accumulators (no LDS transpose, whose
+// 34 KiB staging buffer would cost the CU its second workgroup). Same
+// 128x128 tile, waves and MFMAs as the forward, the instruction's k now the
+// row index, 32 rows per step. X and Y stage like the forward's (K, N)
+// weight tile, [32 rows][128 + 8 columns] (17 KiB for the two), and both
+// MFMA operands are gathered from them with 16-bit LDS reads, 8 rows of one
+// column per lane (the A and B layouts are the same up to the name of the
+// 32-wide index). That is 64 reads a lane per step against 16 MFMAs of 64
+// cycles; by the LDS's 128 bytes a clock it stays under the MFMA time
+// (estimate, unmeasured). Grid: (K tiles, N tiles, experts), shapes only;
+// rows past the expert's end stage as zeros, and an empty expert runs no
+// step and writes its zeros.
+//
 // The index math lives in host+device constexpr functions below so that
 // tests/test_mfma_layout.py can replay the kernel's addressing on the CPU.
 // nvcc never sees this file; the kernel itself needs hipcc.
@@ -107,6 +124,29 @@ MIXKIT_MFMA_HD int64_t swiglu_w13_row(int r, int64_t n0, int64_t ffn) {
 MIXKIT_MFMA_HD int swiglu_frag_col(int w, int u, int lane) { return u * kSwigluCols + (w >> 1) * kN + b_col(lane, 0); }
 MIXKIT_MFMA_HD int swiglu_out_col(int w, int lane, int r) { return (w >> 1) * kN + d_col(lane, r); }
 static_assert(kTilesN == 2 && kSwigluCols == 2 * kN, "SwiGLU pairs accumulator columns 0 (gate) and 1 (up)");
+
+// Weight gradient: out (P, Q) = X^T Y per expert, (X, Y, P, Q) = (A, dY, K, N),
+// or (dY, A, N, K) with trans_b. Workgroup (blockIdx.x, .y) = (K tile, N
+// tile) in both layouts, so the grid's y extent is always the N tiles.
+MIXKIT_MFMA_HD int64_t wgrad_p0(bool trans_b, int64_t k_tile, int64_t n_tile) {
+  return (trans_b ? n_tile : k_tile) * kBM;
+}
+MIXKIT_MFMA_HD int64_t wgrad_q0(bool trans_b, int64_t k_tile, int64_t n_tile) {
+  return (trans_b ? k_tile : n_tile) * kBN;
+}
+// X and Y slices of kBK rows stage as the (K, N) weight tile does
+// (stage_n_row / stage_n_col, lds_n: tile row = expert row, tile column =
+// p or q). Element e of step s's operand in lane `lane` of wave w, 16-wide
+// row chunk kc: X tile t (the MFMA's A, m = p) and Y tile u (its B, n = q)
+// are both 8 consecutive rows of one tile column.
+MIXKIT_MFMA_HD int wgrad_frag_x(int w, int t, int kc, int lane, int s, int e) {
+  return lds_n(frag_k(kc, lane) + pair_elem(s, e), frag_row(w, t, lane));
+}
+MIXKIT_MFMA_HD int wgrad_frag_y(int w, int u, int kc, int lane, int s, int e) {
+  return lds_n(frag_k(kc, lane) + pair_elem(s, e), frag_col(w, u, lane));
+}
+static_assert(kBM == kBN && 3 * (2 * kBK * kLdN * 2) <= 64 * 1024,
+              "X and Y share the staging plan; three workgroups fit a CU, as for the forward");
 
 // Which expert and m-tile workgroup slot `slot` computes: the CUDA kernels'
 // walk (common/grouped_gemm.h) with BM = 128.
@@ -282,6 +322,99 @@ __global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmA
   }
 }
 
+// dB[e] tile (contract in common/grouped_gemm.h, plan at the top of this file).
+template <class T, bool TRANS_B>
+__global__ void __launch_bounds__(gg::kThreads) grouped_wgrad_kernel(GroupedWgradArgs g) {
+  using namespace gg;
+  using Op = typename Operand<T>::type;
+  using E = typename Elem<T>::type;
+  struct alignas(16) Frag { Op step[2]; };
+  __shared__ __attribute__((aligned(16))) E Xs[kBK * kLdN];
+  __shared__ __attribute__((aligned(16))) E Ys[kBK * kLdN];
+
+  const int64_t P = TRANS_B ? g.n : g.k, Q = TRANS_B ? g.k : g.n;
+  const T* X = static_cast<const T*>(TRANS_B ? g.dy : g.a);
+  const T* Y = static_cast<const T*>(TRANS_B ? g.a : g.dy);
+  const int64_t p0 = wgrad_p0(TRANS_B, blockIdx.x, blockIdx.y), q0 = wgrad_q0(TRANS_B, blockIdx.x, blockIdx.y);
+  const int expert = blockIdx.z;
+  const int64_t begin = g.offsets[expert], end = g.offsets[expert + 1];
+  const int tid = threadIdx.x, lane = tid % kWave, w = tid / kWave;
+
+  // Global -> registers for the kBK rows from r0. P and Q are multiples of
+  // 8, so a 16-byte chunk is all in or all out; rows past the expert's end
+  // and columns past P or Q stage zeros.
+  uint4 rx[kChunks], ry[kChunks];
+  auto load = [&](int64_t r0) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int64_t row = r0 + stage_n_row(tid, i);
+      const int c = stage_n_col(tid, i);
+      rx[i] = row < end && p0 + c < P ? *reinterpret_cast<const uint4*>(X + row * P + p0 + c) : uint4{0, 0, 0, 0};
+      ry[i] = row < end && q0 + c < Q ? *reinterpret_cast<const uint4*>(Y + row * Q + q0 + c) : uint4{0, 0, 0, 0};
+    }
+  };
+  auto store = [&]() {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int off = lds_n(stage_n_row(tid, i), stage_n_col(tid, i));
+      *reinterpret_cast<uint4*>(&Xs[off]) = rx[i];
+      *reinterpret_cast<uint4*>(&Ys[off]) = ry[i];
+    }
+  };
+
+  float16_t acc[kTilesM][kTilesN];
+#pragma unroll
+  for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+    for (int u = 0; u < kTilesN; ++u)
+#pragma unroll
+      for (int r = 0; r < kAccRegs; ++r) acc[t][u][r] = 0.f;
+
+  const int64_t steps = (end - begin + kBK - 1) / kBK;  // 0 for an empty expert
+  if (steps > 0) load(begin);
+  for (int64_t st = 0; st < steps; ++st) {
+    store();
+    __syncthreads();
+    if (st + 1 < steps) load(begin + (st + 1) * kBK);  // in flight during the MFMAs below
+#pragma unroll
+    for (int kc = 0; kc < kBK / kPairK; ++kc) {
+      Frag x[kTilesM], y[kTilesN];
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int e = 0; e < kOperandElems; ++e) {
+#pragma unroll
+          for (int t = 0; t < kTilesM; ++t) x[t].step[s][e] = Xs[wgrad_frag_x(w, t, kc, lane, s, e)];
+#pragma unroll
+          for (int u = 0; u < kTilesN; ++u) y[u].step[s][e] = Ys[wgrad_frag_y(w, u, kc, lane, s, e)];
+        }
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+          for (int u = 0; u < kTilesN; ++u) acc[t][u] = mma_32x32x8(x[t].step[s], y[u].step[s], acc[t][u]);
+    }
+    __syncthreads();  // the tiles are overwritten by the next step's store
+  }
+
+  // One rounding per output; each register's 64 lanes store two 64-byte
+  // segments of out's rows, in both layouts (the operand swap above).
+  T* out = static_cast<T*>(g.db) + int64_t(expert) * g.k * g.n;
+#pragma unroll
+  for (int u = 0; u < kTilesN; ++u) {
+    const int64_t q = q0 + out_col(w, u, lane, 0);
+    if (q >= Q) continue;
+#pragma unroll
+    for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+      for (int r = 0; r < kAccRegs; ++r) {
+        const int64_t p = p0 + out_row(w, t, lane, r);
+        if (p < P) out[p * Q + q] = from_f32<T>(acc[t][u][r]);
+      }
+  }
+}
+
 // ============================== launchers ====================================
 
 // The callers (grouped_gemm_gpu, grouped_swiglu_gpu) check the arguments,
@@ -299,6 +432,15 @@ template <class T> void grouped_swiglu(const GroupedSwigluArgs& s, hipStream_t s
                   unsigned((s.ffn + gg::kSwigluCols - 1) / gg::kSwigluCols));
   hipLaunchKernelGGL((grouped_gemm_kernel<T, true, true>), grid, dim3(gg::kThreads), 0, stream, g,
                      static_cast<T*>(s.h));
+}
+
+// The caller (grouped_wgrad_gpu) checks as for the forward, except that it
+// launches for rows == 0 too: every expert's gradient is written, zeros for
+// the empty ones. grid.y (N tiles) must be at most 65535.
+template <class T, bool TRANS_B> void grouped_wgrad(const GroupedWgradArgs& g, hipStream_t stream) {
+  const dim3 grid(unsigned((g.k + gg::kBM - 1) / gg::kBM), unsigned((g.n + gg::kBN - 1) / gg::kBN),
+                  unsigned(g.experts));
+  hipLaunchKernelGGL((grouped_wgrad_kernel<T, TRANS_B>), grid, dim3(gg::kThreads), 0, stream, g);
 }
 
 #endif  // __HIPCC__
