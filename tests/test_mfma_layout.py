@@ -20,6 +20,12 @@ expert. Inputs are small integers, so every product and sum is exact and the
 comparisons are exact; the final bf16/fp16 rounding is not modelled.
 LDS is refilled with NaN before each slice's stores, so a fragment read of
 anything the same slice did not write shows up as NaN.
+
+The weight-gradient replay does the same for grouped_wgrad_kernel (a grid of
+K tiles x N tiles x experts, the reduction over each expert's rows) against
+A_e^T dY_e, in both output layouts, and checks that every global read stays
+inside its matrix. Planted bugs (a wrong table, a dropped bound) must make it
+fail, so the replay is shown to be able to see them.
 """
 import json
 import os
@@ -105,6 +111,13 @@ int main(int argc, char** argv) {
   // swiglu_w13_row(r, n0, ffn) for n0 = 64 * a, ffn = 8 + 64 * b (a, b < 4).
   table("swiglu_w13_row", 4, 4, kBN, 1,
         [](int a, int b, int r, int) { return int(swiglu_w13_row(r, 64 * a, 8 + 64 * b)); }, first);
+  table("wgrad_frag_x", kThreads / 64, kTilesM, kBK / kPairK, 64 * 8,
+        [](int w, int t, int kc, int le) { return wgrad_frag_x(w, t, kc, le / 8, le % 8 / 4, le % 4); }, first);
+  table("wgrad_frag_y", kThreads / 64, kTilesN, kBK / kPairK, 64 * 8,
+        [](int w, int u, int kc, int le) { return wgrad_frag_y(w, u, kc, le / 8, le % 8 / 4, le % 4); }, first);
+  // wgrad_p0 / wgrad_q0 (trans_b, K tile, N tile) for tiles < 4.
+  table("wgrad_p0", 2, 4, 4, 1, [](int tb, int kt, int nt, int) { return int(wgrad_p0(tb, kt, nt)); }, first);
+  table("wgrad_q0", 2, 4, 4, 1, [](int tb, int kt, int nt, int) { return int(wgrad_q0(tb, kt, nt)); }, first);
   std::printf(", \"swiglu_cols\": %d", kSwigluCols);
   std::printf(", \"lds_sizes\": [%d, %d, %d]}\n", kBM * kLdK, kBN * kLdK, kBK * kLdN);
   return 0;
@@ -142,7 +155,10 @@ def host(tmp_path_factory):
                    "lds_k": (c["BM"], c["BK"]), "lds_n": (c["BK"], c["BN"]), "frag_k": (c["BK"] // c["pair_k"], 64),
                    "frag_row": (waves, 2, 64), "frag_col": (waves, 2, 64), "out_row": (waves, 2, 64, 16),
                    "out_col": (waves, 2, 64, 16), "swiglu_frag_col": (waves, 2, 64),
-                   "swiglu_out_col": (waves, 64, 16), "swiglu_w13_row": (4, 4, c["BN"])})
+                   "swiglu_out_col": (waves, 64, 16), "swiglu_w13_row": (4, 4, c["BN"]),
+                   "wgrad_frag_x": (waves, 2, c["BK"] // c["pair_k"], 64, 2, 4),
+                   "wgrad_frag_y": (waves, 2, c["BK"] // c["pair_k"], 64, 2, 4),
+                   "wgrad_p0": (2, 4, 4), "wgrad_q0": (2, 4, 4)})
     tables = {k: np.array(out[k]).reshape(s) for k, s in shapes.items()}
     tables["consts"] = c
     tables["lds_sizes"] = out["lds_sizes"]
@@ -437,3 +453,183 @@ def test_kernel_replay_swiglu(host, counts, bad, K, F):
     want_act[offs[-1]:] = 0.0
     np.testing.assert_array_equal(h, want_h)
     np.testing.assert_array_equal(act, want_act)
+
+
+# ---- the weight gradient: grouped_wgrad_kernel ------------------------------------------
+
+def test_wgrad_tables(host):
+    """The fragment gathers are the forward's pieces composed, and each wave reads its tile once."""
+    c = host["consts"]
+    BK, BM = c["BK"], c["BM"]
+    fx, fy, lds_n = host["wgrad_frag_x"], host["wgrad_frag_y"], host["lds_n"]
+    ld = lds_n[1, 0] - lds_n[0, 0]  # row stride of the [rows][columns] staging tile
+    assert (lds_n == np.arange(BK)[:, None] * ld + np.arange(c["BN"])).all()
+    for w in range(c["threads"] // 64):
+        for tab, origin in ((fx, host["frag_row"]), (fy, host["frag_col"])):
+            for t in range(2):
+                for kc in range(BK // c["pair_k"]):
+                    row = host["frag_k"][kc][:, None, None] + host["pair_elem"][None]  # (64, 2, 4)
+                    np.testing.assert_array_equal(tab[w, t, kc], lds_n[row, origin[w, t][:, None, None]])
+            # Over (t, kc, lane, step, element) a wave reads rows 0..BK-1 of its 64 columns exactly once.
+            seen = np.zeros((BK, c["BN"]), int)
+            np.add.at(seen, (tab[w] // ld, tab[w] % ld), 1)
+            cols = origin[w].ravel()
+            assert (seen[:, np.unique(cols)] == 1).all() and seen.sum() == BK * 64
+    # Workgroup (K tile, N tile): out tile origin (p0, q0), swapped with trans_b.
+    kt, nt = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    np.testing.assert_array_equal(host["wgrad_p0"][0], kt * BM)
+    np.testing.assert_array_equal(host["wgrad_q0"][0], nt * c["BN"])
+    np.testing.assert_array_equal(host["wgrad_p0"][1], nt * BM)
+    np.testing.assert_array_equal(host["wgrad_q0"][1], kt * c["BN"])
+
+
+def _wgrad_replay(host, A, dY, offs, trans_b, tables=None, bugs=()):
+    """grouped_wgrad_kernel's grid, transliterated. Returns dB (E, K, N), or (E, N, K) with trans_b.
+
+    `tables` overrides host tables and `bugs` drops a bound, for the planted-bug tests.
+    Raises IndexError on a global read outside A or dY (or past the end of a row).
+    """
+    tab = dict(host, **(tables or {}))
+    c = host["consts"]
+    BM, BN, BK, waves = c["BM"], c["BN"], c["BK"], c["threads"] // 64
+    K, N, E = A.shape[1], dY.shape[1], len(offs) - 1
+    X, Y, P, Q = (dY, A, N, K) if trans_b else (A, dY, K, N)
+    out = np.full((E, P, Q), np.nan)
+    writes = np.zeros((E, P, Q), int)
+    size_n = host["lds_sizes"][2]
+    sr, sc = tab["stage_n_row"], tab["stage_n_col"]  # (threads, chunks)
+    dst = tab["lds_n"][sr, sc][..., None] + np.arange(8)
+    kcs = BK // c["pair_k"]
+
+    def stage(M, cols, r0, end, col0, bound):
+        rows = r0 + sr
+        ok = np.ones(sr.shape, bool)
+        if "no_row_bound" not in bugs:
+            ok &= rows < end
+        if "no_col_bound" not in bugs:
+            ok &= col0 + sc < bound
+        if (rows[ok] >= M.shape[0]).any() or (col0 + sc[ok] + 8 > cols).any():
+            raise IndexError("global read outside the matrix")
+        lds = np.full(size_n, np.nan)  # anything not staged this step reads as NaN
+        vals = np.zeros(sr.shape + (8,))
+        vals[ok] = M[rows[ok][:, None], (col0 + sc[ok])[:, None] + np.arange(8)]
+        lds[dst] = vals
+        return lds
+
+    for bx in range((K + BM - 1) // BM):
+        for by in range((N + BN - 1) // BN):
+            p0, q0 = tab["wgrad_p0"][int(trans_b), bx, by], tab["wgrad_q0"][int(trans_b), bx, by]
+            for e in range(E):
+                begin, end = offs[e], offs[e + 1]
+                acc = np.zeros((waves, 2, 2, 64, 16))
+                for st in range((end - begin + BK - 1) // BK):
+                    r0 = begin + st * BK
+                    Xs = stage(X, P, r0, end, p0, P)
+                    Ys = stage(Y, Q, r0, end, q0, Q)
+                    for w in range(waves):
+                        for kc in range(kcs):
+                            x = [Xs[tab["wgrad_frag_x"][w, t, kc]] for t in range(2)]  # (64, 2 steps, 4)
+                            y = [Ys[tab["wgrad_frag_y"][w, u, kc]] for u in range(2)]
+                            for s in range(2):
+                                for t in range(2):
+                                    for u in range(2):
+                                        acc[w, t, u] = mfma_32x32x8(x[t][:, s], y[u][:, s], acc[w, t, u])
+                for w in range(waves):
+                    for t in range(2):
+                        for u in range(2):
+                            p = p0 + tab["out_row"][w, t]
+                            q = q0 + tab["out_col"][w, u]
+                            m = (p < P) & (q < Q)
+                            out[e, p[m], q[m]] = acc[w, t, u][m]
+                            np.add.at(writes[e], (p[m], q[m]), 1)
+    assert (writes <= 1).all(), "an output written twice"
+    return out
+
+
+WGRAD_LAYOUTS = [
+    # (rows per expert, rows after offsets[E] (no expert: not summed), K, N)
+    ([0, 70, 0, 1, 33], 5, 40, 136),   # empty experts, row tails, K tail, N tail (second N tile 8 wide)
+    ([32], 0, 128, 128),               # exact tiles
+    ([0, 0], 3, 8, 8),                 # every expert empty: all zeros
+    ([0], 0, 8, 16),                   # rows == 0
+    ([61, 67], 2, 264, 72),            # 3 K tiles x 1 N tile: the trans_b grid swap matters
+]
+
+
+def _wgrad_case(host, counts, bad, K, N, seed):
+    rng = np.random.default_rng(seed)
+    offs, rows, _, _ = _expected_tiles(counts, bad, host["consts"]["BM"])
+    A = rng.integers(-3, 4, (rows, K)).astype(np.float64)
+    dY = rng.integers(-3, 4, (rows, N)).astype(np.float64)
+    want = np.stack([A[offs[e]:offs[e + 1]].T @ dY[offs[e]:offs[e + 1]] for e in range(len(counts))])
+    return A, dY, offs.tolist(), want
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("counts,bad,K,N", WGRAD_LAYOUTS)
+def test_wgrad_replay(host, counts, bad, K, N, trans_b):
+    A, dY, offs, want = _wgrad_case(host, counts, bad, K, N, seed=len(counts) * 1000 + K + N)
+    got = _wgrad_replay(host, A, dY, offs, trans_b)
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 1) if trans_b else want)
+
+
+def test_wgrad_replay_random_layouts(host):
+    """Random expert sizes (a third empty) with K, N in multiples of 8 around the tile edges."""
+    rng = np.random.default_rng(8)
+    for i in range(4):
+        E = int(rng.integers(1, 6))
+        counts = [0 if rng.random() < 1 / 3 else int(rng.integers(1, 100)) for _ in range(E)]
+        K, N = (int(v) * 8 for v in rng.integers(1, 35, 2))
+        A, dY, offs, want = _wgrad_case(host, counts, int(rng.integers(0, 9)), K, N, seed=100 + i)
+        for trans_b in (False, True):
+            got = _wgrad_replay(host, A, dY, offs, trans_b)
+            np.testing.assert_array_equal(got, want.transpose(0, 2, 1) if trans_b else want,
+                                          err_msg=f"counts={counts} K={K} N={N} trans_b={trans_b}")
+
+
+def _swap_steps(t):
+    return t[..., ::-1, :]  # step axis of a (.., 64, 2, 4) fragment table
+
+
+# Each planted bug must be caught, in the way named:
+# name -> (tables override, dropped bounds, layout, trans_b, "mismatch" or "IndexError").
+WGRAD_BUGS = {
+    # dY's fragment gathered with A's column index.
+    "y_reads_x_columns": (lambda h: {"wgrad_frag_y": h["wgrad_frag_x"]}, (), WGRAD_LAYOUTS[0], False, "mismatch"),
+    # The two instructions of a pair fed different physical rows of X and of Y.
+    "y_steps_swapped": (lambda h: {"wgrad_frag_y": _swap_steps(h["wgrad_frag_y"])}, (), WGRAD_LAYOUTS[1], True,
+                        "mismatch"),
+    # Accumulator registers stored with rows and columns exchanged.
+    "acc_transposed": (lambda h: {"out_row": h["out_col"], "out_col": h["out_row"]}, (), WGRAD_LAYOUTS[1], False,
+                       "mismatch"),
+    # trans_b transposes the tile grid but not the operands.
+    "no_grid_swap": (lambda h: {"wgrad_p0": h["wgrad_p0"][[0, 0]], "wgrad_q0": h["wgrad_q0"][[0, 0]]}, (),
+                     WGRAD_LAYOUTS[4], True, "mismatch"),
+    # Rows past the expert's end staged: expert 0's last step sums expert 1's first rows (29 rows after
+    # offsets[E] keep expert 1's own overrun inside the tensor).
+    "no_row_bound": (lambda h: {}, ("no_row_bound",), ([61, 67], 29, 40, 16), False, "mismatch"),
+    # ... and with nothing after the last expert, its tail step reads past the tensor.
+    "no_row_bound_end": (lambda h: {}, ("no_row_bound",), ([61, 67], 0, 40, 16), True, "IndexError"),
+    # The K / N tail not masked: reads past the end of a row.
+    "no_col_bound": (lambda h: {}, ("no_col_bound",), WGRAD_LAYOUTS[0], False, "IndexError"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(WGRAD_BUGS))
+def test_wgrad_replay_catches_planted_bug(host, bug):
+    tables, bugs, layout, trans_b, how = WGRAD_BUGS[bug]
+    A, dY, offs, want = _wgrad_case(host, *layout, seed=7)
+    want = want.transpose(0, 2, 1) if trans_b else want
+    if how == "IndexError":
+        with pytest.raises(IndexError):
+            _wgrad_replay(host, A, dY, offs, trans_b, tables(host), bugs)
+    else:
+        got = _wgrad_replay(host, A, dY, offs, trans_b, tables(host), bugs)
+        assert not np.array_equal(got, want, equal_nan=True), f"planted bug {bug} went unnoticed"
+
+
+def test_wgrad_k_pairing_is_free(host):
+    """Control for y_steps_swapped: swapping the steps of both operands alike changes nothing."""
+    A, dY, offs, want = _wgrad_case(host, *WGRAD_LAYOUTS[1], seed=7)
+    tables = {k: _swap_steps(host[k]) for k in ("wgrad_frag_x", "wgrad_frag_y")}
+    np.testing.assert_array_equal(_wgrad_replay(host, A, dY, offs, True, tables), want.transpose(0, 2, 1))

@@ -20,6 +20,7 @@ DIR=$1/hip
 # Add a line here for each new matrix-core kernel.
 KERNELS="
 grouped_gemm:4mfma19grouped_gemm_kernel
+grouped_gemm:4mfma20grouped_wgrad_kernel
 "
 
 exec python3 - "$DIR" "$KERNELS" <<'PY'

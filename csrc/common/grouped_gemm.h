@@ -143,7 +143,7 @@ void grouped_gemm_cpu(const GroupedGemmArgs& a);
 void grouped_wgrad_cpu(const GroupedWgradArgs& a);
 void grouped_swiglu_cpu(const GroupedSwigluArgs& a);
 // CUDA: sm_80 tensor cores, and a wgmma forward on sm_90a. HIP: MFMA
-// (gfx90a) for the forward and the fused SwiGLU; the weight gradient raises.
+// (gfx90a) for all three.
 void grouped_gemm_gpu(const GroupedGemmArgs& a, int device, void* stream);
 void grouped_wgrad_gpu(const GroupedWgradArgs& a, int device, void* stream);
 void grouped_swiglu_gpu(const GroupedSwigluArgs& a, int device, void* stream);

@@ -28,8 +28,7 @@
 // ldmatrix .trans (details at grouped_wgrad_kernel). grid.z = experts.
 //
 // HIP: the inline PTX cannot compile for AMD; the HIP build runs the MFMA
-// kernel of grouped_gemm_mfma.cuh for the forward and the fused SwiGLU, and
-// raises for the weight gradient (no MFMA wgrad yet).
+// kernels of grouped_gemm_mfma.cuh (forward, fused SwiGLU, weight gradient).
 #include <algorithm>
 #include <initializer_list>
 #include <string>
@@ -518,9 +517,22 @@ void grouped_swiglu_gpu(const GroupedSwigluArgs& s, int device, void* stream) {
   gpu_check(gpuGetLastError(), "launching mfma::grouped_gemm_kernel (fused SwiGLU)");
 }
 
-void grouped_wgrad_gpu(const GroupedWgradArgs& g, int, void*) {
+// Empty experts must write their zeros: no early return for rows == 0.
+void grouped_wgrad_gpu(const GroupedWgradArgs& g, int device, void* stream) {
   check(g);
-  throw std::runtime_error("mixkit: grouped_gemm's weight gradient is not implemented on HIP yet (issue 8)");
+  require(g.dtype != DType::f32, "the GPU grouped wgrad takes bfloat16 or float16 (float32 runs on the CPU only)");
+  check_gpu_shape(g.k, g.n, {g.a, g.dy, g.db});
+  require((g.n + mfma::gg::kBN - 1) / mfma::gg::kBN <= 65535, "N_out too large for the grid (at most 65535 * 128)");
+  DeviceGuard guard(device);
+  const auto s = static_cast<hipStream_t>(stream);
+  if (g.dtype == DType::bf16) {
+    if (g.trans_b) mfma::grouped_wgrad<bf16, true>(g, s);
+    else mfma::grouped_wgrad<bf16, false>(g, s);
+  } else {
+    if (g.trans_b) mfma::grouped_wgrad<f16, true>(g, s);
+    else mfma::grouped_wgrad<f16, false>(g, s);
+  }
+  gpu_check(gpuGetLastError(), "launching mfma::grouped_wgrad_kernel");
 }
 
 }  // namespace mixkit

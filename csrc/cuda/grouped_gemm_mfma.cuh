@@ -45,14 +45,15 @@
 // expert's rows r, with (X, Y) = (A, dY) or (dY, A): trans_b swaps the
 // operands instead of transposing the result, so both layouts store 64-byte
 // row segments straight from the accumulators (no LDS transpose, whose
-// 34 KiB staging buffer would cost the CU its second workgroup). Same
+// 34 KiB buffer would fit one workgroup a CU instead of three). Same
 // 128x128 tile, waves and MFMAs as the forward, the instruction's k now the
 // row index, 32 rows per step. X and Y stage like the forward's (K, N)
 // weight tile, [32 rows][128 + 8 columns] (17 KiB for the two), and both
 // MFMA operands are gathered from them with 16-bit LDS reads, 8 rows of one
 // column per lane (the A and B layouts are the same up to the name of the
-// 32-wide index). That is 64 reads a lane per step against 16 MFMAs of 64
-// cycles; by the LDS's 128 bytes a clock it stays under the MFMA time
+// 32-wide index). That is 64 reads a lane per step for 16 MFMAs of 64
+// cycles: even at one 32-lane half-wave a clock, the workgroup's 4 x 64
+// reads take the CU's LDS 512 clocks while each SIMD spends 1024 on MFMAs
 // (estimate, unmeasured). Grid: (K tiles, N tiles, experts), shapes only;
 // rows past the expert's end stage as zeros, and an empty expert runs no
 // step and writes its zeros.

@@ -76,13 +76,9 @@ def _check_gemm(op, a, b, offsets, trans_b, a_name="a", b_name="b"):
     return rows, k, n_out, experts
 
 
-def _gpu_ready(op, *tensors, hip: bool = True):
-    """GPU alignment checks; `hip=False` for ops with no HIP kernel yet."""
+def _gpu_ready(op, *tensors):
     if tensors[0].device.type != "cuda":
         return
-    if torch.version.hip and not hip:
-        raise NotImplementedError(f"{op} is not implemented on HIP yet (the grouped GEMM's forward runs on MFMA, "
-                                  "its weight gradient does not); run it on the CPU")
     for t in tensors:
         if t.data_ptr() % 16:
             raise ValueError(f"{op}: GPU tensors must start at 16-byte aligned addresses; call .clone() on views")
@@ -139,7 +135,7 @@ def _grouped_gemm_wgrad(a, grad_out, expert_offsets, trans_b):
         raise ValueError(f"{op}: on the GPU K ({k}) and N_out ({n_out}) must be multiples of 8 "
                          "(16-byte rows for cp.async)")
     db = a.new_empty(_wgrad_shape(k, n_out, experts, trans_b))
-    _gpu_ready(op, a, grad_out, db, hip=False)
+    _gpu_ready(op, a, grad_out, db)
     backend, device, stream = launch_args(a.device)
     _core.grouped_wgrad(backend, device, stream, DTYPE_CODES[a.dtype], a.data_ptr(), grad_out.data_ptr(),
                         expert_offsets.data_ptr(), db.data_ptr(), rows, k, n_out, experts, trans_b)
