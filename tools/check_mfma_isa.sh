@@ -21,6 +21,7 @@ DIR=$1/hip
 KERNELS="
 grouped_gemm:4mfma19grouped_gemm_kernel
 grouped_gemm:4mfma20grouped_wgrad_kernel
+flash_attn:4mfma2fa16flash_fwd_kernel
 "
 
 exec python3 - "$DIR" "$KERNELS" <<'PY'

@@ -54,6 +54,16 @@ inline void gpu_check(gpuError_t err, const char* what) {
                              gpuGetErrorString(err));
 }
 
+// Raises a kernel's dynamic shared-memory (LDS) limit.
+template <class Kernel>
+inline gpuError_t gpuSetMaxDynamicSharedMemory(Kernel kernel, int bytes) {
+#if defined(__HIPCC__)
+  return hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, bytes);
+#else
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+#endif
+}
+
 // Makes `device` current for the launch and restores the caller's device, so
 // a call on cuda:1 neither needs nor leaves a changed current device.
 class DeviceGuard {

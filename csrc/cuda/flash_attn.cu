@@ -5,8 +5,8 @@
 // MIXKIT_FORCE_SM80=1 in the environment forces the sm_80 kernel, which is
 // how an H100 validates the A100 path. The backward is sm_80 everywhere.
 //
-// HIP: the kernels are inline PTX (mma.sync, ldmatrix, cp.async), so the HIP
-// build raises until issue 8 adds the MFMA kernels.
+// HIP: the forward runs the MFMA kernel of flash_attn_fwd_mfma.cuh (gfx90a /
+// gfx94x); the backward raises until its MFMA kernel lands.
 #include <string>
 
 #include "common/flash_attn.h"
@@ -14,6 +14,8 @@
 
 #if !defined(__HIPCC__)
 #include "cuda/flash_attn.cuh"
+#else
+#include "cuda/flash_attn_fwd_mfma.cuh"
 #endif
 
 namespace mixkit {
@@ -33,8 +35,6 @@ void check_gpu(const FlashFwdArgs& a, std::initializer_list<const void*> ptrs,
 
 }  // namespace
 
-#if !defined(__HIPCC__)
-
 template <class F>
 void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
   auto by_dim = [&](auto t) {
@@ -45,6 +45,8 @@ void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
   if (a.dtype == DType::bf16) by_dim(bf16{});
   else by_dim(f16{});
 }
+
+#if !defined(__HIPCC__)
 
 // Which forward kernel a call on `device` runs: 90 (wgmma) or 80 (mma.sync).
 int flash_attn_fwd_arch(int device) { return hopper_or_sm80(device); }
@@ -81,15 +83,20 @@ void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream) {
 
 #else  // __HIPCC__
 
-void flash_attn_fwd_gpu(const FlashFwdArgs& a, int, void*) {
+void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
   check(a);
-  throw std::runtime_error("mixkit: flash_attn is not implemented on HIP yet (the CUDA kernels use mma.sync PTX; "
-                           "an MFMA kernel is planned in issue 8); run it on the CPU");
+  check_gpu(a, {a.q, a.k, a.v, a.out}, {a.q_stride, a.k_stride, a.v_stride, a.o_stride});
+  if (a.total_q == 0 || a.batch == 0) return;
+  DeviceGuard guard(device);
+  dispatch_head_dim_dtype(a, [&](auto d, auto t) {
+    mfma::flash_fwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
+  });
 }
 
 void flash_attn_bwd_gpu(const FlashBwdArgs& a, int, void*) {
   check(a);
-  throw std::runtime_error("mixkit: flash_attn's backward is not implemented on HIP yet (issue 8)");
+  throw std::runtime_error("mixkit: flash_attn's backward is not implemented on HIP yet (the forward runs on MFMA; "
+                           "the backward's MFMA kernel is still to come); run training on the CPU or a CUDA GPU");
 }
 
 int flash_attn_fwd_arch(int) { return 0; }

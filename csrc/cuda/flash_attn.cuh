@@ -148,7 +148,7 @@ inline unsigned grid_blocks(int64_t len, int tile) {
 // attribute; setting it is cheap and allowed during graph capture).
 template <class Kernel, class... Args>
 void launch(Kernel kernel, dim3 grid, int threads, int smem, gpuStream_t stream, const char* what, Args... args) {
-  gpu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
+  gpu_check(gpuSetMaxDynamicSharedMemory(kernel, smem), what);
   kernel<<<grid, threads, smem, stream>>>(args...);
   gpu_check(gpuGetLastError(), what);
 }

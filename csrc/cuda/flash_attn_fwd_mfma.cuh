@@ -23,6 +23,8 @@
 //    lane l holds key 8q + 4(l / 32) + e of the tile (mod the permutation
 //    below), which is B element e of lane l for the 8-key step q. P never
 //    leaves registers (no LDS round trip, no cross-lane permute).
+// (f16 P carries a factor 2^15 against MI200's flush of subnormal inputs:
+// p_log2 below.)
 // Key permutation: the A operand of S^T reads key row key_perm(l % 32), which
 // swaps bits 2 and 3 of the tile row. Then register 4(2p + s) + e of lane l
 // holds key 16p + 8(l / 32) + 4s + e, i.e. lane half h sees 8 consecutive
@@ -103,6 +105,15 @@ MIXKIT_MFMA_HD int lds_vt(int d, int dd, int key) { return dd * (block_n(d) + kP
 MIXKIT_MFMA_HD int lds_k_size(int d) { return block_n(d) * (d + kPad); }
 MIXKIT_MFMA_HD int lds_vt_size(int d) { return d * (block_n(d) + kPad); }
 
+// P is formed as 2^p_log2 * exp(scale * (s - max)), and the row sums in the
+// same units. MI200's f16 MFMAs flush subnormal inputs (|x| < 2^-14, mfma.cuh),
+// which would drop every probability below 6.1e-5: with thousands of keys that
+// is a visible share of the row's mass, counted in the sum but not in O. At
+// 2^15 the flush threshold falls to 2^-29 while P <= 2^15 stays inside f16's
+// range (65504); an exact power of two costs no precision, and folding it into
+// the exp2 argument costs no instruction. bf16 shares f32's exponent range.
+MIXKIT_MFMA_HD int p_log2(bool f16) { return f16 ? 15 : 0; }
+
 // Key blocks [first, end) of kBN = bn keys that meet the visible keys
 // [lo, hi) of query rows [m0, m0 + kBM) of a sequence with sk keys, queries
 // at absolute position i + off (off = sk - sq).
@@ -132,19 +143,10 @@ static_assert(key_perm(key_perm(13)) == 13 && s_key(0, 32, pv_reg(1, 0, 2)) == 1
 #if defined(__HIPCC__)
 }  // namespace mfma
 
-// flash_attn.cuh (flash::span, flash::BlockMask, flash::grid_blocks) names
-// CUDA's attribute API in flash::launch, which this file does not use; these
-// two names let it parse under hipcc. Remove them once compat.cuh has a
-// gpuFuncSetAttribute that flash::launch uses.
-template <class Kernel>
-inline hipError_t cudaFuncSetAttribute(Kernel kernel, hipFuncAttribute attr, int value) {
-  return hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
-}
-constexpr hipFuncAttribute cudaFuncAttributeMaxDynamicSharedMemorySize = hipFuncAttributeMaxDynamicSharedMemorySize;
-
 }  // namespace mixkit
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/compat.cuh"
 #include "cuda/flash_attn.cuh"
@@ -156,6 +158,7 @@ namespace fa {
 // ============================== kernel =======================================
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // 8 consecutive 16-bit values of one row: step s's operand is elements
 // 4s .. 4s + 3 (pair_elem).
@@ -199,6 +202,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
 
   const int tid = threadIdx.x, lane = tid % kWave, w = tid / kWave;
   const float scale_log2 = a.scale * kLog2e;
+  constexpr float kPLog2 = float(p_log2(std::is_same<T, f16>::value));
   const int64_t nblocks_q = (sq + kBM - 1) / kBM;
 
   // Global -> registers for the block at key n0; rows past sk stage zeros
@@ -290,6 +294,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
       // instead, so exp2(-inf) = 0 and no inf - inf NaN appears.
       const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
       const float corr = m == -INFINITY ? 0.f : exp2f(m * scale_log2 - base);
+      const float pbase = base - kPLog2;  // P = 2^kPLog2 * exp2(s * scale_log2 - base)
       m = mx;
       l *= corr;
 #pragma unroll
@@ -300,7 +305,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
       for (int u = 0; u < kTilesS; ++u)
 #pragma unroll
         for (int r = 0; r < kAccRegs; ++r) {
-          s[u][r] = exp2f(fmaf(s[u][r], scale_log2, -base));
+          s[u][r] = exp2f(fmaf(s[u][r], scale_log2, -pbase));
           l += s[u][r];
         }
 
@@ -323,7 +328,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
         }
     }
 
-    // Epilogue: out = O / l rounded once, lse = m * scale + ln(l); queries
+    // Epilogue: out = O / l rounded once, lse = m * scale + ln(l) (l without
+    // the 2^kPLog2 of P); queries
     // that saw nothing get zeros and -inf, rows >= sq are not stored.
     const float sum = l + shfl_xor(l, kWave / 2);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
@@ -339,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
           for (int e = 0; e < 4; ++e) pk.v[e] = from_f32<T>(o[t][4 * g + e] * inv);
           *reinterpret_cast<Pack<T, 4>*>(orow + o_d(t, lane, 4 * g)) = pk;
         }
-      if (lane < kWave / 2) lbase[row] = sum > 0.f ? m * a.scale + logf(sum) : -INFINITY;
+      if (lane < kWave / 2) lbase[row] = sum > 0.f ? m * a.scale + (logf(sum) - kPLog2 * kLn2) : -INFINITY;
     }
   }
 }
