@@ -22,6 +22,8 @@ KERNELS="
 grouped_gemm:4mfma19grouped_gemm_kernel
 grouped_gemm:4mfma20grouped_wgrad_kernel
 flash_attn:4mfma2fa16flash_fwd_kernel
+flash_attn:4mfma3fab11dkdv_kernel
+flash_attn:4mfma3fab9dq_kernel
 "
 
 exec python3 - "$DIR" "$KERNELS" <<'PY'
@@ -68,7 +70,7 @@ for stem, kname in wanted:
             continue
         for k in kernels:
             body = bodies[k]
-            want = next((rx for tag, rx in mfma.items() if f"INS_{tag}E" in k), any_mfma)
+            want = next((rx for tag, rx in mfma.items() if f"NS_{tag}E" in k), any_mfma)
             n = len(want.findall(body))
             m = meta.get(k, {})
             spills = tuple(m.get(f, 0) for f in ("vgpr_spill_count", "sgpr_spill_count", "private_segment_fixed_size"))

@@ -5,8 +5,7 @@
 // MIXKIT_FORCE_SM80=1 in the environment forces the sm_80 kernel, which is
 // how an H100 validates the A100 path. The backward is sm_80 everywhere.
 //
-// HIP: the forward runs the MFMA kernel of flash_attn_fwd_mfma.cuh (gfx90a /
-// gfx94x); the backward raises until its MFMA kernel lands.
+// HIP: the MFMA kernels of flash_attn_{fwd,bwd}_mfma.cuh (gfx90a / gfx94x).
 #include <string>
 
 #include "common/flash_attn.h"
@@ -15,6 +14,7 @@
 #if !defined(__HIPCC__)
 #include "cuda/flash_attn.cuh"
 #else
+#include "cuda/flash_attn_bwd_mfma.cuh"
 #include "cuda/flash_attn_fwd_mfma.cuh"
 #endif
 
@@ -93,10 +93,17 @@ void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
   });
 }
 
-void flash_attn_bwd_gpu(const FlashBwdArgs& a, int, void*) {
+void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream) {
   check(a);
-  throw std::runtime_error("mixkit: flash_attn's backward is not implemented on HIP yet (the forward runs on MFMA; "
-                           "the backward's MFMA kernel is still to come); run training on the CPU or a CUDA GPU");
+  check_gpu(a.f, {a.f.q, a.f.k, a.f.v, a.f.out, a.dout, a.dq, a.dk, a.dv},
+            {a.f.q_stride, a.f.k_stride, a.f.v_stride, a.f.o_stride, a.do_stride, a.dq_stride, a.dk_stride,
+             a.dv_stride});
+  require(a.deterministic || a.f.total_q == 0 || a.dq_accum, "the atomic dQ path needs the dq_accum workspace");
+  if (a.f.batch == 0 || a.f.total_k == 0) return;  // keys no query sees still get zero dK, dV
+  DeviceGuard guard(device);
+  dispatch_head_dim_dtype(a.f, [&](auto d, auto t) {
+    mfma::flash_bwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
+  });
 }
 
 int flash_attn_fwd_arch(int) { return 0; }
