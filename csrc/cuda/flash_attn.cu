@@ -46,10 +46,16 @@ void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
   else by_dim(f16{});
 }
 
-#if !defined(__HIPCC__)
-
-// Which forward kernel a call on `device` runs: 90 (wgmma) or 80 (mma.sync).
-int flash_attn_fwd_arch(int device) { return hopper_or_sm80(device); }
+// Which forward kernel a call on `device` runs: 90 (wgmma), 80 (mma.sync),
+// or 0 on HIP (MFMA; the Python API reports it as no CUDA architecture).
+int flash_attn_fwd_arch(int device) {
+#if defined(__HIPCC__)
+  (void)device;
+  return 0;
+#else
+  return hopper_or_sm80(device);
+#endif
+}
 
 void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
   check(a);
@@ -60,11 +66,16 @@ void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
   dispatch_head_dim_dtype(a, [&](auto d, auto t) {
     constexpr int D = decltype(d)::value;
     using T = decltype(t);
-#ifdef MIXKIT_WITH_SM90
-    if (hopper) return sm90::flash_fwd<D, T>(a, static_cast<gpuStream_t>(stream));
-#endif
+    const auto s = static_cast<gpuStream_t>(stream);
     (void)hopper;
-    sm80::flash_fwd<D, T>(a, static_cast<gpuStream_t>(stream));
+#if defined(__HIPCC__)
+    mfma::flash_fwd<D, T>(a, s);
+#else
+#ifdef MIXKIT_WITH_SM90
+    if (hopper) return sm90::flash_fwd<D, T>(a, s);
+#endif
+    sm80::flash_fwd<D, T>(a, s);
+#endif
   });
 }
 
@@ -77,37 +88,12 @@ void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream) {
   if (a.f.batch == 0 || a.f.total_k == 0) return;  // keys no query sees still get zero dK, dV
   DeviceGuard guard(device);
   dispatch_head_dim_dtype(a.f, [&](auto d, auto t) {
-    sm80::flash_bwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
-  });
-}
-
-#else  // __HIPCC__
-
-void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
-  check(a);
-  check_gpu(a, {a.q, a.k, a.v, a.out}, {a.q_stride, a.k_stride, a.v_stride, a.o_stride});
-  if (a.total_q == 0 || a.batch == 0) return;
-  DeviceGuard guard(device);
-  dispatch_head_dim_dtype(a, [&](auto d, auto t) {
-    mfma::flash_fwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
-  });
-}
-
-void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream) {
-  check(a);
-  check_gpu(a.f, {a.f.q, a.f.k, a.f.v, a.f.out, a.dout, a.dq, a.dk, a.dv},
-            {a.f.q_stride, a.f.k_stride, a.f.v_stride, a.f.o_stride, a.do_stride, a.dq_stride, a.dk_stride,
-             a.dv_stride});
-  require(a.deterministic || a.f.total_q == 0 || a.dq_accum, "the atomic dQ path needs the dq_accum workspace");
-  if (a.f.batch == 0 || a.f.total_k == 0) return;  // keys no query sees still get zero dK, dV
-  DeviceGuard guard(device);
-  dispatch_head_dim_dtype(a.f, [&](auto d, auto t) {
+#if defined(__HIPCC__)
     mfma::flash_bwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
+#else
+    sm80::flash_bwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
+#endif
   });
 }
-
-int flash_attn_fwd_arch(int) { return 0; }
-
-#endif  // __HIPCC__
 
 }  // namespace mixkit
