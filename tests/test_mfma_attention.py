@@ -25,14 +25,13 @@ require a mismatch, so the replay cannot pass vacuously.
 """
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_mfma_layout import mfma_32x32x8
+from test_mfma_layout import build_host_program, mfma_32x32x8
 
 SRC = Path(os.environ.get("MIXKIT_SOURCE_DIR", Path(__file__).resolve().parents[1])) / "csrc"
 
@@ -98,25 +97,9 @@ int main(int argc, char** argv) {
 """
 
 
-def _compiler():
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name) and "hipcc" not in name and "nvcc" not in name:
-            return shutil.which(name)
-    return None
-
-
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build the layout tables")
-    if not (SRC / "cuda" / "flash_attn_fwd_mfma.cuh").is_file():
-        pytest.skip(f"mixkit sources not found at {SRC} (set MIXKIT_SOURCE_DIR)")
-    d = tmp_path_factory.mktemp("mfma_attn_host")
-    (d / "host.cpp").write_text(HOST_PROGRAM)
-    exe = d / "host"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", f"-I{SRC}", str(d / "host.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    exe = build_host_program(tmp_path_factory, HOST_PROGRAM, "flash_attn_fwd_mfma.cuh", "mfma_attn_host")
     raw = json.loads(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
     plans = {}
     for D in (64, 128):
@@ -283,7 +266,7 @@ def _replay(host, D, q, k, v, cu_q, cu_k, sq_max, sk_max, causal, window, scale,
     p_log2 = 0 if bug == "no_p_offset" else host["p_log2"][dtype]
     p_ftz = _ftz_f16 if dtype == "f16" else (lambda x: x)
     c = t["c"]
-    BM, BN, T, W = c["BM"], c["BN"], c["threads"], c["waves"]
+    BM, BN, W = c["BM"], c["BN"], c["waves"]
     Tq, H, _ = q.shape
     Tk, Hkv, _ = k.shape
     B = 1 if cu_q is None else len(cu_q) - 1

@@ -29,14 +29,13 @@ require a mismatch, so the replay cannot pass vacuously.
 """
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_mfma_layout import mfma_32x32x8
+from test_mfma_layout import build_host_program, mfma_32x32x8
 
 SRC = Path(os.environ.get("MIXKIT_SOURCE_DIR", Path(__file__).resolve().parents[1])) / "csrc"
 
@@ -124,25 +123,9 @@ CONSTS = ["kv_threads", "kv_waves", "BN", "BM", "q_threads", "q_waves", "QBM", "
           "lds_dq", "lds_ds", "ch_kv", "ch_q", "ch_dq"]
 
 
-def _compiler():
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name) and "hipcc" not in name and "nvcc" not in name:
-            return shutil.which(name)
-    return None
-
-
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build the layout tables")
-    if not (SRC / "cuda" / "flash_attn_bwd_mfma.cuh").is_file():
-        pytest.skip(f"mixkit sources not found at {SRC} (set MIXKIT_SOURCE_DIR)")
-    d = tmp_path_factory.mktemp("mfma_attn_bwd_host")
-    (d / "host.cpp").write_text(HOST_PROGRAM)
-    exe = d / "host"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{SRC}", str(d / "host.cpp"), "-o",
-                    str(exe)], check=True, capture_output=True, text=True)
+    exe = build_host_program(tmp_path_factory, HOST_PROGRAM, "flash_attn_bwd_mfma.cuh", "mfma_attn_bwd_host")
     raw = json.loads(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
     plans = {"exe": exe, "p_log2_f16": raw["p_log2_f16"], "atomic_dq": dict(zip((64, 128), raw["atomic_dq"]))}
     for D in (64, 128):

@@ -132,18 +132,26 @@ def _compiler():
     return None
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
+def build_host_program(tmp_path_factory, program: str, header: str, name: str) -> Path:
+    """Compile a host C++ program that includes csrc/cuda/<header> (skipping
+    cleanly without a compiler or the sources); returns the executable.
+    Shared by the MFMA test files: each prints its kernel's tables."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no host C++ compiler to build the layout tables")
-    if not (SRC / "cuda" / "mfma.cuh").is_file():
+    if not (SRC / "cuda" / header).is_file():
         pytest.skip(f"mixkit sources not found at {SRC} (set MIXKIT_SOURCE_DIR)")
-    d = tmp_path_factory.mktemp("mfma_host")
-    (d / "host.cpp").write_text(HOST_PROGRAM)
+    d = tmp_path_factory.mktemp(name)
+    (d / "host.cpp").write_text(program)
     exe = d / "host"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", f"-I{SRC}", str(d / "host.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{SRC}", str(d / "host.cpp"), "-o",
+                    str(exe)], check=True, capture_output=True, text=True)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    exe = build_host_program(tmp_path_factory, HOST_PROGRAM, "mfma.cuh", "mfma_host")
     out = json.loads(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
     shapes = {"a_row": (64, 4), "a_k": (64, 4), "b_k": (64, 4), "b_col": (64, 4), "d_row": (64, 16),
               "d_col": (64, 16), "pair_k": (64, 2, 4), "pair_elem": (2, 4)}
