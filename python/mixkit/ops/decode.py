@@ -156,26 +156,32 @@ def _lse_like(q):
     return torch.empty(q.shape[:2], dtype=F32, device=q.device)
 
 
-def _decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale)
-    _aligned16("decode_attn", q=q, k_cache=k_cache, v_cache=v_cache)
+def _run_decode(q, k, v, cache_seqlens, capacity, window, softmax_scale, paged=(0, 0, 0, 0)):
+    """The _core.decode_attn call shared by the ring and paged forms: k, v are
+    the caches or the page pools; paged = (block_table pointer, page_size,
+    max_pages, num_pages), zeros for the ring."""
     b, h, d = q.shape
-    c, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv = k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, lse = torch.empty_like(q), _lse_like(q)
     backend, device, stream = launch_args(q.device)
-    splits = _splits(backend, device, DTYPE_CODES[q.dtype], b, h, hkv, d, c, window or 0)
+    splits = _splits(backend, device, DTYPE_CODES[q.dtype], b, h, hkv, d, capacity, window or 0)
     ws_out = ws_lse = None
     if splits > 1:
         # Float32 partials, allocated here so _core owns no GPU memory; under
         # CUDA-graph capture they come from the graph's private pool.
         ws_out = torch.empty((b, h, splits, d), dtype=F32, device=q.device)
         ws_lse = torch.empty((b, h, splits), dtype=F32, device=q.device)
-    _core.decode_attn(backend, device, stream, DTYPE_CODES[q.dtype], q.data_ptr(), k_cache.data_ptr(),
-                      v_cache.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                      b, h, hkv, d, c, window or 0, scale, splits,
-                      ptr(ws_out), ptr(ws_lse), 0, 0, 0, 0)
+    _core.decode_attn(backend, device, stream, DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                      cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, hkv, d, capacity,
+                      window or 0, scale, splits, ptr(ws_out), ptr(ws_lse), *paged)
     return out, lse
+
+
+def _decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
+    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale)
+    _aligned16("decode_attn", q=q, k_cache=k_cache, v_cache=v_cache)
+    return _run_decode(q, k_cache, v_cache, cache_seqlens, k_cache.shape[1], window, softmax_scale)
 
 
 define("decode_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, int? window, "
@@ -205,23 +211,10 @@ def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softma
 def _decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
     _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale)
     _aligned16("decode_attn_paged", q=q, k_pages=k_pages, v_pages=v_pages)
-    b, h, d = q.shape
-    num_pages, page_size, hkv = k_pages.shape[:3]
+    num_pages, page_size = k_pages.shape[:2]
     max_pages = block_table.shape[1]
-    c = max_pages * page_size
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out, lse = torch.empty_like(q), _lse_like(q)
-    backend, device, stream = launch_args(q.device)
-    splits = _splits(backend, device, DTYPE_CODES[q.dtype], b, h, hkv, d, c, window or 0)
-    ws_out = ws_lse = None
-    if splits > 1:
-        ws_out = torch.empty((b, h, splits, d), dtype=F32, device=q.device)
-        ws_lse = torch.empty((b, h, splits), dtype=F32, device=q.device)
-    _core.decode_attn(backend, device, stream, DTYPE_CODES[q.dtype], q.data_ptr(), k_pages.data_ptr(),
-                      v_pages.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                      b, h, hkv, d, c, window or 0, scale, splits, ptr(ws_out), ptr(ws_lse),
-                      block_table.data_ptr(), page_size, max_pages, num_pages)
-    return out, lse
+    return _run_decode(q, k_pages, v_pages, cache_seqlens, max_pages * page_size, window, softmax_scale,
+                       (block_table.data_ptr(), page_size, max_pages, num_pages))
 
 
 define("decode_attn_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor cache_seqlens, "
