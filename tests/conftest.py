@@ -9,6 +9,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA or ROCm GPU and the matching mixkit backend")
+    # Whole-program tests (subprocess training runs, multi-process gloo
+    # groups) that take tens of seconds: the README's test command runs them;
+    # CI's second pass against the installed wheels leaves them out.
+    config.addinivalue_line("markers", "slow: a whole-program test of tens of seconds")
 
 
 def pytest_collection_modifyitems(config, items):
