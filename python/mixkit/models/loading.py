@@ -77,8 +77,8 @@ def native_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _native_map(args: ModelArgs, keys: set[str]) -> tuple[dict, set]:
     h, hkv, i_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
-    perm_q = lambda w: native_to_half_split(w, args.n_heads)  # noqa: E731
-    perm_k = lambda w: native_to_half_split(w, args.n_kv_heads)  # noqa: E731
+    # Heads counted from the rows, so a tensor-parallel shard of whole heads permutes the same way.
+    perm_q = perm_k = lambda w: native_to_half_split(w, w.shape[0] // args.head_dim)  # noqa: E731
     m = {"tok_embeddings.weight": ("tok_embeddings.weight", None, None), "norm.weight": ("norm.weight", None, None),
          "output.weight": ("output.weight", None, None)}
     for i in range(args.n_layers):
@@ -150,7 +150,8 @@ def _progress(total: int, nbytes: int):
     return tqdm(total=total, unit="tensor", desc="loading", disable=nbytes < 2 ** 30)
 
 
-def load(path, dtype: torch.dtype | None = None, device=None, default_rope_theta: float | None = None) -> Transformer:
+def load(path, dtype: torch.dtype | None = None, device=None, default_rope_theta: float | None = None,
+         mesh=None, parallel: str = "tp") -> Transformer:
     """Load a checkpoint directory into a Transformer (in eval mode).
 
     HF: config.json (Mistral/Mixtral/Llama/OLMo architectures) with
@@ -160,6 +161,12 @@ def load(path, dtype: torch.dtype | None = None, device=None, default_rope_theta
     params.json has no rope_theta (see config.NATIVE_DEFAULT_ROPE_THETA).
     dtype: default the checkpoint's; device: default CPU. Raises
     CheckpointError naming the key for missing, unexpected or misshapen tensors.
+
+    mesh: a 1-D torch.distributed DeviceMesh (every rank calls load): the
+    model comes back tensor-parallel (parallel="tp", mixkit.parallel.
+    tensor_parallel) or expert-parallel ("ep"), and each rank reads only its
+    shard of each tensor from the safetensors files (sliced reads), so no
+    rank ever holds the full model.
     """
     path = Path(path)
     native = not (path / "config.json").exists() and (path / "params.json").exists()
@@ -189,21 +196,29 @@ def load(path, dtype: torch.dtype | None = None, device=None, default_rope_theta
         dtype = getattr(torch, name) if isinstance(name, str) else _ST_DTYPES.get(next(iter(found.values()))[2],
                                                                                    torch.float32)
     device = torch.device(device or "cpu")
+    splits, finish = {}, None
+    if mesh is not None:  # validates the mesh and the counts on every rank before anything is read
+        from ..parallel import shard_plan
+        splits, finish = shard_plan(args, mesh, parallel)
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to(dtype).to_empty(device=device)
-    model.tie_weights()  # to_empty makes new parameters, which unties them
     params = dict(model.named_parameters())
     uncovered = set(params) - {name for name, _, _ in mapping.values()}
     if uncovered:  # a bug in the key maps above, not in the checkpoint
         raise CheckpointError(f"no checkpoint key fills parameter {sorted(uncovered)[0]!r}")
-
-    for key, (name, index, _) in mapping.items():
+    for key, (name, index, _) in mapping.items():  # against the full (meta) shapes
         target = params[name].data if index is None else params[name].data[index]
         shape = found[key][1]
         if shape != tuple(target.shape):
             raise CheckpointError(f"shape mismatch for {key!r}: checkpoint has {shape}, the model expects "
                                   f"{tuple(target.shape)} (parameter {name})")
+    full_shapes = {name: tuple(p.shape) for name, p in params.items()}
+    if splits:
+        from ..parallel.tensor import shard_parameters
+        shard_parameters(model, splits)  # on the meta device: only the local shapes change
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty makes new parameters, which unties them
+    params = dict(model.named_parameters())
 
     from safetensors import safe_open
 
@@ -214,16 +229,22 @@ def load(path, dtype: torch.dtype | None = None, device=None, default_rope_theta
                 if key not in mapping:
                     continue
                 name, index, transform = mapping[key]
-                tensor = f.get_tensor(key)
-                if transform is not None:
-                    tensor = transform(tensor)
-                target = params[name].data if index is None else params[name].data[index]
-                target.copy_(tensor)  # converts dtype and moves to the device in one copy
-                del tensor
+                split = splits.get(name)
+                # (source slices of the stored tensor, index into the local parameter); () reads it whole
+                pieces = [((), index)] if split is None else split.pieces(index, full_shapes[name])
+                for src, dst in pieces:
+                    tensor = f.get_slice(key)[src] if src else f.get_tensor(key)
+                    if transform is not None:
+                        tensor = transform(tensor)
+                    target = params[name].data if dst is None else params[name].data[dst]
+                    target.copy_(tensor)  # converts dtype and moves to the device in one copy
+                    del tensor
                 if bar is not None:
                     bar.update()
     if bar is not None:
         bar.close()
+    if finish is not None:
+        model = finish(model)
     return model.eval()
 
 

@@ -200,8 +200,8 @@ class Transformer(nn.Module):
         args = self.args
         capacity = args.sliding_window or (max_seq_len or args.max_seq_len)
         ref = self.output.weight
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, capacity, args.n_kv_heads, args.head_dim,
+        for layer in self.layers:  # the attention's own KV heads: a tensor-parallel rank caches only its share
+            layer.attention.cache = KVCache(batch, capacity, layer.attention.n_kv_heads, args.head_dim,
                                             dtype or ref.dtype, device or ref.device)
 
     def clear_caches(self):

@@ -1,0 +1,33 @@
+"""Past one device on torch.distributed: tensor parallelism for inference
+(`tensor_parallel`) and expert parallelism for Mixtral's MoE layers
+(`expert_parallel`, differentiable, composes with FSDP2 on a data x expert
+mesh). Both run under torchrun on NCCL (NVIDIA), RCCL (ROCm) or gloo (CPU).
+`mixkit.models.load(path, mesh=...)` loads only each rank's shard."""
+from .expert import ExpertParallelMoE, expert_parallel, fully_shard_ep
+from .layout import Split, ep_splits, tp_splits
+from .tensor import tensor_parallel
+
+__all__ = ["ExpertParallelMoE", "Split", "ep_splits", "expert_parallel", "fully_shard_ep", "shard_plan", "tp_splits",
+           "tensor_parallel"]
+
+
+def shard_plan(args, mesh, parallel: str = "tp"):
+    """(splits, finish) for loading a checkpoint straight into shards:
+    `splits` says which part of each parameter this rank holds, `finish(model)`
+    turns the filled model into its parallel form. Validates the mesh and the
+    counts (ValueError) before anything is read."""
+    from . import expert, tensor
+
+    if parallel == "tp":
+        rank, world = tensor.mesh_rank_world(mesh, "load")
+        splits = tp_splits(args, rank, world)
+
+        def finish(model):
+            model.requires_grad_(False)
+            tensor.convert_modules(model, mesh)
+            return model
+        return splits, finish
+    if parallel == "ep":
+        ep_mesh = expert._ep_mesh(mesh, "load")
+        return ep_splits(args, ep_mesh.get_local_rank(), ep_mesh.size()), lambda m: expert.convert_modules(m, ep_mesh)
+    raise ValueError(f"load: parallel must be 'tp' or 'ep', got {parallel!r}")
