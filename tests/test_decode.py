@@ -137,6 +137,73 @@ def test_softmax_scale(dtype, device):
     assert_fa_rule(out, q, k_cache, v_cache, seqlens, 20, scale=0.3)
 
 
+# ---- per-row first key and strided caches (Hugging Face layouts) -----------------
+
+def _starts_ref(q, k, v, seqlens, starts, window, capacity):
+    """float32 reference over positions max(seen - n, start) .. seen - 1 of a
+    (B, C, Hkv, D) view, gathered explicitly."""
+    b, h, d = q.shape
+    group = h // k.shape[2]
+    out = torch.zeros(b, h, d)
+    for i in range(b):
+        seen = int(seqlens[i])
+        n = min(seen, window or capacity, capacity)
+        pos = torch.arange(max(seen - n, int(starts[i])), seen)
+        if len(pos) == 0:
+            continue
+        kk = k[i, pos % capacity].float().repeat_interleave(group, dim=1)  # (n, H, D)
+        vv = v[i, pos % capacity].float().repeat_interleave(group, dim=1)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), kk) / math.sqrt(d), dim=-1)
+        out[i] = torch.einsum("hn,nhd->hd", p, vv)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [None, 5])
+def test_cache_starts_on_a_head_major_cache(window, device):
+    """A Hugging Face (B, Hkv, C, D) cache read through .transpose(1, 2), no
+    copy; rows start at cache_starts (left padding). Slots before a row's
+    start hold NaN, so reading one shows. GQA 6 / 2, D = 64."""
+    b, h, hkv, d, c = 3, 6, 2, 64, 12
+    g = torch.Generator().manual_seed(3)
+    k_hm = torch.randn(b, hkv, c, d, generator=g)
+    v_hm = torch.randn(b, hkv, c, d, generator=g)
+    starts = torch.tensor([0, 4, 9], dtype=torch.int32)
+    seqlens = torch.tensor([12, 10, 11], dtype=torch.int32)
+    for i in range(b):
+        k_hm[i, :, :starts[i]] = float("nan")
+        v_hm[i, :, :starts[i]] = float("nan")
+    q = torch.randn(b, h, 1, d, generator=g)[:, :, 0]  # a strided (B, H, D) view
+    expect = _starts_ref(q, k_hm.transpose(1, 2), v_hm.transpose(1, 2), seqlens, starts, window, c)
+    k_hm, v_hm, q = k_hm.to(device), v_hm.to(device), q.to(device)
+    k, v = k_hm.transpose(1, 2), v_hm.transpose(1, 2)
+    assert not k.is_contiguous()
+    out = ops.decode_attn(q, k, v, seqlens.to(device), window=window, cache_starts=starts.to(device))
+    torch.testing.assert_close(out.cpu(), expect, rtol=1e-5, atol=1e-5)
+    # Without starts the NaN padding is read: the argument is what keeps it out.
+    if window is None:
+        assert torch.isnan(ops.decode_attn(q, k, v, seqlens.to(device)).cpu()[1:]).any()
+    torch.library.opcheck(torch.ops.mixkit.decode_attn,
+                          (q, k.nan_to_num(), v.nan_to_num(), seqlens.to(device), window, None, starts.to(device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_starts_paged_equals_ring(device):
+    b, h, hkv, d, page = 2, 4, 2, 64, 4
+    g = torch.Generator().manual_seed(4)
+    ring_k = torch.randn(b, 16, hkv, d, generator=g).to(device)
+    ring_v = torch.randn(b, 16, hkv, d, generator=g).to(device)
+    pages_k = ring_k.reshape(b * 4, page, hkv, d)
+    pages_v = ring_v.reshape(b * 4, page, hkv, d)
+    table = torch.arange(b * 4, dtype=torch.int32, device=device).view(b, 4)
+    q = torch.randn(b, h, d, generator=g).to(device)
+    seqlens = torch.tensor([16, 13], dtype=torch.int32, device=device)
+    starts = torch.tensor([3, 6], dtype=torch.int32, device=device)
+    ring = ops.decode_attn(q, ring_k, ring_v, seqlens, cache_starts=starts)
+    paged = ops.decode_attn_paged(q, pages_k, pages_v, table, seqlens, cache_starts=starts)
+    torch.testing.assert_close(paged, ring, rtol=0, atol=0)
+
+
 # ---- kv_cache_append ---------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -326,8 +393,12 @@ POS = torch.tensor([[2], [15]])
         (lambda: ops.decode_attn(Q, KC[None], KC[None], SL), ValueError, "k_cache must be \\(batch"),
         (lambda: ops.decode_attn(Q, KC[0], KC[0], SL), ValueError, "k_cache must have at least 4"),
         (lambda: ops.decode_attn(Q, KC, torch.zeros(2, 8, 2, 64), SL), ValueError, "v_cache must have the shape"),
-        (lambda: ops.decode_attn(Q, KC.transpose(1, 2), KC.transpose(1, 2), SL), ValueError,
-         "k_cache must be contiguous"),
+        (lambda: ops.decode_attn(Q, KC.transpose(1, 3), KC.transpose(1, 3), SL), ValueError,
+         "last dimension of k_cache must be contiguous"),
+        (lambda: ops.decode_attn(Q, KC, KC, SL, cache_starts=SL.long()), TypeError, "cache_starts must have dtype"),
+        (lambda: ops.decode_attn(Q, KC, KC, SL, cache_starts=SL[:1]), ValueError, "cache_starts must have shape"),
+        (lambda: ops.decode_attn(Q, KC, KC, SL, cache_starts=torch.tensor([0, -2], dtype=torch.int32)), ValueError,
+         "cache_starts must be >= 0"),
         (lambda: ops.decode_attn(Q, KC, KC, SL, window=0), ValueError, "window must be >= 1"),
         (lambda: ops.decode_attn(Q, KC, KC, SL, softmax_scale=-1.0), ValueError, "softmax_scale must be"),
         (lambda: ops.decode_attn(Q, KC, KC, torch.tensor([3, -1], dtype=torch.int32)), ValueError,

@@ -33,9 +33,14 @@ struct KvAppendArgs {
 };
 
 // One query token per sequence against the last n = min(seqlen, window, C)
-// cached tokens, positions seqlen - n .. seqlen - 1 in slots pos % C.
-// q/out: contiguous (B, H, D); caches: contiguous (B, C, Hkv, D); query head h
-// reads KV head h / (H / Hkv).
+// cached tokens, positions seqlen - n .. seqlen - 1 in slots pos % C, and
+// never positions below starts[b] when starts is set (left padding, or a
+// Hugging Face static cache whose first slots hold padding). starts lives on
+// the device like seqlens, so no host sync is needed to honour it.
+// q: (B, H, D) with batch and head strides, contiguous last dim; out:
+// contiguous (B, H, D); caches: (B, C, Hkv, D) with any batch, slot and head
+// strides and a contiguous last dim (a (B, Hkv, C, D) tensor transposed is
+// fine); query head h reads KV head h / (H / Hkv).
 //
 // Paged variant (block_table set): the caches are pages (num_pages,
 // page_size, Hkv, D) shared by all sequences, and position p of sequence b
@@ -48,6 +53,7 @@ struct DecodeArgs {
   const void* k_cache;
   const void* v_cache;
   const int32_t* seqlens;  // (B,) tokens seen, the current one included
+  const int32_t* starts;   // (B,) first position that may be read, or nullptr for 0
   void* out;
   float* lse;              // (B, H) natural-log sum of exp of the scaled scores; -inf when nothing is visible
   int64_t batch;
@@ -57,6 +63,9 @@ struct DecodeArgs {
   int64_t capacity;
   int64_t window;          // 0: no window
   float scale;
+  int64_t q_stride[2];  // batch, head strides of q, in elements
+  int64_t k_stride[3];  // batch (or page), slot (or row in page), head strides of k_cache, in elements
+  int64_t v_stride[3];
   // Split-KV (GPU only): `splits` partial results per (b, h), float32,
   // ws_out (B, H, splits, D) and ws_lse (B, H, splits). Unused when splits == 1.
   int64_t splits;
@@ -98,15 +107,38 @@ inline void check(const DecodeArgs& a) {
   }
 }
 
-// Row of the cache tensor holding position p of sequence b (p in [0, C)):
-// slot p % C of the sequence's ring, or the row within the page table. A
-// page number outside [0, num_pages) is clamped on the GPU (it cannot raise
+// Where position p of sequence b (p in [0, C)) lives: (outer, inner) =
+// (b, slot p % C) in the ring, or (page, row in page) through the page table.
+// A page number outside [0, num_pages) is clamped on the GPU (it cannot raise
 // without a host sync), so a bad table never reads outside the pages.
-MIXKIT_HD int64_t cache_row(const DecodeArgs& a, int64_t b, int64_t p) {
-  if (!a.block_table) return b * a.capacity + p % a.capacity;
+struct CacheIndex {
+  int64_t outer, inner;
+};
+
+MIXKIT_HD CacheIndex cache_index(const DecodeArgs& a, int64_t b, int64_t p) {
+  if (!a.block_table) return {b, p % a.capacity};
   int64_t page = a.block_table[b * a.max_pages + p / a.page_size];
   page = page < 0 ? 0 : (page >= a.num_pages ? a.num_pages - 1 : page);
-  return page * a.page_size + p % a.page_size;
+  return {page, p % a.page_size};
+}
+
+// Element offsets of KV head kvh at an index, in k_cache and v_cache.
+MIXKIT_HD int64_t k_offset(const DecodeArgs& a, CacheIndex i, int64_t kvh) {
+  return i.outer * a.k_stride[0] + i.inner * a.k_stride[1] + kvh * a.k_stride[2];
+}
+MIXKIT_HD int64_t v_offset(const DecodeArgs& a, CacheIndex i, int64_t kvh) {
+  return i.outer * a.v_stride[0] + i.inner * a.v_stride[1] + kvh * a.v_stride[2];
+}
+
+// First visible position of sequence b: the window's (or the ring's) oldest
+// token, raised to starts[b]; never above seen, so n = seen - first >= 0.
+MIXKIT_HD int64_t first_visible(const DecodeArgs& a, int64_t b, int64_t seen, int64_t keys) {
+  int64_t first = seen > keys ? seen - keys : 0;
+  if (a.starts) {
+    const int64_t s = a.starts[b];
+    if (s > first) first = s < seen ? s : seen;
+  }
+  return first;
 }
 
 // ---- backends --------------------------------------------------------------

@@ -47,6 +47,7 @@ template <class T>
 void decode_attn(const DecodeArgs& a) {
   for (int64_t b = 0; b < a.batch; ++b) {
     require(a.seqlens[b] >= 0, "cache_seqlens must be >= 0, got " + std::to_string(a.seqlens[b]));
+    if (a.starts) require(a.starts[b] >= 0, "cache_starts must be >= 0, got " + std::to_string(a.starts[b]));
     if (!a.block_table) continue;
     require(a.seqlens[b] <= a.capacity, "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(a.seqlens[b]) +
                                             " exceeds the block table's max_pages * page_size = " +
@@ -74,13 +75,16 @@ void decode_attn(const DecodeArgs& a) {
     for (int64_t b = 0; b < a.batch; ++b) {
       for (int64_t kvh = 0; kvh < hkv; ++kvh) {
         const int64_t seen = a.seqlens[b];
-        const int64_t n = std::min(seen, keys);
-        const int64_t first = seen - n;  // position of the oldest visible token
+        const int64_t first = first_visible(a, b, seen, keys);  // position of the oldest visible token
+        const int64_t n = seen - first;
         const int64_t row0 = b * a.heads + kvh * group;
-        for (int64_t i = 0; i < group * d; ++i) qf[i] = to_f32(q[row0 * d + i]) * a.scale;
+        for (int64_t g = 0; g < group; ++g) {
+          const T* qg = q + b * a.q_stride[0] + (kvh * group + g) * a.q_stride[1];
+          for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_f32(qg[i]) * a.scale;
+        }
         std::fill(m.begin(), m.end(), neg_inf);
         for (int64_t j = 0; j < n; ++j) {
-          const T* kr = kc + (cache_row(a, b, first + j) * hkv + kvh) * d;
+          const T* kr = kc + k_offset(a, cache_index(a, b, first + j), kvh);
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) row[i] = to_f32(kr[i]);
           for (int64_t g = 0; g < group; ++g) {
@@ -95,7 +99,7 @@ void decode_attn(const DecodeArgs& a) {
         std::fill(acc.begin(), acc.end(), 0.f);
         std::fill(l.begin(), l.end(), 0.f);
         for (int64_t j = 0; j < n; ++j) {
-          const T* vr = vc + (cache_row(a, b, first + j) * hkv + kvh) * d;
+          const T* vr = vc + v_offset(a, cache_index(a, b, first + j), kvh);
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) row[i] = to_f32(vr[i]);
           for (int64_t g = 0; g < group; ++g) {

@@ -89,11 +89,11 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
   // the splits (rounded to whole block steps) by the runtime length.
   const int64_t keys = a.window > 0 ? min64(a.window, C) : C;
   const int64_t seen = a.seqlens[b] > 0 ? a.seqlens[b] : 0;  // negative: nothing visible
-  const int64_t n = min64(seen, keys);
+  const int64_t first = first_visible(a, b, seen, keys);    // position of the oldest visible key
+  const int64_t n = seen - first;
   int64_t per_split = (n + a.splits - 1) / a.splits;
   per_split = (per_split + GROUPS - 1) / GROUPS * GROUPS;
   const int64_t begin = min64(n, split * per_split), end = min64(n, begin + per_split);
-  const int64_t first = seen - n;  // position of the oldest visible key
   const int64_t first_slot = first % C;  // ring: its slot
 
   const int64_t row0 = b * a.heads + kvh * group_size + h0;  // first query head (row of q/out) of this block
@@ -102,7 +102,9 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     V qv{};
-    if (g < nh) qv = reinterpret_cast<const V*>(static_cast<const T*>(a.q) + (row0 + g) * D)[lane];
+    if (g < nh)
+      qv = reinterpret_cast<const V*>(static_cast<const T*>(a.q) + b * a.q_stride[0] +
+                                      (kvh * group_size + h0 + g) * a.q_stride[1])[lane];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) qr[g][i] = to_f32(qv.v[i]) * qscale;
   }
@@ -116,9 +118,8 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
     for (int i = 0; i < VEC; ++i) acc[g][i] = 0.f;
   }
 
-  const int64_t slot_stride = a.kv_heads * D;
-  const T* kbase = static_cast<const T*>(a.k_cache) + kvh * D;
-  const T* vbase = static_cast<const T*>(a.v_cache) + kvh * D;
+  const T* kcache = static_cast<const T*>(a.k_cache);
+  const T* vcache = static_cast<const T*>(a.v_cache);
   // The trip count is the same for every thread of the block, so the
   // shuffles below always run with all lanes present.
   for (int64_t base = begin; base < end; base += GROUPS * KB) {
@@ -131,16 +132,16 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
       kv[k] = V{};
       vv[k] = V{};  // zeros, not stale registers: p = 0 times NaN would still be NaN
       if (ok[k]) {
-        int64_t row;
+        CacheIndex at;
         if (a.block_table) {
-          row = cache_row(a, b, min64(first + j, C - 1));  // a seqlen past the page table's end is clamped
+          at = cache_index(a, b, min64(first + j, C - 1));  // a seqlen past the page table's end is clamped
         } else {
           int64_t slot = first_slot + j;  // j < n <= C, so one wrap at most
           if (slot >= C) slot -= C;
-          row = b * C + slot;
+          at = {b, slot};
         }
-        kv[k] = reinterpret_cast<const V*>(kbase + row * slot_stride)[lane];
-        vv[k] = reinterpret_cast<const V*>(vbase + row * slot_stride)[lane];
+        kv[k] = reinterpret_cast<const V*>(kcache + k_offset(a, at, kvh))[lane];
+        vv[k] = reinterpret_cast<const V*>(vcache + v_offset(a, at, kvh))[lane];
       }
     }
     float s[KB][G];
@@ -268,9 +269,9 @@ void launch_append(const KvAppendArgs& a, int64_t first, gpuStream_t stream) {
   const int64_t per_token = a.kv_heads * (a.head_dim / VEC);
   const int threads = int(std::min<int64_t>(kAppendThreads, (per_token + 31) / 32 * 32));
   if (a.positions_int64)
-    kv_cache_append_kernel<T, VEC, int64_t><<<unsigned(rows), threads, 0, stream>>>(a, first);
+    gpu_launch(kv_cache_append_kernel<T, VEC, int64_t>, unsigned(rows), threads, 0, stream, a, first);
   else
-    kv_cache_append_kernel<T, VEC, int32_t><<<unsigned(rows), threads, 0, stream>>>(a, first);
+    gpu_launch(kv_cache_append_kernel<T, VEC, int32_t>, unsigned(rows), threads, 0, stream, a, first);
 }
 
 // Turns the runtime (head_dim, head tile) into the kernel instance in this
@@ -300,7 +301,8 @@ void launch_decode(const DecodeArgs& a, gpuStream_t stream) {
   const int64_t chunks = (group_size + tile - 1) / tile;
   require(a.kv_heads * chunks <= 65535, "too many KV heads for one decode launch");
   const dim3 grid{unsigned(a.splits), unsigned(a.kv_heads * chunks), unsigned(a.batch)};
-  with_decode_kernel<T>(a.head_dim, tile, [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(a, int(chunks)); });
+  with_decode_kernel<T>(a.head_dim, tile,
+                        [&](auto kernel) { gpu_launch(kernel, grid, kThreads, 0, stream, a, int(chunks)); });
   gpu_check(gpuGetLastError(), "launching decode_attn_kernel");
   if (a.splits == 1) return;
   const int d = int(a.head_dim);
@@ -308,7 +310,7 @@ void launch_decode(const DecodeArgs& a, gpuStream_t stream) {
   const int64_t rows = a.batch * a.heads;
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   require(blocks <= 0x7fffffff, "too many rows for one decode combine launch");
-  decode_combine_kernel<T><<<unsigned(blocks), dim3(d, rows_per_block), 0, stream>>>(a);
+  gpu_launch(decode_combine_kernel<T>, unsigned(blocks), dim3(d, rows_per_block), 0, stream, a);
   gpu_check(gpuGetLastError(), "launching decode_combine_kernel");
 }
 
@@ -349,13 +351,8 @@ int64_t decode_splits_gpu(DType dtype, int64_t batch, int64_t heads, int64_t kv_
   DeviceGuard guard(device);
   dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    with_decode_kernel<T>(head_dim, tile, [&](auto kernel) {
-#if defined(__HIPCC__)
-      gpu_check(hipOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, 0), "querying occupancy");
-#else
-      gpu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, 0), "querying occupancy");
-#endif
-    });
+    with_decode_kernel<T>(head_dim, tile,
+                          [&](auto kernel) { resident = occupancy_blocks_per_sm(kernel, kThreads, 0); });
   });
   const int64_t slots = int64_t(std::max(resident, 1)) * sm_count(device);
   const int64_t by_occupancy = slots / blocks;
@@ -370,6 +367,11 @@ void decode_attn_gpu(const DecodeArgs& a, int device, void* stream) {
   if (a.batch == 0) return;
   for (const void* p : {a.q, a.k_cache, a.v_cache, static_cast<const void*>(a.out)})
     require(aligned_to(p, 16), "q, k_cache, v_cache and out must be 16-byte aligned on the GPU");
+  // The kernel reads 16-byte vectors: every stride must keep rows 16-byte aligned.
+  const int64_t vec = a.dtype == DType::f32 ? 4 : 8;
+  for (int64_t st : {a.q_stride[0], a.q_stride[1], a.k_stride[0], a.k_stride[1], a.k_stride[2], a.v_stride[0],
+                     a.v_stride[1], a.v_stride[2]})
+    require(st % vec == 0, "q and cache strides must be multiples of 16 bytes on the GPU");
   DeviceGuard guard(device);
   const gpuStream_t s = static_cast<gpuStream_t>(stream);
   dispatch_dtype(a.dtype, [&](auto t) { launch_decode<decltype(t)>(a, s); });

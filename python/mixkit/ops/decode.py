@@ -31,13 +31,19 @@ GPU_HEAD_DIMS = (64, 128)
 MAX_HEAD_DIM = 1024
 
 
-def _cache_pair(op, k_cache, v_cache):
+def _cache_pair(op, k_cache, v_cache, strided=False):
+    """strided: the readers (decode_attn, decode_attn_paged) take any strides
+    with a contiguous last dim; kv_cache_append writes contiguous caches."""
     _checks.tensor(op, "k_cache", k_cache, min_dim=4)
     _checks.tensor(op, "v_cache", v_cache, min_dim=4)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be (batch, capacity, kv_heads, head_dim), got shape {tuple(t.shape)}")
-        _checks.contiguous(op, name, t)
+        if not strided:
+            _checks.contiguous(op, name, t)
+        elif t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{op}: the last dimension of {name} must be contiguous (stride 1), "
+                             f"got strides {t.stride()}")
     _checks.same_device(op, "k_cache", k_cache, "v_cache", v_cache)
     _checks.same_dtype(op, "k_cache", k_cache, "v_cache", v_cache)
     if v_cache.shape != k_cache.shape:
@@ -60,6 +66,9 @@ def _aligned16(op, **tensors):
     for name, t in tensors.items():
         if t.device.type == "cuda" and t.data_ptr() % 16:
             raise ValueError(f"{op}: {name} must be 16-byte aligned on the GPU (its storage offset breaks that)")
+        vec = 16 // t.element_size()
+        if t.device.type == "cuda" and any(s % vec for s in t.stride()[:-1]):
+            raise ValueError(f"{op}: on the GPU the strides of {name} {t.stride()} must be multiples of 16 bytes")
 
 
 # ---- kv_cache_append ------------------------------------------------------------
@@ -109,16 +118,17 @@ def _(k, v, k_cache, v_cache, positions):
 
 # ---- decode_attn -----------------------------------------------------------------
 
-def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax_scale):
+def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax_scale, cache_starts=None):
     """Checks shared by decode_attn and decode_attn_paged: q (batch, H, D)
-    against the cache's Hkv and D, cache_seqlens (batch,) int32, window,
-    scale and the GPU head dims."""
+    against the cache's Hkv and D, cache_seqlens and cache_starts (batch,)
+    int32, window, scale and the GPU head dims."""
     _checks.tensor(op, "q", q, min_dim=3)
     _checks.same_device(op, cache_name, cache, "q", q)
     _checks.same_dtype(op, cache_name, cache, "q", q)
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be (batch, heads, head_dim), one token per sequence, got shape {tuple(q.shape)}")
-    _checks.contiguous(op, "q", q)
+    if q.stride(-1) != 1 and q.shape[-1] > 1:
+        raise ValueError(f"{op}: the last dimension of q must be contiguous (stride 1), got strides {q.stride()}")
     hkv, d = cache.shape[2], cache.shape[3]
     if q.shape[0] != batch:
         raise ValueError(f"{op}: q has batch {q.shape[0]} but {cache_name} has {batch}")
@@ -132,6 +142,12 @@ def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"{op}: cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
     _checks.contiguous(op, "cache_seqlens", cache_seqlens)
+    if cache_starts is not None:
+        _checks.tensor(op, "cache_starts", cache_starts, dtypes=(torch.int32,))
+        _checks.same_device(op, cache_name, cache, "cache_starts", cache_starts)
+        if cache_starts.shape != (batch,):
+            raise ValueError(f"{op}: cache_starts must have shape ({batch},), got {tuple(cache_starts.shape)}")
+        _checks.contiguous(op, "cache_starts", cache_starts)
     if window is not None and window < 1:
         raise ValueError(f"{op}: window must be >= 1 or None, got {window}")
     if softmax_scale is not None:
@@ -139,9 +155,10 @@ def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax
     _gpu_head_dim(op, q, d)
 
 
-def _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
-    _cache_pair("decode_attn", k_cache, v_cache)
-    _check_query("decode_attn", q, "k_cache", k_cache, k_cache.shape[0], cache_seqlens, window, softmax_scale)
+def _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts):
+    _cache_pair("decode_attn", k_cache, v_cache, strided=True)
+    _check_query("decode_attn", q, "k_cache", k_cache, k_cache.shape[0], cache_seqlens, window, softmax_scale,
+                 cache_starts)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -156,14 +173,20 @@ def _lse_like(q):
     return torch.empty(q.shape[:2], dtype=F32, device=q.device)
 
 
-def _run_decode(q, k, v, cache_seqlens, capacity, window, softmax_scale, paged=(0, 0, 0, 0)):
+def _out_like(q):
+    # Contiguous whatever q's strides are; the fake registrations use the same
+    # function, so a compiled graph sees the real op's strides.
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _run_decode(q, k, v, cache_seqlens, cache_starts, capacity, window, softmax_scale, paged=(0, 0, 0, 0)):
     """The _core.decode_attn call shared by the ring and paged forms: k, v are
     the caches or the page pools; paged = (block_table pointer, page_size,
     max_pages, num_pages), zeros for the ring."""
     b, h, d = q.shape
     hkv = k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out, lse = torch.empty_like(q), _lse_like(q)
+    out, lse = _out_like(q), _lse_like(q)
     backend, device, stream = launch_args(q.device)
     splits = _splits(backend, device, DTYPE_CODES[q.dtype], b, h, hkv, d, capacity, window or 0)
     ws_out = ws_lse = None
@@ -173,34 +196,35 @@ def _run_decode(q, k, v, cache_seqlens, capacity, window, softmax_scale, paged=(
         ws_out = torch.empty((b, h, splits, d), dtype=F32, device=q.device)
         ws_lse = torch.empty((b, h, splits), dtype=F32, device=q.device)
     _core.decode_attn(backend, device, stream, DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                      cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, hkv, d, capacity,
-                      window or 0, scale, splits, ptr(ws_out), ptr(ws_lse), *paged)
+                      cache_seqlens.data_ptr(), ptr(cache_starts), out.data_ptr(), lse.data_ptr(), b, h, hkv, d,
+                      capacity, window or 0, scale, q.stride()[:2], k.stride()[:3], v.stride()[:3], splits,
+                      ptr(ws_out), ptr(ws_lse), *paged)
     return out, lse
 
 
-def _decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale)
+def _decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts=None):
+    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts)
     _aligned16("decode_attn", q=q, k_cache=k_cache, v_cache=v_cache)
-    return _run_decode(q, k_cache, v_cache, cache_seqlens, k_cache.shape[1], window, softmax_scale)
+    return _run_decode(q, k_cache, v_cache, cache_seqlens, cache_starts, k_cache.shape[1], window, softmax_scale)
 
 
 define("decode_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, int? window, "
-       "float? softmax_scale) -> (Tensor, Tensor)", _decode_attn)
+       "float? softmax_scale, Tensor? cache_starts=None) -> (Tensor, Tensor)", _decode_attn)
 
 
 @torch.library.register_fake("mixkit::decode_attn")
-def _(q, k_cache, v_cache, cache_seqlens, window, softmax_scale):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale)
-    return torch.empty_like(q), _lse_like(q)
+def _(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts=None):
+    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts)
+    return _out_like(q), _lse_like(q)
 
 
 # ---- decode_attn_paged -------------------------------------------------------------
 
-def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
+def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts):
     op = "decode_attn_paged"
-    _cache_pair(op, k_pages, v_pages)
+    _cache_pair(op, k_pages, v_pages, strided=True)
     b = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else 0
-    _check_query(op, q, "k_pages", k_pages, b, cache_seqlens, window, softmax_scale)
+    _check_query(op, q, "k_pages", k_pages, b, cache_seqlens, window, softmax_scale, cache_starts)
     _checks.tensor(op, "block_table", block_table, dtypes=(torch.int32,))
     _checks.same_device(op, "k_pages", k_pages, "block_table", block_table)
     if block_table.dim() != 2 or block_table.shape[0] != b or block_table.shape[1] == 0:
@@ -208,23 +232,23 @@ def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softma
     _checks.contiguous(op, "block_table", block_table)
 
 
-def _decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
-    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale)
+def _decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts=None):
+    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts)
     _aligned16("decode_attn_paged", q=q, k_pages=k_pages, v_pages=v_pages)
     num_pages, page_size = k_pages.shape[:2]
     max_pages = block_table.shape[1]
-    return _run_decode(q, k_pages, v_pages, cache_seqlens, max_pages * page_size, window, softmax_scale,
-                       (block_table.data_ptr(), page_size, max_pages, num_pages))
+    return _run_decode(q, k_pages, v_pages, cache_seqlens, cache_starts, max_pages * page_size, window,
+                       softmax_scale, (block_table.data_ptr(), page_size, max_pages, num_pages))
 
 
 define("decode_attn_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor cache_seqlens, "
-       "int? window, float? softmax_scale) -> (Tensor, Tensor)", _decode_attn_paged)
+       "int? window, float? softmax_scale, Tensor? cache_starts=None) -> (Tensor, Tensor)", _decode_attn_paged)
 
 
 @torch.library.register_fake("mixkit::decode_attn_paged")
-def _(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale):
-    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale)
-    return torch.empty_like(q), _lse_like(q)
+def _(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts=None):
+    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts)
+    return _out_like(q), _lse_like(q)
 
 
 # ---- public API ------------------------------------------------------------------
@@ -252,11 +276,18 @@ def kv_cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
 
 def decode_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                 window: int | None = None, softmax_scale: float | None = None,
-                return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_lse: bool = False,
+                cache_starts: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One decode step of grouped-query attention over rolling-buffer caches.
 
     q: (B, H, D), one new token per sequence. k_cache, v_cache: (B, C, Hkv, D),
-    H a multiple of Hkv; query head h uses KV head h // (H // Hkv).
+    H a multiple of Hkv; query head h uses KV head h // (H // Hkv). q and
+    the caches may be strided views with a contiguous last dim: a Hugging
+    Face (B, Hkv, C, D) cache passes as `.transpose(1, 2)`, with no copy.
+    cache_starts: optional (B,) int32, the first position each row may read
+    (left padding, or leading slots a static cache never wrote); the row then
+    attends to positions max(seqlen - n, cache_starts[b]) .. seqlen - 1. It
+    is read on the device, so a step still needs no host sync.
     cache_seqlens: (B,) int32, tokens each sequence has seen including the
     current one (its k/v already appended). Each query attends to the last
     n = min(cache_seqlens[b], window or C, C) tokens, positions
@@ -271,13 +302,15 @@ def decode_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     float32 (B, H) natural-log log-sum-exp of the scaled scores.
     GPU: float32/float16/bfloat16, D in (64, 128). CPU: any D.
     """
-    out, lse = torch.ops.mixkit.decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale)
+    out, lse = torch.ops.mixkit.decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale,
+                                            cache_starts)
     return (out, lse) if return_lse else out
 
 
 def decode_attn_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
                       cache_seqlens: torch.Tensor, window: int | None = None, softmax_scale: float | None = None,
-                      return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      return_lse: bool = False,
+                      cache_starts: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """decode_attn over a paged KV cache (vLLM-style block tables).
 
     k_pages, v_pages: (num_pages, page_size, Hkv, D), pages shared by all
@@ -290,8 +323,9 @@ def decode_attn_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     with the ring slot replaced by a page lookup: the same split-KV, GQA
     sharing and CUDA-graph capturability. The CPU checks page indices and
     lengths and raises; the GPU cannot without a host sync, and clamps them
-    into the page pool instead.
+    into the page pool instead. cache_starts and strided views work as in
+    decode_attn.
     """
     out, lse = torch.ops.mixkit.decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window,
-                                                  softmax_scale)
+                                                  softmax_scale, cache_starts)
     return (out, lse) if return_lse else out
