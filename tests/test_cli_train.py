@@ -70,21 +70,26 @@ def test_train_then_eval(tmp_path, capsys):
     assert result["bytes"] == sum(len(t.encode()) for t in DOCS[:2]) and result["bits_per_byte"] > 0
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_finishes_the_step_and_saves(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
     from mixkit.train import trainer as trainer_mod
+    from mixkit.train.interrupt import EXIT_INTERRUPTED
 
     cfg, _ = _run_file(tmp_path)
     real = trainer_mod.Trainer.train_step
 
-    def interrupt_at_3(self, batches):
+    def ctrl_c_during_step_3(self, batches):
         if self.step == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real(self, batches)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", interrupt_at_3)
-    assert main(["train", "--config", str(cfg), "--quiet"]) == 130
-    assert (tmp_path / "run" / "checkpoint_interrupted_step_00000002").exists()
-    assert "interrupted at step 2" in capsys.readouterr().out
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", ctrl_c_during_step_3)
+    assert main(["train", "--config", str(cfg), "--quiet"]) == EXIT_INTERRUPTED
+    assert (tmp_path / "run" / "step_00000003" / "COMPLETE").exists()
+    assert "stopped by SIGINT after step 3" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
 
 
 def test_run_file_errors(tmp_path):

@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
     from mixkit.train.run import train
 
     try:
-        return train(args.config, args.set or [], device=args.device, quiet=args.quiet)
+        return train(args.config, args.set or [], device=args.device, quiet=args.quiet, resume=args.resume)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mixkit train: error: {exc}", file=sys.stderr)
         return 2
@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a key (model.<field>=, data.<field>= for the tables); repeatable")
     t.add_argument("--device", choices=["cpu", "cuda"])
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto (default): continue from the newest complete checkpoint in checkpoint_dir, if any; "
+                        "never: start over (removes the run's checkpoints); PATH: continue from that checkpoint. "
+                        "SIGINT / SIGTERM save a checkpoint and exit with code 75")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on .jsonl files")

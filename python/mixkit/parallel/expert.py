@@ -21,8 +21,8 @@ With FSDP2 on a 2-D (dp, ep) mesh (torchtitan's layout): the experts are
 fully_shard-ed over the dp dimension and everything else (the router, the
 attention, norms, embedding and head) over all dp x ep ranks, since those
 see different tokens on every rank. Each rank's expert gradient sums the
-contributions of every token of its ep group, so the expert reduce-scatter
-divides by dp x ep, like every other gradient.
+contributions of every token of its ep group, so it is scaled by 1 / ep
+before FSDP's average over dp: every gradient is then averaged over dp x ep.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class ExpertParallelMoE(MoE):
     """MoE whose `w13`/`w2` hold this rank's experts; see the module docstring."""
     ep_group = None
     ep_size = 1
+    expert_grad_scale = 1.0  # fully_shard_ep: 1 / ep (see there)
 
     def forward(self, x):
         shape = x.shape
@@ -75,6 +76,9 @@ class ExpertParallelMoE(MoE):
         order = torch.argsort(segment % local, stable=True)
         local_offsets = F.pad(recv_counts.view(n, local).sum(0).cumsum(0), (1, 0))
         w13, w2 = _local(self.w13), _local(self.w2)
+        if self.expert_grad_scale != 1.0 and torch.is_grad_enabled() and w13.requires_grad:
+            w13.register_hook(lambda g: g * self.expert_grad_scale)
+            w2.register_hook(lambda g: g * self.expert_grad_scale)
         h = ops.grouped_gemm(x_recv[order], w13, local_offsets, trans_b=True)
         gate, up = h.chunk(2, dim=-1)
         y_sorted = ops.grouped_gemm(F.silu(gate) * up, w2, local_offsets, trans_b=True)
@@ -150,7 +154,29 @@ def fully_shard_ep(root: nn.Module, model: Transformer, mesh, precision: str = "
         moe = block.feed_forward
         fully_shard(moe.gate, mesh=everyone, mp_policy=mp)
         fully_shard(moe, mesh=mesh["dp"], mp_policy=mp)
-        moe.set_gradient_divide_factor(float(mesh.size()))
+        # FSDP divides the expert gradients by dp; they need dp x ep. Not
+        # set_gradient_divide_factor: that is a PREMUL_SUM reduction, which
+        # gloo lacks. 1 / ep is exact for powers of two.
+        moe.expert_grad_scale = 1.0 / mesh["ep"].size()
         fully_shard(block, mesh=everyone, mp_policy=mp)
     fully_shard(root, mesh=everyone, mp_policy=mp)
     return root
+
+
+def shard_for_training(root: nn.Module, model: Transformer, ep: int, precision: str = "bf16") -> nn.Module:
+    """The trainer's EP x FSDP2 setup over all ranks: a (world / ep, ep) mesh
+    named ('dp', 'ep'), expert_parallel over 'ep', fully_shard_ep. ValueError
+    (on every rank, before any communication) unless ep divides the rank
+    count and the expert count."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .layout import check_ep
+
+    world = dist.get_world_size()
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1 or world % ep:
+        raise ValueError(f"ep = {ep!r} must be a positive divisor of the number of ranks {world}")
+    check_ep(model.args, ep)
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    expert_parallel(model, mesh)
+    return fully_shard_ep(root, model, mesh, precision)

@@ -57,8 +57,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # steps; 0: never
     log_every: int = 1
-    checkpoint_every: int = 0  # steps; 0: never
-    checkpoint_dir: str = ""
+    checkpoint_every: int = 0  # steps; 0: only when stopped by a signal and at the end (mixkit train)
+    checkpoint_dir: str = ""  # mixkit train: "" is the run directory (data.out_dir)
+    keep_last: int = 3  # complete checkpoints kept in checkpoint_dir, newest first; 0: all
     peak_flops: float = 0.0  # per device, for MFU; 0: no MFU
     fsdp: bool | None = None  # None: FSDP2 when torch.distributed has more than one rank
 
@@ -76,6 +77,8 @@ class TrainConfig:
         if self.grad_accum < 1 or self.max_steps < 1 or self.warmup_steps < 0 or self.loss_chunk_size < 1:
             raise ConfigError("TrainConfig: grad_accum, max_steps and loss_chunk_size must be >= 1, "
                               "warmup_steps >= 0")
+        if self.keep_last < 0 or self.checkpoint_every < 0:
+            raise ConfigError("TrainConfig: keep_last and checkpoint_every must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"TrainConfig: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         self.betas = tuple(self.betas)

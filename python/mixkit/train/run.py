@@ -23,8 +23,10 @@ A run file is TrainConfig's TOML (train/config.py) plus a `[data]` table:
 A component may say `stdlib = true` instead of paths: the Python standard
 library's sources on this machine (the quick start's corpus). The run
 directory gets `log.jsonl` (one line per step), `loss.png` (matplotlib, when
-installed), checkpoints (`checkpoint_every`, and one on Ctrl-C) and the final
-model as a Hugging Face directory (`model/`).
+installed), checkpoints `step_*` (every `checkpoint_every` steps, on SIGINT or
+SIGTERM, and at the end; the newest `keep_last` are kept) and the final model
+as a Hugging Face directory (`model/`). Rerunning the same command continues
+from the newest complete checkpoint (checkpoint.py has the rule).
 """
 from __future__ import annotations
 
@@ -102,14 +104,18 @@ def _device(name: str | None) -> torch.device:
 class RunLog:
     """log.jsonl, the progress bar and the loss plot of one run directory."""
 
-    def __init__(self, run_dir: Path, total_steps: int, quiet: bool = False):
+    def __init__(self, run_dir: Path, total_steps: int, quiet: bool = False, start_step: int = 0):
+        """start_step: the step the run resumes at; rows past it are dropped."""
         from tqdm import tqdm
+
+        from .checkpoint import truncate_log
 
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict] = truncate_log(run_dir / "log.jsonl", start_step)
         self.file = open(run_dir / "log.jsonl", "a")
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
-        self.history: list[dict] = []
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=quiet,
+                        dynamic_ncols=True)
 
     def __call__(self, metrics: dict) -> None:
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
@@ -185,12 +191,20 @@ def _component_texts(name: str, comp: dict, dcfg: DataConfig, split: str) -> lis
 
 # ---- mixkit train -------------------------------------------------------------------
 
-def train(config: str | None, overrides: Sequence[str] = (), device: str | None = None, quiet: bool = False) -> int:
+def train(config: str | None, overrides: Sequence[str] = (), device: str | None = None, quiet: bool = False,
+          resume: str = "auto") -> int:
+    """Returns 0, or interrupt.EXIT_INTERRUPTED after a SIGINT / SIGTERM stop
+    (checkpoint saved). resume: "auto" (the newest complete checkpoint in
+    checkpoint_dir, if any), "never" or a checkpoint path; see checkpoint.py."""
     from .. import models
     from ..data import Component, MixtureLoader, tokenize_files, tokenize_texts
+    from .checkpoint import resume as resume_from
+    from .interrupt import EXIT_INTERRUPTED, GracefulStop
     from .trainer import Trainer
 
     tcfg, dcfg = load_run_config(config, overrides)
+    if not tcfg.checkpoint_dir:  # checkpoints live in the run directory unless told otherwise
+        tcfg = tcfg.replace(checkpoint_dir=dcfg.out_dir)
     rank, world, dev = _init_distributed(device)
     quiet = quiet or rank != 0
     run_dir = Path(dcfg.out_dir)
@@ -220,20 +234,26 @@ def train(config: str | None, overrides: Sequence[str] = (), device: str | None 
     torch.manual_seed(tcfg.seed)
     model = models.Transformer(args).init_weights(tcfg.seed).to(dev)
     eval_fn = make_eval_fn(tok, heldout, dcfg.eval_seq_len or dcfg.seq_len) if heldout else None
-    log = RunLog(run_dir if rank == 0 else run_dir / f"rank{rank}", tcfg.max_steps, quiet)
-    trainer = Trainer(model, tcfg, data=loader, eval_fn=eval_fn, log_fn=log)
-    if tcfg.checkpoint_dir and Path(tcfg.checkpoint_dir).exists():
-        latest = sorted(Path(tcfg.checkpoint_dir).glob("step_*"))
-        if latest:
-            trainer.load(str(latest[-1]))
-    try:
+    trainer = Trainer(model, tcfg, data=loader, eval_fn=eval_fn)
+    resume_from(trainer, tcfg.checkpoint_dir, resume)
+    log = RunLog(run_dir if rank == 0 else run_dir / f"rank{rank}", tcfg.max_steps, quiet, start_step=trainer.step)
+    trainer.log_fn = log
+    stop = GracefulStop()
+    trainer.should_stop = stop.agreed
+    with stop:  # SIGINT / SIGTERM: finish the step, save, exit; a second one exits at once
         trainer.fit()
-    except KeyboardInterrupt:
-        path = run_dir / f"checkpoint_interrupted_step_{trainer.step:08d}"
-        trainer.save(str(path))
-        log.close()
-        print(f"\ninterrupted at step {trainer.step}: saved {path}")
-        return 130
+        saved = trainer.checkpoints.last_saved_step == trainer.step
+        if stop.stopped_by and trainer.step < tcfg.max_steps:
+            path = trainer.checkpoints.directory / f"step_{trainer.step:08d}"
+            if not saved:
+                path = trainer.checkpoints.save(trainer, stop.stop_name)
+            log.close()
+            if rank == 0:
+                print(f"\nstopped by {stop.stop_name} after step {trainer.step}: saved {path}; "
+                      "rerun the same command to continue", flush=True)
+            return EXIT_INTERRUPTED
+        if not saved:  # rerunning a finished run resumes here and only exports the model again
+            trainer.checkpoints.save(trainer, "end")
     plot = log.close()
     weights = trainer.model_state_dict()  # gathered from the shards under FSDP2 (every rank takes part)
     if rank == 0:

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .. import ops
 from ..models.model import Attention, MoE, Transformer
+from .checkpoint import CheckpointManager
 from .config import TrainConfig
 from .flops import batch_flops
 from .losses import IGNORE_INDEX, chunked_cross_entropy
@@ -165,6 +166,9 @@ class Trainer:
         self.step = 0  # optimizer steps taken or skipped; the schedule's input
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self._data_iter = None
+        # crash-safe step_* checkpoints (checkpoint_every, and the run's stop and end saves)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last) if cfg.checkpoint_dir else None
+        self.should_stop: Callable[["Trainer"], bool] | None = None  # checked after every step (on every rank)
 
     # ---- one step -----------------------------------------------------------------------------------------------
 
@@ -278,9 +282,13 @@ class Trainer:
     def fit(self, steps: int | None = None) -> list[dict]:
         """Run `steps` optimizer steps (default: up to cfg.max_steps), taking
         cfg.grad_accum batches from `data` per step; evaluates and saves
-        checkpoints as configured. Returns the metrics of each step."""
+        checkpoints as configured; stops early after a step for which
+        `should_stop(trainer)` is true. Returns the metrics of each step."""
         if self.data is None:
             raise ValueError("Trainer.fit: no data (pass data= to Trainer)")
+        if self.cfg.checkpoint_every and self.checkpoints is None:
+            raise ValueError("Trainer.fit: checkpoint_every needs checkpoint_dir (mixkit train defaults it to the "
+                             "run directory)")
         if self._data_iter is None:
             self._data_iter = iter(self.data)
         history = []
@@ -291,8 +299,10 @@ class Trainer:
                 metrics.update(self.eval_fn(self))
             self.log_fn(metrics)
             history.append(metrics)
-            if self.cfg.checkpoint_every and self.cfg.checkpoint_dir and self.step % self.cfg.checkpoint_every == 0:
-                self.save(f"{self.cfg.checkpoint_dir}/step_{self.step:08d}")
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.checkpoints.save(self, "periodic")
+            if self.should_stop is not None and self.should_stop(self):
+                break
         return history
 
     # ---- run state ------------------------------------------------------------------------------------------------
