@@ -62,6 +62,7 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept in checkpoint_dir, newest first; 0: all
     peak_flops: float = 0.0  # per device, for MFU; 0: no MFU
     fsdp: bool | None = None  # None: FSDP2 when torch.distributed has more than one rank
+    ep: int = 1  # expert parallelism: MoE experts split over ep ranks, FSDP2 over (ranks / ep, ep)
 
     def __post_init__(self):
         if self.model_name not in CONFIGS:
@@ -79,6 +80,8 @@ class TrainConfig:
                               "warmup_steps >= 0")
         if self.keep_last < 0 or self.checkpoint_every < 0:
             raise ConfigError("TrainConfig: keep_last and checkpoint_every must be >= 0")
+        if isinstance(self.ep, bool) or not isinstance(self.ep, int) or self.ep < 1:
+            raise ConfigError(f"TrainConfig: ep must be an integer >= 1, got {self.ep!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"TrainConfig: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         self.betas = tuple(self.betas)

@@ -109,12 +109,24 @@ def apply_fsdp(loss_module: CausalLMLoss, precision: str = "bf16", mesh=None) ->
     return loss_module
 
 
+def _by_mesh(tensors) -> list[list[torch.Tensor]]:
+    """Tensors grouped by DTensor mesh: under expert parallelism the experts
+    live on the (dp, ep) mesh and the rest on all ranks, and DTensors on
+    different meshes cannot meet in one op."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
+    return list(groups.values()) or [[]]
+
+
 def _global_norm(params) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: the norm over all shards
-        norm = norm.full_tensor()
-    return norm
+    norms = []
+    for group in _by_mesh([p.grad for p in params if p.grad is not None]):
+        norm = torch.nn.utils.get_total_norm(group, 2.0, error_if_nonfinite=False, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: the norm over all shards
+            norm = norm.full_tensor()
+        norms.append(norm)
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _doc_lengths(batch) -> list[int]:
@@ -158,7 +170,12 @@ class Trainer:
             if isinstance(module, Attention):
                 module.deterministic = cfg.deterministic
         self.module = CausalLMLoss(model, cfg.loss_chunk_size, moe_aux=cfg.moe_aux_loss_coef > 0)
-        if self.fsdp:
+        if cfg.ep > 1:  # Mixtral's experts over ep ranks, FSDP2 over the (world / ep, ep) mesh
+            if not self.fsdp:
+                raise RuntimeError("Trainer: ep > 1 needs fsdp and torch.distributed (launch with torchrun)")
+            from ..parallel.expert import shard_for_training
+            shard_for_training(self.module, model, cfg.ep, cfg.precision)
+        elif self.fsdp:
             apply_fsdp(self.module, cfg.precision)
         self.device = next(self.module.parameters()).device
         self.optimizer = build_optimizer(self.module, cfg)
@@ -225,7 +242,8 @@ class Trainer:
         finite = bool(torch.isfinite(loss_value) & torch.isfinite(norm) & torch.isfinite(aux_total))
         if finite:
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, norm, foreach=True)
+                for group in _by_mesh(self.params):
+                    torch.nn.utils.clip_grads_with_norm_(group, cfg.grad_clip, norm, foreach=True)
             self.optimizer.step()
         else:
             self.skipped += 1
