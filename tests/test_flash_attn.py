@@ -460,3 +460,14 @@ def test_gpu_rejects_unsupported_head_dim_and_float32():
 
 def test_kernel_choice_on_cpu_is_none():
     assert ops.flash_attn_fwd_arch(torch.device("cpu")) == 0
+
+
+def test_non_tensor_arguments_raise_type_error_naming_them():
+    q = torch.randn(1, 4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="flash_attn: q must be a torch.Tensor, got list"):
+        ops.flash_attn([[1.0]], q, q)
+    with pytest.raises(TypeError, match="flash_attn: v must be a torch.Tensor, got NoneType"):
+        ops.flash_attn(q, q, None)
+    with pytest.raises(TypeError, match="flash_attn_varlen: cu_seqlens_k must be a torch.Tensor, got list"):
+        ops.flash_attn_varlen(q[0], q[0], q[0], cu, [0, 4], 4, 4)

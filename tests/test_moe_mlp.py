@@ -403,3 +403,47 @@ def test_gpu_bad_input():
         mm.grouped_gemm(a.float(), b.float(), off)
     with pytest.raises(ValueError, match="device|cuda|cpu"):
         mm.grouped_gemm(a, b, off.cpu())
+
+
+# ---- moe_experts (the router elsewhere, e.g. Hugging Face's) -------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_experts_matches_loop_reference_with_gradients(device):
+    """Weights and ids from an outside router (HF's softmax-topk-renormalise,
+    int64 ids): output and gradients in x, the weights, w13 and w2 against the
+    per-expert float32 loop."""
+    tokens, hidden, ffn, experts, top_k = 23, 32, 48, 5, 2
+    x, rw, w13, w2 = _mlp_inputs(tokens, hidden, ffn, experts, torch.float32, device, seed=7)
+    probs = torch.softmax(x @ rw.t(), dim=-1)
+    vals, ids = torch.topk(probs, top_k, dim=-1)
+    vals = vals / vals.sum(-1, keepdim=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, vals, w13, w2)]
+    y = mm.moe_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+    grad_y = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).to(device)
+    y.backward(grad_y)
+
+    ref_in = [t.detach().cpu().requires_grad_(True) for t in (x, vals, w13, w2)]
+    rx, rv, r13, r2 = ref_in
+    ref = torch.zeros(tokens, hidden)
+    for e in range(experts):
+        tok, slot = torch.where(ids.cpu() == e)
+        h = rx[tok] @ r13[e].t()
+        ref = ref.index_add(0, tok, rv[tok, slot, None] * ((F.silu(h[:, :ffn]) * h[:, ffn:]) @ r2[e].t()))
+    ref.backward(grad_y.cpu())
+    torch.testing.assert_close(y.detach().cpu(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for name, ours, theirs in zip(("x", "weights", "w13", "w2"), leaves, ref_in):
+        torch.testing.assert_close(ours.grad.cpu(), theirs.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_moe_experts_bad_input():
+    x, rw, w13, w2 = _mlp_inputs(4, 16, 8, 3, torch.float32, "cpu")
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    w = torch.full((4, 2), 0.5)
+    with pytest.raises(TypeError, match="topk_ids must have dtype"):
+        mm.moe_experts(x, ids.float(), w, w13, w2)
+    with pytest.raises(ValueError, match="topk_weights must have topk_ids' shape"):
+        mm.moe_experts(x, ids, w[:, :1], w13, w2)
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        mm.moe_experts(x, ids, w, w13, w2[:, :, :4])
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        mm.moe_experts(None, ids, w, w13, w2)

@@ -436,3 +436,18 @@ def test_gpu_matches_cpu_bitwise_on_indices(dtype):
     gpu = moe.moe_permute(x.cuda(), ids_gpu, 8)
     for a, b in zip(gpu, cpu):
         assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("bad, exc", [(float("inf"), ValueError), (float("nan"), ValueError), (2.5, ValueError),
+                                      ("8", TypeError), (None, TypeError)])
+def test_non_integer_counts_raise_type_or_value_error(bad, exc):
+    """float('inf') once escaped as OverflowError from int(); every
+    non-integer count names its argument."""
+    import mixkit.ops as ops
+
+    x = torch.randn(4, 8)
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    with pytest.raises(exc, match="moe_permute: num_experts"):
+        ops.moe_permute(x, ids, bad)
+    with pytest.raises(exc, match="moe_route: top_k"):
+        ops.moe_route(torch.randn(4, 8), bad)

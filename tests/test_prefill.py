@@ -72,3 +72,12 @@ def test_prefill_rejects_bad_chunks():
         ops.prefill_attn(q[:, :2], k[:, :2], k[:, :2], cache, cache.clone(), 9, window=6)
     with pytest.raises(ValueError, match="start_pos"):
         ops.prefill_attn(q[:, :2], k[:, :2], k[:, :2], cache, cache.clone(), -1, window=4)
+
+
+def test_prefill_non_tensor_arguments_raise_type_error():
+    q = torch.randn(1, 4, 2, 8)
+    cache = torch.zeros(1, 8, 2, 8)
+    with pytest.raises(TypeError, match="prefill_attn: q must be a torch.Tensor, got float"):
+        ops.prefill_attn(1.0, q, q, cache, cache, 0)
+    with pytest.raises(TypeError, match="prefill_attn: k_cache must be a torch.Tensor, got NoneType"):
+        ops.prefill_attn(q, q, q, None, cache, 0)

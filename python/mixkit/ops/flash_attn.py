@@ -20,7 +20,7 @@ import math
 import torch
 
 from .. import _core
-from .._backend import DTYPE_CODES, launch_args, ptr
+from .._backend import DTYPE_CODES, launch_args, ptr, gpu_kernels
 from . import _checks
 from ._library import define
 
@@ -71,7 +71,7 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale):
             raise ValueError(f"{op}: a sliding window needs causal=True (window=W sees keys i-W+1..i)")
     if softmax_scale is not None:
         _checks.finite_float(op, "softmax_scale", softmax_scale, positive=True)
-    if q.device.type == "cuda":
+    if gpu_kernels(q.device):
         if q.dtype not in GPU_DTYPES:
             raise TypeError(f"{op}: on the GPU q, k and v must be bfloat16 or float16, got {q.dtype} "
                             "(float32 runs on the CPU)")
@@ -123,7 +123,7 @@ def _check_cu_values(cu, total, max_seqlen, name, max_name):
     sequence to the tensors, so bad offsets there give wrong rows, never an
     out-of-bounds access. The CPU backend checks in C++ on every call.
     """
-    if cu.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+    if not gpu_kernels(cu.device) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return
     stamp = (cu._version, total, max_seqlen)
     if getattr(cu, "_mixkit_checked", None) == stamp:
@@ -209,7 +209,7 @@ def _flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, w
     if dout.shape != q.shape or dout.dtype != q.dtype:
         raise ValueError(f"flash_attn backward: the output gradient must have q's shape {tuple(q.shape)} and "
                          f"dtype {q.dtype}, got {tuple(dout.shape)} {dout.dtype}")
-    if dout.stride(-1) != 1 or (dout.device.type == "cuda" and (dout.data_ptr() % 16 or
+    if dout.stride(-1) != 1 or (gpu_kernels(dout.device) and (dout.data_ptr() % 16 or
                                                                  any(s % 8 for s in dout.stride()[:-1]))):
         dout = dout.contiguous()
     # With no keys at all the GPU launches nothing: dq must already be zeros.
@@ -218,7 +218,7 @@ def _flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, w
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     dq_accum = None
-    if q.device.type == "cuda" and not deterministic:
+    if gpu_kernels(q.device) and not deterministic:
         total_q = q.shape[0] if varlen else q.shape[0] * q.shape[1]
         dq_accum = torch.zeros((total_q, q.shape[-2], q.shape[-1]), dtype=F32, device=q.device)
     backend, device, stream = launch_args(q.device)
@@ -267,6 +267,14 @@ torch.library.register_autograd("mixkit::flash_attn", _backward, setup_context=_
 
 # ---- public API ------------------------------------------------------------------
 
+def _tensor_args(op: str, **tensors) -> None:
+    """TypeError naming the first argument that is not a tensor, before
+    anything touches .shape (which would raise AttributeError)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def flash_attn_fwd_arch(device: torch.device | str) -> int:
     """The forward kernel flash_attn runs on `device`: 90 (Hopper wgmma), 80
     (mma.sync; also what MIXKIT_FORCE_SM80=1 selects on an H100) or 0 (CPU)."""
@@ -293,6 +301,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
 
     GPU: bfloat16/float16, D in (64, 128). CPU: float32/float16/bfloat16, any D.
     """
+    _tensor_args("flash_attn", q=q, k=k, v=v)
     out, lse = torch.ops.mixkit.flash_attn(q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0,
                                            k.shape[1] if k.dim() == 4 else 0, causal, window, softmax_scale,
                                            deterministic)
@@ -312,6 +321,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     lengths (they size the GPU grid); a bound below a real length raises.
     With return_lse, also returns the float32 (H, Tq) log-sum-exp.
     """
+    _tensor_args("flash_attn_varlen", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     out, lse = torch.ops.mixkit.flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                            window, softmax_scale, deterministic)
     return (out, lse) if return_lse else out

@@ -20,6 +20,8 @@ so it is deterministic without atomics.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _core
@@ -284,6 +286,17 @@ torch.library.register_autograd("mixkit::moe_unpermute", _unpermute_bwd, setup_c
 
 # ---- public API ---------------------------------------------------------------
 
+def _int_arg(op: str, name: str, v) -> int:
+    """An integer count from an int or an integral float; anything else raises
+    TypeError/ValueError naming the argument (int(inf) would raise
+    OverflowError, int(nan) ValueError without the name)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        raise ValueError(f"{op}: {name} must be a whole number, got {v!r}")
+    return int(v)
+
+
 def moe_route(router_logits: torch.Tensor, top_k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's router: `(weights, expert_ids)`, each of shape (..., top_k).
 
@@ -293,7 +306,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2) -> tuple[torch.Tensor
     logits. Differentiable in router_logits (zero gradient outside the
     selected experts).
     """
-    return torch.ops.mixkit.moe_route(router_logits, int(top_k))
+    return torch.ops.mixkit.moe_route(router_logits, _int_arg("moe_route", "top_k", top_k))
 
 
 def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor,
@@ -307,7 +320,7 @@ def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor,
     [0, num_experts) raise on the CPU; on the GPU they go after
     `offsets[num_experts]`, which is then less than T * k. Differentiable in x.
     """
-    return torch.ops.mixkit.moe_permute(x, expert_ids, int(num_experts))
+    return torch.ops.mixkit.moe_permute(x, expert_ids, _int_arg("moe_permute", "num_experts", num_experts))
 
 
 def moe_unpermute(y_rows: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F_
 
 from .. import _core
-from .._backend import DTYPE_CODES, launch_args
+from .._backend import DTYPE_CODES, launch_args, gpu_kernels
 from . import _checks
 from ._library import define
 from .moe import MAX_EXPERTS, moe_permute, moe_route, moe_unpermute
@@ -67,7 +67,7 @@ def _check_gemm(op, a, b, offsets, trans_b, a_name="a", b_name="b"):
                          f"got {tuple(offsets.shape)}")
     _checks.contiguous(op, "expert_offsets", offsets)
     _checks.same_device(op, a_name, a, "expert_offsets", offsets)
-    if a.device.type == "cuda":
+    if gpu_kernels(a.device):
         if a.dtype not in GPU_DTYPES:
             raise TypeError(f"{op}: on the GPU {a_name} and {b_name} must be bfloat16 or float16, got {a.dtype}")
         if k % 8 or n_out % 8:
@@ -77,7 +77,7 @@ def _check_gemm(op, a, b, offsets, trans_b, a_name="a", b_name="b"):
 
 
 def _gpu_ready(op, *tensors):
-    if tensors[0].device.type != "cuda":
+    if not gpu_kernels(tensors[0].device):
         return
     for t in tensors:
         if t.data_ptr() % 16:
@@ -126,12 +126,12 @@ def _grouped_gemm_wgrad(a, grad_out, expert_offsets, trans_b):
                          f"got {tuple(expert_offsets.shape)}")
     _checks.contiguous(op, "expert_offsets", expert_offsets)
     _checks.same_device(op, "a", a, "expert_offsets", expert_offsets)
-    if a.device.type == "cuda" and a.dtype not in GPU_DTYPES:
+    if gpu_kernels(a.device) and a.dtype not in GPU_DTYPES:
         raise TypeError(f"{op}: on the GPU a and grad_out must be bfloat16 or float16, got {a.dtype}")
     experts = expert_offsets.shape[0] - 1
     rows, k = a.shape
     n_out = grad_out.shape[1]
-    if a.device.type == "cuda" and (k % 8 or n_out % 8):
+    if gpu_kernels(a.device) and (k % 8 or n_out % 8):
         raise ValueError(f"{op}: on the GPU K ({k}) and N_out ({n_out}) must be multiples of 8 "
                          "(16-byte rows for cp.async)")
     db = a.new_empty(_wgrad_shape(k, n_out, experts, trans_b))
@@ -213,7 +213,7 @@ def _swiglu_shapes(x, w13, expert_offsets):
     if n_out % 2:
         raise ValueError(f"grouped_swiglu: w13 must have 2 * ffn rows per expert (gate, then up), "
                          f"got shape {tuple(w13.shape)}")
-    if x.device.type == "cuda" and (n_out // 2) % 8:
+    if gpu_kernels(x.device) and (n_out // 2) % 8:
         raise ValueError(f"grouped_swiglu: on the GPU ffn ({n_out // 2}) must be a multiple of 8")
     return rows, k, n_out // 2, experts
 
@@ -332,6 +332,11 @@ def moe_mlp(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2:
     x = x.contiguous()
     logits = torch.matmul(x, router_weight.t())
     weights, ids = moe_route(logits, top_k)
+    y = _experts(x, ids, weights, w13, w2, experts, ffn, fused_swiglu)
+    return (y, logits) if return_router_logits else y
+
+
+def _experts(x, ids, weights, w13, w2, experts, ffn, fused_swiglu):
     x_perm, offsets, row_map = moe_permute(x, ids, experts)
     w13 = w13.contiguous()
     if fused_swiglu:
@@ -340,8 +345,50 @@ def moe_mlp(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2:
     else:
         h = grouped_gemm(x_perm, w13, offsets, trans_b=True)
         act = F_.silu(h[:, :ffn]) * h[:, ffn:]
-    y = moe_unpermute(grouped_gemm(act, w2.contiguous(), offsets, trans_b=True), row_map, weights)
-    return (y, logits) if return_router_logits else y
+    return moe_unpermute(grouped_gemm(act, w2.contiguous(), offsets, trans_b=True), row_map, weights)
+
+
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor, fused_swiglu: bool = False) -> torch.Tensor:
+    """The expert half of `moe_mlp`, for a router that lives elsewhere (a
+    Hugging Face `MixtralTopKRouter`, whose logits then still feed
+    `output_router_logits` and the aux loss).
+
+    x: (T, H); topk_ids: (T, k) int32 or int64 expert indices; topk_weights:
+    (T, k), any float dtype (used in float32); w13: (E, 2F, H), gate rows
+    first; w2: (E, H, F). Those are Hugging Face's `gate_up_proj` and
+    `down_proj` layouts, so a Mixtral experts module passes its parameters
+    as they are. Returns `sum_j topk_weights[t, j] * w2_e(silu(w1_e x) * w3_e x)`
+    (T, H) in x's dtype, through moe_permute, the grouped GEMMs and
+    moe_unpermute; differentiable in x, topk_weights, w13 and w2.
+    """
+    op = "moe_experts"
+    _checks.tensor(op, "x", x, min_dim=2)
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"{op}: x must have shape (tokens, hidden) with hidden > 0, got {tuple(x.shape)}")
+    _checks.tensor(op, "topk_ids", topk_ids, dtypes=_checks.INDEX_DTYPES, min_dim=2)
+    _checks.tensor(op, "topk_weights", topk_weights, min_dim=2)
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.shape[1] == 0:
+        raise ValueError(f"{op}: topk_ids must have shape (tokens = {x.shape[0]}, top_k >= 1), "
+                         f"got {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"{op}: topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
+                         f"got {tuple(topk_weights.shape)}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        _checks.tensor(op, name, t, min_dim=3)
+        _checks.same_dtype(op, "x", x, name, t)
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
+        _checks.same_device(op, "x", x, name, t)
+    hidden = x.shape[1]
+    if w13.dim() != 3 or w13.shape[2] != hidden or w13.shape[1] % 2 or w13.shape[1] == 0:
+        raise ValueError(f"{op}: w13 must have shape (experts, 2 * ffn, hidden = {hidden}), got {tuple(w13.shape)}")
+    experts, ffn = w13.shape[0], w13.shape[1] // 2
+    if tuple(w2.shape) != (experts, hidden, ffn):
+        raise ValueError(f"{op}: w2 must have shape (experts, hidden, ffn) = ({experts}, {hidden}, {ffn}), "
+                         f"got {tuple(w2.shape)}")
+    ids = topk_ids.to(torch.int32).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    return _experts(x.contiguous(), ids, weights, w13, w2, experts, ffn, fused_swiglu)
 
 
 def moe_aux_loss(router_logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .decode import kv_cache_append
-from .flash_attn import flash_attn
+from .flash_attn import _tensor_args, flash_attn
 
 
 def prefill_tail(start_pos: int, capacity: int, window: int | None) -> int:
@@ -51,6 +51,7 @@ def prefill_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
     (B, H, S) log-sum-exp with return_lse). Differentiable in q, k and v
     through flash_attn; the caches are written in place.
     """
+    _tensor_args("prefill_attn", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
         raise ValueError(f"prefill_attn: start_pos must be an int >= 0, got {start_pos!r}")
     if q.dim() != 4 or k.dim() != 4 or k_cache.dim() != 4:
