@@ -1,4 +1,4 @@
-"""The `mixkit` command: `quickstart`, `train`, `eval`, `generate`, `bench` and `info`."""
+"""The `mixkit` command: `quickstart`, `train`, `ppo`, `eval`, `generate`, `bench` and `info`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ def _generate(args: argparse.Namespace) -> int:
     from mixkit.tokenizer import ByteTokenizer, encode_chat, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mesh = None
+    if args.tp > 1:  # tensor parallel under torchrun: every rank loads only its shard
+        from mixkit.parallel import tensor_parallel, tp_mesh_from_env
+        try:
+            mesh, device = tp_mesh_from_env(args.tp, device)
+        except ValueError as exc:
+            print(f"mixkit generate: error: {exc}", file=sys.stderr)
+            return 2
     stop: list[int] = []
     checkpoint = args.checkpoint or (args.model if Path(args.model).is_dir() else None)
     if checkpoint:
@@ -64,7 +72,11 @@ def _generate(args: argparse.Namespace) -> int:
         except FileNotFoundError as exc:
             print(f"mixkit generate: error: {exc}", file=sys.stderr)
             return 2
-        model = models.load(ckpt, device=device)
+        try:
+            model = models.load(ckpt, device=device, mesh=mesh)
+        except ValueError as exc:  # a checkpoint error, or head counts that --tp does not divide
+            print(f"mixkit generate: error: {exc}", file=sys.stderr)
+            return 2
         cfg = ckpt / "config.json"
         eos = json.loads(cfg.read_text()).get("eos_token_id") if cfg.exists() else tokenizer.eos_id
         stop = [eos] if isinstance(eos, int) else list(eos or [])
@@ -75,6 +87,12 @@ def _generate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         model = models.Transformer(models.CONFIGS[args.model]).init_weights(args.seed, std=0.1).to(device).eval()
+        if mesh is not None:
+            try:
+                tensor_parallel(model, mesh)
+            except ValueError as exc:
+                print(f"mixkit generate: error: {exc}", file=sys.stderr)
+                return 2
         tokenizer = ByteTokenizer()
     if args.chat:
         try:
@@ -142,6 +160,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ppo(args: argparse.Namespace) -> int:
+    from mixkit.train import ConfigError
+    from mixkit.train.ppo import demo, run_ppo
+
+    if args.demo:
+        demo()
+        return 0
+    if not args.config:
+        print("mixkit ppo: error: give --config FILE or --demo", file=sys.stderr)
+        return 2
+    try:
+        return run_ppo(args.config, args.set or [], device=args.device)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"mixkit ppo: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from mixkit.train.run import quickstart
 
@@ -179,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; run under "
+                   "torchrun --nproc_per_node N with --tp N (gloo on the CPU, NCCL on GPUs)")
     g.set_defaults(func=_generate)
 
     q = sub.add_parser("quickstart", help="train a tiny Mistral-style model on the stdlib sources (no download), "
@@ -200,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
                         "never: start over (removes the run's checkpoints); PATH: continue from that checkpoint. "
                         "SIGINT / SIGTERM save a checkpoint and exit with code 75")
     t.set_defaults(func=_train)
+
+    p = sub.add_parser("ppo", help="Llama 2-Chat's PPO from a run file (policy, reward models, prompts .jsonl), "
+                                   "or --demo: a tiny policy raising a rule-based reward on the CPU")
+    p.add_argument("--config", help="run file (.toml); see mixkit/train/ppo.py load_ppo_run for its keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key (ppo.<field>=, reward.<key>= for the tables); repeatable")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--demo", action="store_true", help="self-contained CPU demonstration (a few minutes)")
+    p.set_defaults(func=_ppo)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on .jsonl files")
     e.add_argument("--model", required=True, help="checkpoint directory (Hugging Face or Mistral native)")
