@@ -31,3 +31,33 @@ def shard_plan(args, mesh, parallel: str = "tp"):
         ep_mesh = expert._ep_mesh(mesh, "load")
         return ep_splits(args, ep_mesh.get_local_rank(), ep_mesh.size()), lambda m: expert.convert_modules(m, ep_mesh)
     raise ValueError(f"load: parallel must be 'tp' or 'ep', got {parallel!r}")
+
+
+def tp_mesh_from_env(size: int, device: str):
+    """For `torchrun --nproc_per_node N -m mixkit generate --tp N`: join the
+    process group torchrun describes (NCCL on GPUs, which RCCL serves on
+    ROCm; gloo on the CPU) unless one is already up, and return (1-D mesh of
+    `size` ranks, this rank's device). Ranks other than 0 stop printing.
+    ValueError when the rank count is not `size`."""
+    import atexit
+    import os
+    import sys
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != size:
+        raise ValueError(f"--tp {size} needs {size} ranks, got {world}: launch with "
+                         f"torchrun --nproc_per_node {size} -m mixkit generate ... --tp {size}")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # every rank computes the same tokens; one prints them
+    return init_device_mesh(dev.type, (size,)), dev

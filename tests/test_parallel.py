@@ -1,0 +1,163 @@
+"""mixkit.parallel on two CPU ranks (gloo, torchrun) against one process.
+
+One torchrun launch (tests/parallel_worker.py) runs every two-rank check
+and saves what it saw; the tests here compare it with the same models run in
+this process.
+
+Tolerances. Tensor parallelism changes only the order of float32 sums: wo
+and w2 (and the MoE's w2) become two partial sums plus an all-reduce, and
+each all-reduce adds one rounding per element. Logits of about unit size
+then differ by a few float32 ulps through two layers: measured at most
+4.9e-6 on this 2-core CPU; the bound is 5e-5, ten times that and still far
+below a wrong head or shard (errors of order 0.1). Expert parallelism
+computes every row's GEMMs with the same kernel over the same K, so the
+outputs and the activation gradients come out bit for bit; the weight
+gradients sum the same rows in another order (rows grouped by source rank),
+and the router's gradient is summed over the ranks: 1e-6 absolute. Greedy
+tokens must be identical.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import mixkit
+import parallel_worker as worker
+from mixkit import ops
+from mixkit.models import CONFIGS, Transformer, generate, save
+
+HERE = Path(__file__).parent
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with gloo is not available in this torch build")]
+
+
+def _word_tokenizer(path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(worker.VOCAB)},
+                                                           unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parallel")
+    ckpt = tmp / "ckpt"
+    save(Transformer(worker.TP_ARGS["mixtral"]).init_weights(5, std=0.1), ckpt / "mixtral")
+    save(Transformer(CONFIGS["tiny-mistral"].replace(n_layers=1)).init_weights(0), ckpt / "kv1")
+    save(worker.tp_model("llama"), ckpt / "cli")
+    _word_tokenizer(ckpt / "cli")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(mixkit.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "parallel_worker.py"), str(tmp), str(ckpt)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    results = torch.load(tmp / "results.pt", weights_only=False)
+    results["ckpt"] = ckpt
+    return results
+
+
+@pytest.mark.parametrize("name", list(worker.TP_ARGS))
+def test_tensor_parallel_logits_and_greedy_tokens(run, name):
+    got = run["tp"][name]
+    model = worker.tp_model(name)
+    with torch.no_grad():
+        want = model(worker.tp_tokens())
+    torch.testing.assert_close(got["logits"], want, atol=5e-5, rtol=0)
+    assert got["tokens"] == generate(model, worker.PROMPTS, worker.NEW_TOKENS)
+    args = worker.TP_ARGS[name]
+    assert got["cache_heads"] == args.n_kv_heads // 2  # each rank caches only its own KV heads
+
+
+@pytest.mark.parametrize("case", list(worker.EP_CASES))
+def test_expert_parallel_layer_forward_and_gradients(run, case):
+    got = run["ep"][case]
+    layer = worker.ep_model(case).layers[0].feed_forward
+    x, grad_y = worker.ep_inputs(case)
+    x.requires_grad_(True)
+    y = layer(x)
+    y.backward(grad_y)
+    # the case is what its name says
+    with torch.no_grad():
+        _, ids = ops.moe_route(layer.gate(x), layer.top_k)
+    counts = torch.bincount(ids.flatten().long(), minlength=4)
+    if case == "empty_expert":
+        assert counts[3] == 0 and counts[:3].min() > 0
+    if case == "empty_rank":
+        assert counts[2:].sum() == 0
+    assert got["local_experts"] == 2
+    assert torch.equal(got["y"], y.detach())
+    assert torch.equal(got["x_grad"], x.grad)
+    for name, want in (("gate_grad", layer.gate.weight.grad), ("w13_grad", layer.w13.grad),
+                       ("w2_grad", layer.w2.grad)):
+        torch.testing.assert_close(got[name], want, atol=1e-6, rtol=0, msg=f"{case}: {name}")
+    if case == "empty_rank":  # rank 1's experts got no rows: zero gradients, not garbage
+        assert torch.count_nonzero(got["w13_grad"][2:]) == 0
+
+
+def test_sharded_load_reads_only_each_ranks_shard(run):
+    full_bytes = sum(f.stat().st_size for f in (run["ckpt"] / "mixtral").glob("*.safetensors"))
+    for rank, seen in enumerate(run["per_rank"]):
+        for kind in ("tp", "ep"):
+            r = seen["load"][kind]
+            assert r["same_keys"] and r["equal"], (rank, kind)
+            # every byte read lands in this rank's parameters, and nothing else is read
+            assert r["bytes_read"] == r["local_bytes"], (rank, kind, r)
+        # TP: all but the norms and the router split in two; EP: the experts (most of the weights) split
+        assert seen["load"]["tp"]["bytes_read"] < 0.52 * full_bytes
+        assert seen["load"]["ep"]["bytes_read"] < 0.8 * full_bytes
+
+
+def test_bad_meshes_and_counts_raise_on_every_rank(run):
+    expected = {
+        "tp_kv_heads": ("n_heads 2", "n_kv_heads 1", "tensor-parallel size 2"),
+        "tp_2d_mesh": ("1-D DeviceMesh", "2-D mesh"),
+        "tp_not_a_mesh": ("DeviceMesh", "str"),
+        "ep_experts": ("moe_num_experts 3", "expert-parallel size 2"),
+        "ep_dense": ("no MoE layers",),
+        "ep_unnamed_2d": ("'ep'",),
+        "load_kv_heads": ("n_heads 2", "n_kv_heads 1"),
+        "train_ep3": ("ep = 3", "number of ranks 2"),
+    }
+    for rank, seen in enumerate(run["per_rank"]):
+        assert set(seen["errors"]) == set(expected)
+        for name, parts in expected.items():
+            for part in parts:
+                assert part in seen["errors"][name], (rank, name, seen["errors"][name])
+
+
+def test_cli_generate_tp2_gives_the_single_process_tokens(run):
+    from mixkit.cli import main
+
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["generate", "--checkpoint", str(run["ckpt"] / "cli"), "--prompt", "w5 w9 w17 w3",
+                     "--max-new-tokens", "24", "--device", "cpu"]) == 0
+    rank0, rank1 = (seen["cli"] for seen in run["per_rank"])
+    assert rank0["tp2"]["code"] == 0 and rank1["tp2"]["code"] == 0
+    assert rank0["tp2"]["out"] == out.getvalue() and out.getvalue().count("w") == 4 + 24
+    assert rank1["tp2"]["out"] == ""  # one rank prints
+    for seen in (rank0, rank1):
+        assert seen["bad_heads"]["code"] == 2
+    assert "n_kv_heads 1" in rank0["bad_heads"]["err"]
+
+
+def test_train_config_ep_is_validated():
+    from mixkit.train import ConfigError, TrainConfig
+
+    assert TrainConfig(ep=2).ep == 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="ep must be an integer"):
+            TrainConfig(ep=bad)
