@@ -38,6 +38,12 @@ void on_backend(int backend, Cpu&& cpu, Gpu&& gpu) {
 #else
       missing_backend("HIP", "hipcc on PATH or -DMIXKIT_HIP=ON");
 #endif
+    case Backend::emu:
+#ifdef MIXKIT_WITH_EMU
+      gpu(); return;
+#else
+      missing_backend("emulated GPU", "-DMIXKIT_EMULATE=ON (a test build)");
+#endif
   }
   throw std::invalid_argument("mixkit: unknown backend code " + std::to_string(backend));
 }

@@ -19,6 +19,9 @@ std::vector<std::string> backends() {
 #ifdef MIXKIT_WITH_HIP
   b.push_back("hip");
 #endif
+#ifdef MIXKIT_WITH_EMU
+  b.push_back("emu");
+#endif
   return b;
 }
 

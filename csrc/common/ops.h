@@ -17,7 +17,9 @@
 namespace mixkit {
 
 // Backend codes shared with python/mixkit/_backend.py.
-enum class Backend : int32_t { cpu = 0, cuda = 1, hip = 2 };
+// emu: the GPU kernels compiled for the emulated GPU (MIXKIT_EMULATE builds,
+// tests only), on tensors in host memory.
+enum class Backend : int32_t { cpu = 0, cuda = 1, hip = 2, emu = 3 };
 
 // RMSNorm (centered = false) and OLMo's non-parametric LayerNorm
 // (centered = true, weight == nullptr) share one kernel.

@@ -11,7 +11,7 @@
 #include "common/flash_attn.h"
 #include "cuda/compat.cuh"
 
-#if !defined(__HIPCC__)
+#if !MIXKIT_AMD
 #include "cuda/flash_attn.cuh"
 #else
 #include "cuda/flash_attn_bwd_mfma.cuh"
@@ -49,7 +49,7 @@ void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
 // Which forward kernel a call on `device` runs: 90 (wgmma), 80 (mma.sync),
 // or 0 on HIP (MFMA; the Python API reports it as no CUDA architecture).
 int flash_attn_fwd_arch(int device) {
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
   (void)device;
   return 0;
 #else
@@ -68,7 +68,7 @@ void flash_attn_fwd_gpu(const FlashFwdArgs& a, int device, void* stream) {
     using T = decltype(t);
     const auto s = static_cast<gpuStream_t>(stream);
     (void)hopper;
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
     mfma::flash_fwd<D, T>(a, s);
 #else
 #ifdef MIXKIT_WITH_SM90
@@ -88,7 +88,7 @@ void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream) {
   if (a.f.batch == 0 || a.f.total_k == 0) return;  // keys no query sees still get zero dK, dV
   DeviceGuard guard(device);
   dispatch_head_dim_dtype(a.f, [&](auto d, auto t) {
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
     mfma::flash_bwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));
 #else
     sm80::flash_bwd<decltype(d)::value, decltype(t)>(a, static_cast<gpuStream_t>(stream));

@@ -149,7 +149,7 @@ inline unsigned grid_blocks(int64_t len, int tile) {
 template <class Kernel, class... Args>
 void launch(Kernel kernel, dim3 grid, int threads, int smem, gpuStream_t stream, const char* what, Args... args) {
   gpu_check(gpuSetMaxDynamicSharedMemory(kernel, smem), what);
-  kernel<<<grid, threads, smem, stream>>>(args...);
+  gpu_launch(kernel, grid, threads, smem, stream, args...);
   gpu_check(gpuGetLastError(), what);
 }
 

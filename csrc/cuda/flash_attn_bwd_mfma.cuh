@@ -203,7 +203,7 @@ static_assert(x_reg(1, 2) == 6 && acc_row(33, x_reg(1, 2)) == xa_k(1, 33, 2), "P
 
 }  // namespace fab
 
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
 }  // namespace mfma
 }  // namespace mixkit
 
@@ -682,7 +682,7 @@ template <int D, class T> void flash_bwd(const FlashBwdArgs& a, hipStream_t stre
 // mixkit::mfma::flash_bwd<D, T>: the entry point flash_attn.cu dispatches to.
 template <int D, class T> void flash_bwd(const FlashBwdArgs& a, hipStream_t stream) { fab::flash_bwd<D, T>(a, stream); }
 
-#endif  // __HIPCC__
+#endif  // MIXKIT_AMD
 
 }  // namespace mfma
 }  // namespace mixkit

@@ -146,6 +146,23 @@ __device__ __forceinline__ uint32_t lane_bt(uint32_t tile, int lane) {
 
 // mma_sm80.cuh's wrappers take generic pointers; these take the 32-bit
 // shared address directly so the XOR form above reaches the instruction.
+#if defined(MIXKIT_EMULATE)
+inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), false); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), true);
+}
+inline void sts_u32(uint32_t addr, uint32_t v) { std::memcpy(emu::shared_ptr(addr, 4), &v, 4); }
+inline void sts_f32(uint32_t addr, float v) { std::memcpy(emu::shared_ptr(addr, 4), &v, 4); }
+inline float2 lds_f32x2(uint32_t addr) {
+  if (addr % 8) emu::fail("ld.shared.v2.f32 needs an 8-byte aligned address");
+  float2 v;
+  std::memcpy(&v, emu::shared_ptr(addr, 8), 8);
+  return v;
+}
+inline void cp_async16_to(uint32_t dst, const void* src, bool valid) {
+  emu::sm80::cp_async16(emu::shared_ptr(dst, 16), src, valid ? 16 : 0);
+}
+#else
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -170,6 +187,7 @@ __device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
 __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
+#endif
 
 // Copies rows [row0, row0 + ROWS) of a (len)-row sequence into a swizzled
 // [ROWS][D] tile at shared address `tile`; rows past the end are
@@ -314,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
   constexpr uint32_t dSs = dOs + 2 * kQBytes;  // [BN][BM], DQ only
   constexpr uint32_t lse_s = dSs + kSBytes;     // [2][BM] float, log2 units
   constexpr uint32_t delta_s = lse_s + 2 * BM * 4;  // [2][BM] float
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  MIXKIT_DYNAMIC_SMEM(smem_raw, 128);
   const uint32_t base = smem_addr(aligned_smem(smem_raw));
 
   const FlashFwdArgs& f = a.f;
@@ -548,7 +566,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
   constexpr uint32_t Qs = 0, dOs = Qs + kQBytes;
   constexpr uint32_t Ks = dOs + kQBytes;       // [2][BN][D]
   constexpr uint32_t Vs = Ks + 2 * kKVBytes;  // [2][BN][D]
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  MIXKIT_DYNAMIC_SMEM(smem_raw, 128);
   const uint32_t base = smem_addr(aligned_smem(smem_raw));
 
   const FlashFwdArgs& f = a.f;

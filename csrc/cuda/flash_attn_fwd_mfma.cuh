@@ -140,7 +140,7 @@ static_assert(key_perm(key_perm(13)) == 13 && s_key(0, 32, pv_reg(1, 0, 2)) == 1
 
 }  // namespace fa
 
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
 }  // namespace mfma
 
 }  // namespace mixkit
@@ -366,7 +366,7 @@ template <int D, class T> void flash_fwd(const FlashFwdArgs& a, hipStream_t stre
 // mixkit::mfma::flash_fwd<D, T>: the entry point flash_attn.cu dispatches to.
 template <int D, class T> void flash_fwd(const FlashFwdArgs& a, hipStream_t stream) { fa::flash_fwd<D, T>(a, stream); }
 
-#endif  // __HIPCC__
+#endif  // MIXKIT_AMD
 
 }  // namespace mfma
 }  // namespace mixkit

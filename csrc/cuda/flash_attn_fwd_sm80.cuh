@@ -63,7 +63,7 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t row_st
 
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  MIXKIT_DYNAMIC_SMEM(smem_raw, 128);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BM * D;  // [2][BN * D]
   T* Vs = Ks + 2 * BN * D;  // [2][BN * D]

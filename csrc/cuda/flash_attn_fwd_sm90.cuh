@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) 
   // on a 1024-byte boundary. Rounded up at run time (the launch adds 1 KB):
   // declaring __align__(1024) instead lets the compiler fold the round-up
   // away and trust an alignment that only the loader can guarantee.
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MIXKIT_DYNAMIC_SMEM(smem_raw, 16);
   unsigned char* Qs = smem_raw + ((1024u - (sm80::smem_addr(smem_raw) & 1023u)) & 1023u);
   unsigned char* Ks = Qs + kQBytes;       // [2][kKVBytes]
   unsigned char* Vs = Ks + 2 * kKVBytes;  // [2][kKVBytes]

@@ -51,7 +51,7 @@ void check_gpu_shape(int64_t k, int64_t n, std::initializer_list<const void*> pt
 }  // namespace
 }  // namespace mixkit
 
-#if !defined(__HIPCC__)
+#if !MIXKIT_AMD
 
 #include "cuda/mma_sm80.cuh"
 
@@ -419,9 +419,9 @@ void grouped_gemm_gpu(const GroupedGemmArgs& g, int device, void* stream) {
 #endif
     (void)hopper;
     if (g.trans_b)
-      grouped_gemm_kernel<T, true, false><<<grid, kThreads, 0, as_stream(stream)>>>(g, nullptr);
+      gpu_launch(grouped_gemm_kernel<T, true, false>, grid, kThreads, 0, as_stream(stream), g, nullptr);
     else
-      grouped_gemm_kernel<T, false, false><<<grid, kThreads, 0, as_stream(stream)>>>(g, nullptr);
+      gpu_launch(grouped_gemm_kernel<T, false, false>, grid, kThreads, 0, as_stream(stream), g, nullptr);
   };
   if (g.dtype == DType::bf16) launch(bf16{});
   else launch(f16{});
@@ -447,7 +447,7 @@ void grouped_swiglu_gpu(const GroupedSwigluArgs& s, int device, void* stream) {
     }
 #endif
     (void)hopper;
-    grouped_gemm_kernel<T, true, true><<<grid, kThreads, 0, as_stream(stream)>>>(g, static_cast<T*>(s.h));
+    gpu_launch(grouped_gemm_kernel<T, true, true>, grid, kThreads, 0, as_stream(stream), g, static_cast<T*>(s.h));
   };
   if (s.dtype == DType::bf16) launch(bf16{});
   else launch(f16{});
@@ -466,9 +466,9 @@ void grouped_wgrad_gpu(const GroupedWgradArgs& g, int device, void* stream) {
   auto launch = [&](auto t) {
     using T = decltype(t);
     if (g.trans_b)
-      grouped_wgrad_kernel<T, true><<<grid, kThreads, 0, as_stream(stream)>>>(g);
+      gpu_launch(grouped_wgrad_kernel<T, true>, grid, kThreads, 0, as_stream(stream), g);
     else
-      grouped_wgrad_kernel<T, false><<<grid, kThreads, 0, as_stream(stream)>>>(g);
+      gpu_launch(grouped_wgrad_kernel<T, false>, grid, kThreads, 0, as_stream(stream), g);
   };
   if (g.dtype == DType::bf16) launch(bf16{});
   else launch(f16{});
@@ -477,7 +477,7 @@ void grouped_wgrad_gpu(const GroupedWgradArgs& g, int device, void* stream) {
 
 }  // namespace mixkit
 
-#else  // __HIPCC__
+#else  // MIXKIT_AMD
 
 #include "cuda/grouped_gemm_mfma.cuh"
 
@@ -537,4 +537,4 @@ void grouped_wgrad_gpu(const GroupedWgradArgs& g, int device, void* stream) {
 
 }  // namespace mixkit
 
-#endif  // __HIPCC__
+#endif  // MIXKIT_AMD

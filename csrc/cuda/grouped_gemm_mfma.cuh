@@ -151,7 +151,7 @@ static_assert(kBM == kBN && 3 * (2 * kBK * kLdN * 2) <= 64 * 1024,
 
 // Which expert and m-tile workgroup slot `slot` computes: the CUDA kernels'
 // walk (common/grouped_gemm.h) with BM = 128.
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
 __host__ __device__
 #endif
 inline bool find_tile(const int64_t* off, int experts, int64_t rows, int64_t slot, int& expert, int64_t& row0,
@@ -161,7 +161,7 @@ inline bool find_tile(const int64_t* off, int experts, int64_t rows, int64_t slo
 
 }  // namespace gg
 
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
 
 // ============================== kernel =======================================
 
@@ -444,7 +444,7 @@ template <class T, bool TRANS_B> void grouped_wgrad(const GroupedWgradArgs& g, h
   hipLaunchKernelGGL((grouped_wgrad_kernel<T, TRANS_B>), grid, dim3(gg::kThreads), 0, stream, g);
 }
 
-#endif  // __HIPCC__
+#endif  // MIXKIT_AMD
 
 }  // namespace mfma
 }  // namespace mixkit

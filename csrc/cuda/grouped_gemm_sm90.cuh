@@ -68,7 +68,7 @@ __device__ __forceinline__ uint32_t swz128(int r, int c) { return uint32_t(r * 1
 template <class T, bool TRANS_B, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmArgs g, T* h) {
   constexpr int kOutCols = SWIGLU ? BN / 2 : BN;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MIXKIT_DYNAMIC_SMEM(smem_raw, 16);
   // The swizzle is a function of address bits 4-9: tiles start on 1024-byte
   // boundaries, rounded up at run time (see flash_attn_fwd_sm90.cuh).
   unsigned char* smem = smem_raw + ((1024u - (sm80::smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -215,9 +215,8 @@ void grouped_gemm(const GroupedGemmArgs& g, gpuStream_t stream, T* h = nullptr) 
   auto kernel = gg::grouped_gemm_kernel<T, TRANS_B, SWIGLU>;
   // Above 48 KB of dynamic shared memory needs the attribute; cheap, and
   // allowed during graph capture.
-  gpu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gg::kSmemBytes),
-            "configuring the sm90 grouped_gemm_kernel");
-  kernel<<<grid, gg::kThreads, gg::kSmemBytes, stream>>>(g, h);
+  gpu_check(gpuSetMaxDynamicSharedMemory(kernel, gg::kSmemBytes), "configuring the sm90 grouped_gemm_kernel");
+  gpu_launch(kernel, grid, gg::kThreads, gg::kSmemBytes, stream, g, h);
   gpu_check(gpuGetLastError(), "launching the sm90 grouped_gemm_kernel");
 }
 

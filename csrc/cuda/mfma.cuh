@@ -86,7 +86,7 @@ MIXKIT_MFMA_HD int pair_elem(int step, int e) { return 4 * step + e; }
 // ---- builtin wrappers ---------------------------------------------------------
 // Declared in both passes of a HIP compile (the host pass parses kernel
 // bodies too); only the device pass for gfx90a / gfx94x emits the instruction.
-#if defined(__HIPCC__)
+#if MIXKIT_AMD
 #if defined(__HIP_DEVICE_COMPILE__) && !(defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || \
                                          defined(__gfx942__))
 #error "mixkit's MFMA kernels need gfx90a or gfx94x (set MIXKIT_HIP_ARCHS accordingly)"
@@ -117,7 +117,7 @@ __device__ __forceinline__ float16_t mma_32x32x8(half4_t a, half4_t b, float16_t
   return acc;
 #endif
 }
-#endif  // __HIPCC__
+#endif  // MIXKIT_AMD
 
 }  // namespace mfma
 }  // namespace mixkit

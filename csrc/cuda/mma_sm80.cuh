@@ -1,6 +1,7 @@
 // Ampere tensor-core building blocks shared by the sm_80 kernels (grouped
 // GEMM, flash attention): cp.async, ldmatrix and mma.sync m16n8k16 with
-// float32 accumulators. Inline PTX, so CUDA only: HIP builds never include it.
+// float32 accumulators. Inline PTX, so CUDA only: HIP builds never include it;
+// the emulated GPU runs emu_sm80.cuh's models of the same instructions.
 //
 // Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix fragments for
 // mma.m16n8k16"), with g = lane / 4 and c = 2 * (lane % 4):
@@ -18,6 +19,9 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#if defined(MIXKIT_EMULATE)
+#include "cuda/emu_sm80.cuh"
+#endif
 
 namespace mixkit {
 namespace sm80 {
@@ -25,6 +29,29 @@ namespace sm80 {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+#if defined(MIXKIT_EMULATE)
+// The emulated GPU: the same wrappers over emu_sm80.cuh's models.
+inline void cp_async16(void* dst, const void* src, bool valid) { emu::sm80::cp_async16(dst, src, valid ? 16 : 0); }
+inline void cp_async_commit() { emu::sm80::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+  emu::sm80::cp_async_wait(N);
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu::sm80::ldmatrix(r, p, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu::sm80::ldmatrix(r, p, true); }
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* p) { emu::sm80::ldmatrix(r, p, false); }
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu::sm80::ldmatrix(r, p, true); }
+template <class T> struct Mma {
+  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    emu::sm80::mma_m16n8k16<T>(d, a, b0, b1);
+  }
+};
+template <class T>
+inline uint32_t pack2(float lo, float hi) {
+  return emu::sm80::pack2<T>(lo, hi);
+}
+#else
 
 // 16-byte async copy; src_bytes = 0 fills the destination with zeros (rows
 // past the expert's end, K and N tails).
@@ -92,6 +119,8 @@ template <> __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
   asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+
+#endif  // MIXKIT_EMULATE
 
 }  // namespace sm80
 }  // namespace mixkit

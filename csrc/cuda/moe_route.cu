@@ -312,10 +312,10 @@ void moe_route_gpu(const MoeRouteArgs& a, int device, void* stream) {
     using T = decltype(t);
     static_assert(kMaxItems <= 8, "the switch below instantiates 1, 2, 4 and 8 logits per lane");
     switch (items) {
-      case 1: moe_route_kernel<T, 1><<<grid, block, 0, as_stream(stream)>>>(a); break;
-      case 2: moe_route_kernel<T, 2><<<grid, block, 0, as_stream(stream)>>>(a); break;
-      case 4: moe_route_kernel<T, 4><<<grid, block, 0, as_stream(stream)>>>(a); break;
-      default: moe_route_kernel<T, kMaxItems><<<grid, block, 0, as_stream(stream)>>>(a); break;
+      case 1: gpu_launch(moe_route_kernel<T, 1>, grid, block, 0, as_stream(stream), a); break;
+      case 2: gpu_launch(moe_route_kernel<T, 2>, grid, block, 0, as_stream(stream), a); break;
+      case 4: gpu_launch(moe_route_kernel<T, 4>, grid, block, 0, as_stream(stream), a); break;
+      default: gpu_launch(moe_route_kernel<T, kMaxItems>, grid, block, 0, as_stream(stream), a); break;
     }
   });
   gpu_check(gpuGetLastError(), "launching moe_route_kernel");
@@ -326,8 +326,8 @@ void moe_route_bwd_gpu(const MoeRouteBwdArgs& a, int device, void* stream) {
   if (a.tokens == 0) return;
   DeviceGuard guard(device);
   dispatch_dtype(a.dtype, [&](auto t) {
-    moe_route_bwd_kernel<decltype(t)>
-        <<<grid_for((a.tokens + kRowThreads - 1) / kRowThreads), kRowThreads, 0, as_stream(stream)>>>(a);
+    gpu_launch(moe_route_bwd_kernel<decltype(t)>, grid_for((a.tokens + kRowThreads - 1) / kRowThreads), kRowThreads, 0,
+               as_stream(stream), a);
   });
   gpu_check(gpuGetLastError(), "launching moe_route_bwd_kernel");
 }
@@ -347,13 +347,13 @@ void moe_permute_gpu(const MoePermuteArgs& a, int device, void* stream) {
   gpuStream_t s = as_stream(stream);
   // chunks <= 2^31 / kChunk, within every GPU's grid limit.
   if (chunks > 0) {
-    moe_count_kernel<<<unsigned(chunks), kChunk, 0, s>>>(a.expert_ids, rows, E, a.workspace);
+    gpu_launch(moe_count_kernel, unsigned(chunks), kChunk, 0, s, a.expert_ids, rows, E, a.workspace);
     gpu_check(gpuGetLastError(), "launching moe_count_kernel");
   }
-  moe_scan_kernel<<<1, kScanThreads, 0, s>>>(a.workspace, chunks, E, a.offsets);
+  gpu_launch(moe_scan_kernel, 1, kScanThreads, 0, s, a.workspace, chunks, E, a.offsets);
   gpu_check(gpuGetLastError(), "launching moe_scan_kernel");
   if (chunks == 0) return;
-  moe_rank_kernel<<<unsigned(chunks), kChunk, 0, s>>>(a.expert_ids, rows, E, a.offsets, a.workspace, a.row_map);
+  gpu_launch(moe_rank_kernel, unsigned(chunks), kChunk, 0, s, a.expert_ids, rows, E, a.offsets, a.workspace, a.row_map);
   gpu_check(gpuGetLastError(), "launching moe_rank_kernel");
   const MoeScatterArgs copy{a.dtype, a.x, nullptr, a.row_map, a.x_perm, a.tokens, a.top_k, a.hidden};
   moe_scatter_gpu(copy, device, stream);
@@ -367,9 +367,9 @@ void moe_scatter_gpu(const MoeScatterArgs& a, int device, void* stream) {
     using T = decltype(t);
     with_vec<T>(a.hidden, {a.src, a.dst}, [&](auto vec) {
       if (a.scale)
-        moe_scatter_kernel<T, vec, true><<<grid_for(a.tokens), kRowThreads, 0, as_stream(stream)>>>(a);
+        gpu_launch(moe_scatter_kernel<T, vec, true>, grid_for(a.tokens), kRowThreads, 0, as_stream(stream), a);
       else
-        moe_scatter_kernel<T, vec, false><<<grid_for(a.tokens), kRowThreads, 0, as_stream(stream)>>>(a);
+        gpu_launch(moe_scatter_kernel<T, vec, false>, grid_for(a.tokens), kRowThreads, 0, as_stream(stream), a);
     });
   });
   gpu_check(gpuGetLastError(), "launching moe_scatter_kernel");
@@ -383,12 +383,11 @@ void moe_gather_gpu(const MoeGatherArgs& a, int device, void* stream) {
     using T = decltype(t);
     if (a.grad_weights) {
       with_vec<T>(a.hidden, {a.src, a.grad}, [&](auto vec) {
-        moe_weight_grad_kernel<T, vec>
-            <<<grid_for(a.tokens * a.top_k), kRowThreads, 0, as_stream(stream)>>>(a);
+        gpu_launch(moe_weight_grad_kernel<T, vec>, grid_for(a.tokens * a.top_k), kRowThreads, 0, as_stream(stream), a);
       });
     } else {
       with_vec<T>(a.hidden, {a.src, a.dst}, [&](auto vec) {
-        moe_gather_kernel<T, vec><<<grid_for(a.tokens), kRowThreads, 0, as_stream(stream)>>>(a);
+        gpu_launch(moe_gather_kernel<T, vec>, grid_for(a.tokens), kRowThreads, 0, as_stream(stream), a);
       });
     }
   });

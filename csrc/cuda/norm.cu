@@ -297,8 +297,8 @@ void norm_fwd_gpu(const NormFwdArgs& a, int device, void* stream) {
     with_config<T>(c, [&](auto vec, auto items) {
       const int64_t blocks = (a.rows + c.rpb - 1) / c.rpb;
       require(blocks <= 0x7fffffff, "too many rows for one launch");
-      norm_fwd_kernel<T, vec, items>
-          <<<dim3(unsigned(blocks)), dim3(c.tpr, c.rpb), 0, static_cast<gpuStream_t>(stream)>>>(a);
+      gpu_launch(norm_fwd_kernel<T, vec, items>, dim3(unsigned(blocks)), dim3(c.tpr, c.rpb), 0,
+                 static_cast<gpuStream_t>(stream), a);
     });
   });
   gpu_check(gpuGetLastError(), "launching norm_fwd_kernel");
@@ -328,8 +328,8 @@ void norm_bwd_gpu(const NormBwdArgs& a, int device, void* stream) {
     const int64_t workers = a.weight ? a.partials : std::min<int64_t>(a.rows, int64_t(1) << 20);
     const int64_t blocks = (workers + c.rpb - 1) / c.rpb;
     with_config<T>(c, [&](auto vec, auto items) {
-      norm_bwd_kernel<T, vec, items>
-          <<<dim3(unsigned(blocks)), dim3(c.tpr, c.rpb), 0, static_cast<gpuStream_t>(stream)>>>(a, workers);
+      gpu_launch(norm_bwd_kernel<T, vec, items>, dim3(unsigned(blocks)), dim3(c.tpr, c.rpb), 0,
+                 static_cast<gpuStream_t>(stream), a, workers);
     });
   });
   gpu_check(gpuGetLastError(), "launching norm_bwd_kernel");

@@ -120,9 +120,9 @@ void launch(const RopeArgs& a, gpuStream_t stream) {
   const int64_t head_groups = std::clamp<int64_t>((65536 + busy - 1) / busy, 1, std::min<int64_t>(total_heads, 65535));
   const dim3 grid{unsigned(blocks), unsigned(head_groups)}, block{unsigned(lanes), unsigned(tokens_per_block)};
   if (a.positions_int64)
-    rope_kernel<T, P, kInterleaved, int64_t><<<grid, block, 0, stream>>>(a);
+    gpu_launch(rope_kernel<T, P, kInterleaved, int64_t>, grid, block, 0, stream, a);
   else
-    rope_kernel<T, P, kInterleaved, int32_t><<<grid, block, 0, stream>>>(a);
+    gpu_launch(rope_kernel<T, P, kInterleaved, int32_t>, grid, block, 0, stream, a);
 }
 
 }  // namespace

@@ -49,6 +49,16 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
          uint64_t((addr & 0x3FFFF) >> 4);
 }
 
+}  // namespace sm90
+}  // namespace mixkit
+
+#if defined(MIXKIT_EMULATE)
+// The emulated GPU: emu_sm90.cuh models the same instructions.
+#include "cuda/emu_sm90.cuh"
+#else
+namespace mixkit {
+namespace sm90 {
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -169,3 +179,4 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 
 }  // namespace sm90
 }  // namespace mixkit
+#endif  // MIXKIT_EMULATE

@@ -6,17 +6,18 @@ codes (they mirror csrc/common/ops.h and csrc/common/dtype.h).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 from . import _core
 
-CPU, CUDA, HIP = 0, 1, 2
+CPU, CUDA, HIP, EMU = 0, 1, 2, 3
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _BUILT = frozenset(_core.backends())
-_NAMES = {CPU: "cpu", CUDA: "cuda", HIP: "hip"}
+_NAMES = {CPU: "cpu", CUDA: "cuda", HIP: "hip", EMU: "emu"}
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _arch_checked: set[int] = set()
 
@@ -41,6 +42,31 @@ def has_gpu() -> bool:
     return torch.cuda.is_available() and gpu_backend() in _BUILT
 
 
+# The emulated GPU (a `-DMIXKIT_EMULATE=ON` test build of _core): while
+# `emulate()` is active, ops on CPU tensors run the GPU kernels' own code on
+# the emulator instead of the CPU backend, with the GPU path's checks.
+_emulating = False
+
+
+@contextlib.contextmanager
+def emulate(enabled: bool = True):
+    """Runs mixkit ops on CPU tensors through the emulated GPU ("emu" backend)."""
+    global _emulating
+    if enabled and "emu" not in _BUILT:
+        raise RuntimeError("mixkit was built without the emulated GPU; rebuild with -DMIXKIT_EMULATE=ON")
+    prev, _emulating = _emulating, enabled
+    try:
+        yield
+    finally:
+        _emulating = prev
+
+
+def gpu_kernels(device: torch.device) -> bool:
+    """Whether ops on `device` run the GPU kernels (and so their checks): a
+    CUDA/ROCm device, or CPU tensors under `emulate()`."""
+    return device.type == "cuda" or (_emulating and device.type == "cpu")
+
+
 def launch_args(device: torch.device) -> tuple[int, int, int]:
     """(backend code, device ordinal, stream handle) for a call on `device`.
 
@@ -48,7 +74,7 @@ def launch_args(device: torch.device) -> tuple[int, int, int]:
     with surrounding torch work and are captured by CUDA graphs.
     """
     if device.type == "cpu":
-        return CPU, 0, 0
+        return (EMU if _emulating else CPU), 0, 0
     if device.type != "cuda":
         raise ValueError(f"mixkit: tensors on '{device.type}' are not supported; use cpu or cuda tensors")
     code = HIP if torch.version.hip else CUDA

@@ -1,0 +1,29 @@
+// _core.emu_configure: what the emulated GPU pretends to be and how it
+// schedules threads (MIXKIT_EMULATE builds; tests/conftest.py sets it).
+#include "bind/bind.h"
+
+#ifdef MIXKIT_WITH_EMU
+#include "cuda/emu.cuh"
+#endif
+
+using namespace mixkit;
+
+MIXKIT_BIND(emu) {
+  m.def(
+      "emu_configure",
+      [](int sm_count, int capability, int blocks_per_sm, int schedule, uint64_t seed) {
+#ifdef MIXKIT_WITH_EMU
+        require(sm_count >= 1 && capability >= 0 && blocks_per_sm >= 0, "bad emulated device");
+        require(schedule >= 0 && schedule <= 2, "schedule must be 0 (forward), 1 (reverse) or 2 (random)");
+        emu::device().sm_count = sm_count;
+        emu::device().capability = capability;
+        emu::device().blocks_per_sm = blocks_per_sm;
+        emu::set_schedule(emu::Schedule(schedule), seed);
+#else
+        (void)sm_count, (void)capability, (void)blocks_per_sm, (void)schedule, (void)seed;
+        missing_backend("emulated GPU", "-DMIXKIT_EMULATE=ON (a test build)");
+#endif
+      },
+      "Sets the emulated GPU's SM count, capability (major * 10 + minor), occupancy answer (0: 2048 threads "
+      "per SM) and thread schedule (0 forward, 1 reverse, 2 random with `seed`).");
+}
