@@ -116,6 +116,14 @@ struct Device {
 };
 enum class Schedule : int { forward = 0, reverse = 1, random = 2 };
 Device& device();
+// A planted error in one emulated instruction (0: none), so a test can show
+// that the kernel tests notice a wrong fragment layout. Codes:
+//   1  mma.m16n8k16: registers a1 and a2 of A swapped
+//   2  ldmatrix: lanes read row l % 8 of the next matrix
+//   3  ldmatrix.trans: the transpose is dropped
+//   4  cp.async: the zero-fill of src_bytes = 0 copies instead
+// (wgmma and MFMA add theirs in emu_sm90.cuh and emu_mfma.cuh.)
+int& mutation();
 void set_schedule(Schedule s, uint64_t seed);
 
 // Runs `body` for every thread of every block, then raises the first error

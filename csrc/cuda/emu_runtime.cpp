@@ -333,6 +333,11 @@ Device& device() {
   return d;
 }
 
+int& mutation() {
+  static int m = 0;
+  return m;
+}
+
 void set_schedule(Schedule s, uint64_t seed) {
   g_schedule = s;
   g_seed = seed;

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "common/dtype.h"
 #include "cuda/emu.cuh"
@@ -30,6 +31,7 @@ inline int lane() { return linear_tid() % kWarp; }
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     fail("cp.async.cg of 16 bytes needs 16-byte aligned addresses");
+  if (mutation() == 4 && src_bytes == 0) src_bytes = 16;
   async_queue().copies.push_back(AsyncCopy{dst, src, src_bytes});
 }
 inline void cp_async_commit() {
@@ -74,7 +76,9 @@ inline void ldmatrix(uint32_t (&r)[N], const void* row_addr, bool trans) {
     uint16_t e[2];
     for (int j = 0; j < 2; ++j) {
       const int i = l / 4, c = 2 * (l % 4) + j;
-      e[j] = trans ? row(m, c)[i] : row(m, i)[c];
+      if (trans && mutation() == 3) e[j] = row(m, i)[c];
+      else if (!trans && mutation() == 2) e[j] = row((m + 1) % N, l % 8)[c];
+      else e[j] = trans ? row(m, c)[i] : row(m, i)[c];
     }
     r[m] = uint32_t(e[0]) | uint32_t(e[1]) << 16;
   }
@@ -93,6 +97,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   unsigned char* scratch = group_scratch(kWarp);
   const int l = lane();
   uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  if (mutation() == 1) std::swap(mine[1], mine[2]);
   std::memcpy(scratch + l * kScratchBytes, mine, sizeof(mine));
   group_sync(kWarp, "mma.m16n8k16");
   auto reg = [&](int from, int r) {
