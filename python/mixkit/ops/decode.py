@@ -22,7 +22,7 @@ import math
 import torch
 
 from .. import _core
-from .._backend import DTYPE_CODES, launch_args, ptr
+from .._backend import DTYPE_CODES, launch_args, ptr, gpu_kernels
 from . import _checks
 from ._library import define
 
@@ -57,17 +57,17 @@ def _cache_pair(op, k_cache, v_cache, strided=False):
 
 
 def _gpu_head_dim(op, t, d):
-    if t.device.type == "cuda" and d not in GPU_HEAD_DIMS:
+    if gpu_kernels(t.device) and d not in GPU_HEAD_DIMS:
         raise ValueError(f"{op}: head_dim {d} is not supported on the GPU (supported: "
                          f"{', '.join(map(str, GPU_HEAD_DIMS))}); the CPU backend takes any head_dim")
 
 
 def _aligned16(op, **tensors):
     for name, t in tensors.items():
-        if t.device.type == "cuda" and t.data_ptr() % 16:
+        if gpu_kernels(t.device) and t.data_ptr() % 16:
             raise ValueError(f"{op}: {name} must be 16-byte aligned on the GPU (its storage offset breaks that)")
         vec = 16 // t.element_size()
-        if t.device.type == "cuda" and any(s % vec for s in t.stride()[:-1]):
+        if gpu_kernels(t.device) and any(s % vec for s in t.stride()[:-1]):
             raise ValueError(f"{op}: on the GPU the strides of {name} {t.stride()} must be multiples of 16 bytes")
 
 
