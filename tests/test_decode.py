@@ -12,7 +12,7 @@ import torch
 
 import mixkit.ops.decode as ops
 from mixkit.bench.harness import capture_cuda_graph
-from conftest import DEVICES
+from conftest import DEVICES, on, gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -43,7 +43,7 @@ def _case_id(case):
 
 
 def _skip_gpu_head_dim(device, d):
-    if device == "cuda" and d not in ops.GPU_HEAD_DIMS:
+    if gpu(device) and d not in ops.GPU_HEAD_DIMS:
         pytest.skip(f"head_dim {d} is CPU-only")
 
 
@@ -61,7 +61,7 @@ def make_caches(b, c, hkv, d, seqlens, window, dtype, device, seed=0):
         slots = _visible(seqlen, c, window) % c
         k_cache[i, slots] = torch.randn(len(slots), hkv, d, generator=g)
         v_cache[i, slots] = torch.randn(len(slots), hkv, d, generator=g)
-    return k_cache.to(dtype).to(device), v_cache.to(dtype).to(device)
+    return k_cache.to(dtype).to(on(device)), v_cache.to(dtype).to(on(device))
 
 
 def decode_ref(q, k_cache, v_cache, seqlens, window=None, scale=None, compute_dtype=torch.float32):
@@ -113,8 +113,8 @@ def test_decode_attn_matches_reference(case, dtype, device):
     b, h, hkv, d, c, window, lens = case
     _skip_gpu_head_dim(device, d)
     k_cache, v_cache = make_caches(b, c, hkv, d, lens, window, dtype, device)
-    q = torch.randn(b, h, d, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
-    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(b, h, d, generator=torch.Generator().manual_seed(1)).to(dtype).to(on(device))
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=on(device))
     out, lse = ops.decode_attn(q, k_cache, v_cache, seqlens, window=window, return_lse=True)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (b, h) and lse.dtype == torch.float32
     assert torch.isfinite(out).all(), "a NaN slot outside the visible window was read"
@@ -131,8 +131,8 @@ def test_decode_attn_matches_reference(case, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_scale(dtype, device):
     k_cache, v_cache = make_caches(2, 32, 2, 64, [40, 3], 20, dtype, device)
-    q = torch.randn(2, 4, 64, device=device).to(dtype)
-    seqlens = torch.tensor([40, 3], dtype=torch.int32, device=device)
+    q = torch.randn(2, 4, 64, device=on(device)).to(dtype)
+    seqlens = torch.tensor([40, 3], dtype=torch.int32, device=on(device))
     out = ops.decode_attn(q, k_cache, v_cache, seqlens, window=20, softmax_scale=0.3)
     assert_fa_rule(out, q, k_cache, v_cache, seqlens, 20, scale=0.3)
 
@@ -175,30 +175,30 @@ def test_cache_starts_on_a_head_major_cache(window, device):
         v_hm[i, :, :starts[i]] = float("nan")
     q = torch.randn(b, h, 1, d, generator=g)[:, :, 0]  # a strided (B, H, D) view
     expect = _starts_ref(q, k_hm.transpose(1, 2), v_hm.transpose(1, 2), seqlens, starts, window, c)
-    k_hm, v_hm, q = k_hm.to(device), v_hm.to(device), q.to(device)
+    k_hm, v_hm, q = k_hm.to(on(device)), v_hm.to(on(device)), q.to(on(device))
     k, v = k_hm.transpose(1, 2), v_hm.transpose(1, 2)
     assert not k.is_contiguous()
-    out = ops.decode_attn(q, k, v, seqlens.to(device), window=window, cache_starts=starts.to(device))
+    out = ops.decode_attn(q, k, v, seqlens.to(on(device)), window=window, cache_starts=starts.to(on(device)))
     torch.testing.assert_close(out.cpu(), expect, rtol=1e-5, atol=1e-5)
     # Without starts the NaN padding is read: the argument is what keeps it out.
     if window is None:
-        assert torch.isnan(ops.decode_attn(q, k, v, seqlens.to(device)).cpu()[1:]).any()
+        assert torch.isnan(ops.decode_attn(q, k, v, seqlens.to(on(device))).cpu()[1:]).any()
     torch.library.opcheck(torch.ops.mixkit.decode_attn,
-                          (q, k.nan_to_num(), v.nan_to_num(), seqlens.to(device), window, None, starts.to(device)))
+                          (q, k.nan_to_num(), v.nan_to_num(), seqlens.to(on(device)), window, None, starts.to(on(device))))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cache_starts_paged_equals_ring(device):
     b, h, hkv, d, page = 2, 4, 2, 64, 4
     g = torch.Generator().manual_seed(4)
-    ring_k = torch.randn(b, 16, hkv, d, generator=g).to(device)
-    ring_v = torch.randn(b, 16, hkv, d, generator=g).to(device)
+    ring_k = torch.randn(b, 16, hkv, d, generator=g).to(on(device))
+    ring_v = torch.randn(b, 16, hkv, d, generator=g).to(on(device))
     pages_k = ring_k.reshape(b * 4, page, hkv, d)
     pages_v = ring_v.reshape(b * 4, page, hkv, d)
-    table = torch.arange(b * 4, dtype=torch.int32, device=device).view(b, 4)
-    q = torch.randn(b, h, d, generator=g).to(device)
-    seqlens = torch.tensor([16, 13], dtype=torch.int32, device=device)
-    starts = torch.tensor([3, 6], dtype=torch.int32, device=device)
+    table = torch.arange(b * 4, dtype=torch.int32, device=on(device)).view(b, 4)
+    q = torch.randn(b, h, d, generator=g).to(on(device))
+    seqlens = torch.tensor([16, 13], dtype=torch.int32, device=on(device))
+    starts = torch.tensor([3, 6], dtype=torch.int32, device=on(device))
     ring = ops.decode_attn(q, ring_k, ring_v, seqlens, cache_starts=starts)
     paged = ops.decode_attn_paged(q, pages_k, pages_v, table, seqlens, cache_starts=starts)
     torch.testing.assert_close(paged, ring, rtol=0, atol=0)
@@ -211,12 +211,12 @@ def test_cache_starts_paged_equals_ring(device):
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
 def test_append_writes_slot_p_mod_c(pos_dtype, dtype, device):
     b, s, hkv, d, c = 3, 5, 2, 64, 8
-    kv = torch.randn(b, s, 2 * hkv, d, device=device).to(dtype)
+    kv = torch.randn(b, s, 2 * hkv, d, device=on(device)).to(dtype)
     k, v = kv[:, :, :hkv], kv[:, :, hkv:]  # strided views, as from a fused projection
-    k_cache = torch.zeros(b, c, hkv, d, device=device, dtype=dtype)
+    k_cache = torch.zeros(b, c, hkv, d, device=on(device), dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     start = torch.tensor([0, 6, 8 * 1000 + 3])  # from empty, wrapping mid-call, far past C
-    pos = (start[:, None] + torch.arange(s)).to(pos_dtype).to(device)
+    pos = (start[:, None] + torch.arange(s)).to(pos_dtype).to(on(device))
     ops.kv_cache_append(k, v, k_cache, v_cache, pos)
     expect_k, expect_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     for i in range(b):
@@ -229,10 +229,10 @@ def test_append_writes_slot_p_mod_c(pos_dtype, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_append_longer_than_capacity_keeps_the_last_c(device):
     b, s, hkv, d, c = 2, 23, 1, 64, 8
-    k = torch.randn(b, s, hkv, d, device=device)
-    v = torch.randn(b, s, hkv, d, device=device)
-    k_cache, v_cache = torch.zeros(b, c, hkv, d, device=device), torch.zeros(b, c, hkv, d, device=device)
-    pos = torch.arange(s, device=device).expand(b, s).contiguous()
+    k = torch.randn(b, s, hkv, d, device=on(device))
+    v = torch.randn(b, s, hkv, d, device=on(device))
+    k_cache, v_cache = torch.zeros(b, c, hkv, d, device=on(device)), torch.zeros(b, c, hkv, d, device=on(device))
+    pos = torch.arange(s, device=on(device)).expand(b, s).contiguous()
     ops.kv_cache_append(k, v, k_cache, v_cache, pos)
     last = torch.arange(s - c, s)
     assert torch.equal(k_cache[:, last % c], k[:, last]) and torch.equal(v_cache[:, last % c], v[:, last])
@@ -249,21 +249,21 @@ def test_prefill_then_token_by_token_decode(capacity, window, dtype, device):
     g = torch.Generator().manual_seed(0)
     b = len(prefill)
     total = max(prefill) + steps
-    keys = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(device)
-    vals = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(device)
-    queries = torch.randn(b, steps, h, d, generator=g).to(dtype).to(device)
-    k_cache = torch.full((b, capacity, hkv, d), float("nan"), dtype=dtype, device=device)
+    keys = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(on(device))
+    vals = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(on(device))
+    queries = torch.randn(b, steps, h, d, generator=g).to(dtype).to(on(device))
+    k_cache = torch.full((b, capacity, hkv, d), float("nan"), dtype=dtype, device=on(device))
     v_cache = torch.full_like(k_cache, float("nan"))
     for i, n in enumerate(prefill):  # per sequence: a batch slice of the cache is contiguous
-        pos = torch.arange(n, device=device)[None]
+        pos = torch.arange(n, device=on(device))[None]
         ops.kv_cache_append(keys[i:i + 1, :n], vals[i:i + 1, :n], k_cache[i:i + 1], v_cache[i:i + 1], pos)
     lengths = torch.tensor(prefill)
     for t in range(steps):
-        pos = lengths[:, None].to(device)
-        idx = lengths.to(device)[:, None, None, None].expand(b, 1, hkv, d)
+        pos = lengths[:, None].to(on(device))
+        idx = lengths.to(on(device))[:, None, None, None].expand(b, 1, hkv, d)
         ops.kv_cache_append(keys.gather(1, idx), vals.gather(1, idx), k_cache, v_cache, pos)
         lengths += 1
-        out = ops.decode_attn(queries[:, t].contiguous(), k_cache, v_cache, lengths.to(torch.int32).to(device), window=window)
+        out = ops.decode_attn(queries[:, t].contiguous(), k_cache, v_cache, lengths.to(torch.int32).to(on(device)), window=window)
         for i in range(b):
             n = min(int(lengths[i]), window or capacity, capacity)
             hist_k = keys[i, lengths[i] - n: lengths[i]].float().repeat_interleave(h // hkv, dim=1)
@@ -279,15 +279,15 @@ def test_prefill_then_token_by_token_decode(capacity, window, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_and_no_new_tokens(device):
-    k_cache = torch.randn(2, 8, 2, 64, device=device)
+    k_cache = torch.randn(2, 8, 2, 64, device=on(device))
     v_cache = k_cache.clone()
     before = k_cache.clone()
-    ops.kv_cache_append(torch.randn(2, 0, 2, 64, device=device), torch.randn(2, 0, 2, 64, device=device),
-                        k_cache, v_cache, torch.zeros(2, 0, dtype=torch.int64, device=device))
+    ops.kv_cache_append(torch.randn(2, 0, 2, 64, device=on(device)), torch.randn(2, 0, 2, 64, device=on(device)),
+                        k_cache, v_cache, torch.zeros(2, 0, dtype=torch.int64, device=on(device)))
     assert torch.equal(k_cache, before)
-    empty = torch.zeros(0, 8, 2, 64, device=device)
-    out = ops.decode_attn(torch.randn(0, 4, 64, device=device), empty, empty,
-                          torch.zeros(0, dtype=torch.int32, device=device))
+    empty = torch.zeros(0, 8, 2, 64, device=on(device))
+    out = ops.decode_attn(torch.randn(0, 4, 64, device=on(device)), empty, empty,
+                          torch.zeros(0, dtype=torch.int32, device=on(device)))
     assert out.shape == (0, 4, 64)
 
 
@@ -296,12 +296,12 @@ def test_empty_batch_and_no_new_tokens(device):
 def _small_step_inputs(device, dtype=torch.float32):
     b, h, hkv, d, c = 2, 6, 2, 64, 16
     g = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(b, c, hkv, d, generator=g).to(dtype).to(device)
-    v_cache = torch.randn(b, c, hkv, d, generator=g).to(dtype).to(device)
-    k = torch.randn(b, 1, hkv, d, generator=g).to(dtype).to(device)
-    v = torch.randn(b, 1, hkv, d, generator=g).to(dtype).to(device)
-    q = torch.randn(b, h, d, generator=g).to(dtype).to(device)
-    pos = torch.tensor([[21], [4]], device=device)
+    k_cache = torch.randn(b, c, hkv, d, generator=g).to(dtype).to(on(device))
+    v_cache = torch.randn(b, c, hkv, d, generator=g).to(dtype).to(on(device))
+    k = torch.randn(b, 1, hkv, d, generator=g).to(dtype).to(on(device))
+    v = torch.randn(b, 1, hkv, d, generator=g).to(dtype).to(on(device))
+    q = torch.randn(b, h, d, generator=g).to(dtype).to(on(device))
+    pos = torch.tensor([[21], [4]], device=on(device))
     seqlens = (pos[:, 0] + 1).to(torch.int32)
     return q, k, v, k_cache, v_cache, pos, seqlens
 
@@ -500,10 +500,10 @@ def test_paged_decode_equals_ring_decode(b, h, hkv, d, ps, max_pages, window, se
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     c = ps * max_pages  # every length fits, so the ring never wraps and slot == position
     k_cache, v_cache = make_caches(b, c, hkv, d, seqlens, window, dtype, device)
-    q = torch.randn(b, h, d, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
-    lens = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    q = torch.randn(b, h, d, generator=torch.Generator().manual_seed(5)).to(dtype).to(on(device))
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=on(device))
     num_pages = b * max_pages + 3
-    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(1))[: b * max_pages].to(device)
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(1))[: b * max_pages].to(on(device))
     table = perm.view(b, max_pages).to(torch.int32).contiguous()
     k_pages, v_pages = _to_pages(k_cache, ps, perm, num_pages), _to_pages(v_cache, ps, perm, num_pages)
 
@@ -530,9 +530,9 @@ def test_paged_decode_rejects_bad_tables_on_cpu():
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_opcheck(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    q = torch.randn(2, 4, 64, dtype=dtype, device=device)
-    pages = torch.randn(6, 4, 2, 64, dtype=dtype, device=device)
-    table = torch.tensor([[5, 1, 2], [3, 4, 0]], dtype=torch.int32, device=device)
-    lens = torch.tensor([9, 4], dtype=torch.int32, device=device)
+    q = torch.randn(2, 4, 64, dtype=dtype, device=on(device))
+    pages = torch.randn(6, 4, 2, 64, dtype=dtype, device=on(device))
+    table = torch.tensor([[5, 1, 2], [3, 4, 0]], dtype=torch.int32, device=on(device))
+    lens = torch.tensor([9, 4], dtype=torch.int32, device=on(device))
     torch.library.opcheck(torch.ops.mixkit.decode_attn_paged, (q, pages, pages, table, lens, None, None))
     torch.library.opcheck(torch.ops.mixkit.decode_attn_paged, (q, pages, pages, table, lens, 3, 0.5))

@@ -15,7 +15,7 @@ import torch
 
 import mixkit.ops as ops
 from mixkit.bench.harness import capture_cuda_graph
-from conftest import DEVICES
+from conftest import DEVICES, on, gpu
 
 NEG_INF = float("-inf")
 
@@ -72,7 +72,7 @@ def assert_fa_rule(name, ours, ref64, ref_lowp, factor):
 
 
 def _randn(shape, dtype, device, gen):
-    return torch.randn(shape, generator=gen).to(dtype).to(device)
+    return torch.randn(shape, generator=gen).to(dtype).to(on(device))
 
 
 DTYPES = {"cpu": [torch.float32, torch.float16, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
@@ -85,7 +85,7 @@ def _dev_dtypes():
         dev = device if isinstance(device, str) else device.values[0]
         marks = () if isinstance(device, str) else device.marks
         for dtype in DTYPES[dev]:
-            for kernel in ("default", "sm80") if dev == "cuda" else ("default",):
+            for kernel in ("default", "sm80") if gpu(dev) else ("default",):
                 yield pytest.param(dev, dtype, kernel, marks=marks,
                                    id=f"{dev}-{str(dtype).replace('torch.', '')}-{kernel}")
 
@@ -135,7 +135,7 @@ def _inputs(case, dtype, device, seed=0):
 
 
 def _skip_gpu_head_dim(device, d):
-    if device == "cuda" and d not in (64, 128):
+    if gpu(device) and d not in (64, 128):
         pytest.skip("the GPU kernels take head_dim 64 and 128 (other sizes raise; tested below)")
 
 
@@ -187,10 +187,10 @@ def test_window_convention_pins_exact_keys():
 @pytest.mark.parametrize("device", DEVICES)
 def test_window_convention_on_device(device):
     s, w, d = 64, 7, 64
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = torch.zeros(1, s, 2, d, dtype=dtype, device=device)
-    k = torch.randn(1, s, 1, d, dtype=dtype, device=device)
-    v = torch.eye(s, d, dtype=dtype, device=device)[None, :, None, :]
+    dtype = torch.bfloat16 if gpu(device) else torch.float32
+    q = torch.zeros(1, s, 2, d, dtype=dtype, device=on(device))
+    k = torch.randn(1, s, 1, d, dtype=dtype, device=on(device))
+    v = torch.eye(s, d, dtype=dtype, device=on(device))[None, :, None, :]
     out = ops.flash_attn(q, k, v, causal=True, window=w)[0].float().cpu()
     for i in range(s):
         for head in range(2):
@@ -219,8 +219,8 @@ def test_varlen_matches_per_sequence_reference(lens_q, lens_k, causal, w, device
     k = _randn((sum(lens_k), hkv, d), dtype, device, g)
     v = _randn((sum(lens_k), hkv, d), dtype, device, g)
     dout = _randn(q.shape, dtype, device, g)
-    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=on(device))
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=on(device))
 
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out, lse = ops.flash_attn_varlen(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, window=w,
@@ -244,13 +244,13 @@ def test_varlen_matches_per_sequence_reference(lens_q, lens_k, causal, w, device
 def test_varlen_equals_fixed_length_per_document(device):
     """Packing never lets a document see its neighbours: each document's rows
     equal a separate flash_attn call on it."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if gpu(device) else torch.float32
     lens = [37, 64, 1, 100]
     g = torch.Generator().manual_seed(3)
     q = _randn((sum(lens), 4, 64), dtype, device, g)
     k = _randn((sum(lens), 2, 64), dtype, device, g)
     v = _randn((sum(lens), 2, 64), dtype, device, g)
-    cu = torch.tensor([0, 37, 101, 102, 202], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 37, 101, 102, 202], dtype=torch.int32, device=on(device))
     out = ops.flash_attn_varlen(q, k, v, cu, cu, 100, 100, window=20)
     for a, b in zip(cu.tolist(), cu.tolist()[1:]):
         alone = ops.flash_attn(q[None, a:b], k[None, a:b], v[None, a:b], window=20)[0]
@@ -259,9 +259,9 @@ def test_varlen_equals_fixed_length_per_document(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_views_of_a_fused_qkv(device):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if gpu(device) else torch.float32
     b, s, h, hkv, d = 2, 70, 4, 2, 64
-    qkv = torch.randn(b, s, (h + 2 * hkv) * d, dtype=dtype, device=device)
+    qkv = torch.randn(b, s, (h + 2 * hkv) * d, dtype=dtype, device=on(device))
     q = qkv[..., : h * d].view(b, s, h, d)
     k = qkv[..., h * d: (h + hkv) * d].view(b, s, hkv, d)
     v = qkv[..., (h + hkv) * d:].view(b, s, hkv, d)
@@ -272,7 +272,7 @@ def test_strided_views_of_a_fused_qkv(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_backward(device):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if gpu(device) else torch.float32
     q, k, v = _inputs((1, 300, 300, 8, 2, 64, True, None), dtype, device)
     dout = torch.randn_like(q)
     grads = []
@@ -339,11 +339,11 @@ def test_cpu_speed_is_fit_for_ci():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if gpu(device) else torch.float32
     q, k, v = _inputs((2, 19, 23, 4, 2, 64, True, 9), dtype, device)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     torch.library.opcheck(torch.ops.mixkit.flash_attn, (q, k, v, None, None, 19, 23, True, 9, None, False))
-    cu = torch.tensor([0, 10, 38], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 10, 38], dtype=torch.int32, device=on(device))
     qv, kv, vv = (t.detach()[0].repeat(2, 1, 1)[:38].clone().requires_grad_(True) for t in (q, k, k))
     torch.library.opcheck(torch.ops.mixkit.flash_attn, (qv, kv, vv, cu, cu, 28, 28, True, None, 0.3, False))
 
@@ -351,7 +351,7 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if gpu(device) else torch.float32
     q, k, v = _inputs((1, 40, 40, 4, 2, 64, True, 16), dtype, device)
 
     def f(q, k, v):
@@ -389,8 +389,8 @@ def test_cuda_graph_capture_and_replay():
 # ---- bad input ---------------------------------------------------------------------
 
 def _bad(device="cpu"):
-    q = torch.randn(2, 8, 4, 64, device=device)
-    k = torch.randn(2, 8, 2, 64, device=device)
+    q = torch.randn(2, 8, 4, 64, device=on(device))
+    k = torch.randn(2, 8, 2, 64, device=on(device))
     return q, k, k.clone()
 
 
@@ -425,11 +425,11 @@ def test_bad_input_raises(fn, err, match):
 ])
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_cu_seqlens_raise(cu, max_len, match, device):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = torch.randn(16, 4, 64, dtype=dtype, device=device)
-    k = torch.randn(16, 2, 64, dtype=dtype, device=device)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
-    good = torch.tensor([0, 5, 9, 16], dtype=torch.int32, device=device)
+    dtype = torch.bfloat16 if gpu(device) else torch.float32
+    q = torch.randn(16, 4, 64, dtype=dtype, device=on(device))
+    k = torch.randn(16, 2, 64, dtype=dtype, device=on(device))
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=on(device))
+    good = torch.tensor([0, 5, 9, 16], dtype=torch.int32, device=on(device))
     with pytest.raises(ValueError, match=match):
         ops.flash_attn_varlen(q, k, k, cu_t, good, max_len, 9)
 

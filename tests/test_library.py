@@ -9,32 +9,32 @@ import mixkit
 import mixkit.ops as ops
 from mixkit.bench.harness import capture_cuda_graph
 import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, on
 
 
 def _norm_args(device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 64, generator=g).to(dtype).to(device)
-    w = torch.randn(64, generator=g).to(dtype).to(device)
-    r = torch.randn(3, 5, 64, generator=g).to(dtype).to(device)
+    x = torch.randn(3, 5, 64, generator=g).to(dtype).to(on(device))
+    w = torch.randn(64, generator=g).to(dtype).to(on(device))
+    r = torch.randn(3, 5, 64, generator=g).to(dtype).to(on(device))
     return x, w, r
 
 
 def _rope_args(device):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 7, 6, 32, generator=g).to(device)
-    k = torch.randn(2, 7, 2, 32, generator=g).to(device)
-    return q, k, torch.arange(7, device=device)
+    q = torch.randn(2, 7, 6, 32, generator=g).to(on(device))
+    k = torch.randn(2, 7, 2, 32, generator=g).to(on(device))
+    return q, k, torch.arange(7, device=on(device))
 
 
 def _opcheck_cases(device):
     x, w, r = _norm_args(device)
     q, k, pos = _rope_args(device)
-    qkv = torch.randn(2, 7, 10 * 32, device=device)
+    qkv = torch.randn(2, 7, 10 * 32, device=on(device))
     q_view = qkv[..., : 6 * 32].view(2, 7, 6, 32)
     k_view = qkv[..., 6 * 32: 8 * 32].view(2, 7, 2, 32)
-    rstd = torch.rand(3, 5, device=device) + 0.5
-    mean = torch.randn(3, 5, device=device)
+    rstd = torch.rand(3, 5, device=on(device)) + 0.5
+    mean = torch.randn(3, 5, device=on(device))
     return {
         "rms_norm": (torch.ops.mixkit.rms_norm, (x.requires_grad_(), w.requires_grad_(), 1e-5)),
         "rms_norm_residual": (torch.ops.mixkit.rms_norm_residual, (x, r.requires_grad_(), w, 1e-5)),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import reference as ref
 from mixkit.bench.harness import capture_cuda_graph
-from conftest import DEVICES
+from conftest import DEVICES, on
 # The module, not the function of the same name that mixkit.ops exports.
 mm = importlib.import_module("mixkit.ops.moe_mlp")
 
@@ -41,7 +41,7 @@ def _dtypes(device):
 
 
 def _offsets(counts, device):
-    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int64, device=device)
+    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int64, device=on(device))
 
 
 def gemm_ref(a, b, offsets, trans_b):
@@ -63,9 +63,9 @@ ODD_CASES = [(13, 7, [4, 0, 9], 13), (5, 3, [1, 2], 3)]  # CPU only: K, N_out no
 
 def _gemm_case(device, dtype, k, n, counts, rows, trans_b, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(rows, k, generator=g).to(dtype).to(device)
+    a = torch.randn(rows, k, generator=g).to(dtype).to(on(device))
     shape = (len(counts), n, k) if trans_b else (len(counts), k, n)
-    b = (torch.randn(shape, generator=g) / k ** 0.5).to(dtype).to(device)
+    b = (torch.randn(shape, generator=g) / k ** 0.5).to(dtype).to(on(device))
     return a, b, _offsets(counts, device)
 
 
@@ -94,7 +94,7 @@ def test_grouped_gemm_gradients(device, trans_b):
         a, b, off = _gemm_case(device, dtype, 32, 24, [6, 0, 11, 1], 20, trans_b)
         a.requires_grad_(True)
         b.requires_grad_(True)
-        grad = torch.randn(20, 24).to(dtype).to(device)
+        grad = torch.randn(20, 24).to(dtype).to(on(device))
         mm.grouped_gemm(a, b, off, trans_b=trans_b).backward(grad)
         a32, b32 = a.detach().float().cpu().requires_grad_(True), b.detach().float().cpu().requires_grad_(True)
         out = torch.zeros(20, 24)
@@ -139,7 +139,7 @@ def _mlp_inputs(tokens, hidden, ffn, experts, dtype, device, seed=0, tie_rows=No
         rw[tie_rows[1]] = rw[tie_rows[0]]  # exact logit ties in every dtype
     w13 = torch.randn(experts, 2 * ffn, hidden, generator=g) / hidden ** 0.5
     w2 = torch.randn(experts, hidden, ffn, generator=g) / ffn ** 0.5
-    return [t.to(dtype).to(device) for t in (x, rw, w13, w2)]
+    return [t.to(dtype).to(on(device)) for t in (x, rw, w13, w2)]
 
 
 def _selected_ids(x, rw, top_k):
@@ -172,7 +172,7 @@ def test_moe_mlp_forward_and_gradients(device, shape, fused):
         ours_in = [p.clone().requires_grad_(True) for p in params]
         y, logits = mm.moe_mlp(*ours_in, top_k=top_k, return_router_logits=True, fused_swiglu=fused)
         assert y.shape == (tokens, hidden) and y.dtype == dtype and logits.shape == (tokens, experts)
-        grad_y = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        grad_y = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(on(device))
         y.backward(grad_y)
         # float32: mistral-inference's topk; low precision: our selection.
         ids = None if dtype == torch.float32 else _selected_ids(params[0], params[1], top_k)
@@ -303,7 +303,7 @@ def test_opcheck(device):
         a, b, off = _gemm_case(device, dtype, 16, 24, [3, 0, 5], 9, trans_b)
         torch.library.opcheck(torch.ops.mixkit.grouped_gemm.default,
                               (a.requires_grad_(True), b.requires_grad_(True), off, trans_b))
-        grad = torch.randn(9, 24).to(dtype).to(device)
+        grad = torch.randn(9, 24).to(dtype).to(on(device))
         torch.library.opcheck(torch.ops.mixkit.grouped_gemm_wgrad.default, (a.detach(), grad, off, trans_b))
     x, w13, off = _gemm_case(device, dtype, 16, 48, [3, 0, 5], 9, True)
     torch.library.opcheck(torch.ops.mixkit.grouped_swiglu.default,
@@ -419,7 +419,7 @@ def test_moe_experts_matches_loop_reference_with_gradients(device):
     vals = vals / vals.sum(-1, keepdim=True)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, vals, w13, w2)]
     y = mm.moe_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3])
-    grad_y = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).to(device)
+    grad_y = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).to(on(device))
     y.backward(grad_y)
 
     ref_in = [t.detach().cpu().requires_grad_(True) for t in (x, vals, w13, w2)]

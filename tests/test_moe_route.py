@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, on
 from mixkit import _core
 from mixkit.bench.harness import capture_cuda_graph
 from mixkit.ops import moe
@@ -31,7 +31,7 @@ def _tie_free_logits(tokens, experts, dtype, device, seed=0):
     """Distinct multiples of 0.5 per row: exact in every dtype, no ties."""
     g = torch.Generator().manual_seed(seed)
     ranks = torch.argsort(torch.rand(tokens, experts, generator=g), dim=-1).float()
-    return ((ranks - experts / 2) * 0.5).to(dtype).to(device)
+    return ((ranks - experts / 2) * 0.5).to(dtype).to(on(device))
 
 
 def route_mistral(logits, top_k):
@@ -94,13 +94,13 @@ def test_route_matches_mistral_reference(tokens, experts, top_k, _hidden, dtype,
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (3, 1), (3, 3), (64, 5), (256, 7)])
 def test_route_ties_go_to_the_lower_index(experts, top_k, dtype, device):
     g = torch.Generator().manual_seed(1)
-    logits = torch.randint(-2, 3, (200, experts), generator=g).to(dtype).to(device)  # many exact ties
+    logits = torch.randint(-2, 3, (200, experts), generator=g).to(dtype).to(on(device))  # many exact ties
     _check_route(logits, top_k, route_sorted)
-    flat = torch.zeros(3, experts, dtype=dtype, device=device)
+    flat = torch.zeros(3, experts, dtype=dtype, device=on(device))
     _, ids = _check_route(flat, top_k, route_sorted)
     assert torch.equal(ids.cpu(), torch.arange(top_k, dtype=torch.int32).expand(3, top_k))
     # -0.0 and +0.0 tie as well.
-    signed = torch.zeros(1, experts, dtype=dtype, device=device)
+    signed = torch.zeros(1, experts, dtype=dtype, device=on(device))
     signed[0, 0] = -0.0
     assert moe.moe_route(signed, top_k)[1][0, 0].item() == 0
 
@@ -119,7 +119,7 @@ def test_route_nan_ranks_first_and_propagates(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_route_infinite_logits(device):
-    logits = torch.full((2, 4), float("-inf"), device=device)
+    logits = torch.full((2, 4), float("-inf"), device=on(device))
     logits[0, 2] = 1.0
     logits[1, 1] = float("inf")
     weights, ids = moe.moe_route(logits, 2)
@@ -133,7 +133,7 @@ def test_route_infinite_logits(device):
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (3, 1), (64, 8)])
 def test_route_gradient(experts, top_k, dtype, device):
     logits = _tie_free_logits(33, experts, dtype, device)
-    g = torch.randn(33, top_k, generator=torch.Generator().manual_seed(2)).to(device)
+    g = torch.randn(33, top_k, generator=torch.Generator().manual_seed(2)).to(on(device))
     leaf = logits.clone().requires_grad_(True)
     weights, _ = moe.moe_route(leaf, top_k)
     (grad,) = torch.autograd.grad(weights, leaf, g)
@@ -150,7 +150,7 @@ def test_route_gradient(experts, top_k, dtype, device):
 def _routed(tokens, experts, top_k, hidden, dtype, device, seed=0):
     logits = _tie_free_logits(tokens, experts, torch.float32, device, seed)
     weights, ids = moe.moe_route(logits, top_k)
-    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype).to(on(device))
     return x, weights, ids
 
 
@@ -171,7 +171,7 @@ def test_permute_and_unpermute_match_per_expert_loop(tokens, experts, top_k, hid
     x, weights, ids = _routed(tokens, experts, top_k, hidden, dtype, device)
     x_perm, offsets, row_map = _check_permute(x, ids, experts)
     # A stand-in expert: row scaling by (e + 1) / 4, applied per offsets segment.
-    scale = (torch.arange(experts, device=device, dtype=torch.float32) + 1) / 4
+    scale = (torch.arange(experts, device=on(device), dtype=torch.float32) + 1) / 4
     counts = (offsets[1:] - offsets[:-1])
     y_rows = (x_perm.float() * scale.repeat_interleave(counts)[:, None]).to(dtype)
     y = moe.moe_unpermute(y_rows, row_map, weights)
@@ -186,17 +186,17 @@ def test_permute_and_unpermute_match_per_expert_loop(tokens, experts, top_k, hid
 def test_round_trip(top_k, dtype, device):
     x, _, ids = _routed(97, 8, top_k, 129, dtype, device)
     x_perm, _, row_map = moe.moe_permute(x, ids, 8)
-    weights = torch.full(ids.shape, 1.0 / top_k, device=device)
+    weights = torch.full(ids.shape, 1.0 / top_k, device=on(device))
     assert torch.equal(moe.moe_unpermute(x_perm, row_map, weights), x)  # 1/k is exact for k = 1, 2, 4
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_experts_and_one_expert(device):
-    x = torch.randn(40, 16, device=device)
-    ids = torch.tensor([[1, 5], [5, 1]], dtype=torch.int32, device=device).repeat(20, 1)
+    x = torch.randn(40, 16, device=on(device))
+    ids = torch.tensor([[1, 5], [5, 1]], dtype=torch.int32, device=on(device)).repeat(20, 1)
     _, offsets, _ = _check_permute(x, ids, 8)
     assert offsets.tolist() == [0, 0, 40, 40, 40, 40, 80, 80, 80]
-    ids = torch.full((40, 1), 2, dtype=torch.int32, device=device)
+    ids = torch.full((40, 1), 2, dtype=torch.int32, device=on(device))
     x_perm, offsets, row_map = _check_permute(x, ids, 3)
     assert offsets.tolist() == [0, 0, 0, 40] and torch.equal(x_perm, x)
     assert torch.equal(row_map.cpu(), torch.arange(40, dtype=torch.int32))
@@ -208,16 +208,16 @@ def test_many_tokens_cross_chunks(device):
     g = torch.Generator().manual_seed(3)
     ids = torch.where(torch.rand(3001, 2, generator=g) < 0.7, 0, torch.randint(0, 6, (3001, 2), generator=g))
     ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % 6, ids[:, 1])
-    x = torch.randn(3001, 8, generator=g).to(device)
-    _check_permute(x, ids.to(torch.int32).to(device), 6)
+    x = torch.randn(3001, 8, generator=g).to(on(device))
+    _check_permute(x, ids.to(torch.int32).to(on(device)), 6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    logits = torch.randn(0, 8, device=device, requires_grad=True)
+    logits = torch.randn(0, 8, device=on(device), requires_grad=True)
     weights, ids = moe.moe_route(logits, 2)
     assert weights.shape == (0, 2) and ids.shape == (0, 2)
-    x = torch.randn(0, 32, device=device, requires_grad=True)
+    x = torch.randn(0, 32, device=on(device), requires_grad=True)
     x_perm, offsets, row_map = moe.moe_permute(x, ids, 8)
     assert x_perm.shape == (0, 32) and row_map.shape == (0,) and offsets.tolist() == [0] * 9
     y = moe.moe_unpermute(x_perm, row_map, weights)
@@ -233,9 +233,9 @@ def test_gradients(tokens, experts, top_k, hidden, dtype, device):
     autograd through the float32 reference."""
     g = torch.Generator().manual_seed(4)
     logits = _tie_free_logits(tokens, experts, dtype, device) * 0.25
-    x = torch.randn(tokens, hidden, generator=g).to(dtype).to(device)
-    dy = torch.randn(tokens, hidden, generator=g).to(dtype).to(device)
-    scale = (torch.arange(experts, device=device, dtype=torch.float32) + 1) / 4
+    x = torch.randn(tokens, hidden, generator=g).to(dtype).to(on(device))
+    dy = torch.randn(tokens, hidden, generator=g).to(dtype).to(on(device))
+    scale = (torch.arange(experts, device=on(device), dtype=torch.float32) + 1) / 4
 
     def ours(logits, x):
         weights, ids = moe.moe_route(logits, top_k)
@@ -273,10 +273,10 @@ def test_gradients(tokens, experts, top_k, hidden, dtype, device):
 def test_unpermute_gradients(dtype, device):
     g = torch.Generator().manual_seed(5)
     tokens, top_k, hidden = 29, 3, 67
-    row_map = torch.randperm(tokens * top_k, generator=g).to(torch.int32).to(device)
-    y_rows = torch.randn(tokens * top_k, hidden, generator=g).to(dtype).to(device)
-    weights = torch.rand(tokens, top_k, generator=g).to(device)
-    dy = torch.randn(tokens, hidden, generator=g).to(dtype).to(device)
+    row_map = torch.randperm(tokens * top_k, generator=g).to(torch.int32).to(on(device))
+    y_rows = torch.randn(tokens * top_k, hidden, generator=g).to(dtype).to(on(device))
+    weights = torch.rand(tokens, top_k, generator=g).to(on(device))
+    dy = torch.randn(tokens, hidden, generator=g).to(dtype).to(on(device))
 
     leaves = [y_rows.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
     moe.moe_unpermute(leaves[0], row_map, leaves[1]).backward(dy)
@@ -363,10 +363,10 @@ def test_opcheck(device):
     logits = _tie_free_logits(6, 8, torch.float32, device).requires_grad_(True)
     torch.library.opcheck(torch.ops.mixkit.moe_route.default, (logits, 2))
     weights, ids = moe.moe_route(logits.detach(), 2)
-    x = torch.randn(6, 24, device=device, requires_grad=True)
+    x = torch.randn(6, 24, device=on(device), requires_grad=True)
     torch.library.opcheck(torch.ops.mixkit.moe_permute.default, (x, ids, 8))
     _, _, row_map = moe.moe_permute(x.detach(), ids, 8)
-    y_rows = torch.randn(12, 24, device=device, requires_grad=True)
+    y_rows = torch.randn(12, 24, device=on(device), requires_grad=True)
     torch.library.opcheck(torch.ops.mixkit.moe_unpermute.default, (y_rows, row_map, weights.requires_grad_(True)))
 
 

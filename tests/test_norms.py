@@ -4,7 +4,7 @@ import torch
 
 import mixkit.ops as ops
 import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, on
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Hidden sizes: 1 and odd sizes hit the scalar path and partial warps; 64/128
@@ -15,10 +15,10 @@ SHAPES = [(1, 1), (3, 7), (17, 64), (5, 2, 127), (113, 128), (4, 1000), (9, 4096
 
 def _inputs(shape, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype).to(device)
-    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype).to(device)
-    r = torch.randn(shape, generator=g).to(dtype).to(device)
-    dy = torch.randn(shape, generator=g).to(dtype).to(device)
+    x = torch.randn(shape, generator=g).to(dtype).to(on(device))
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype).to(on(device))
+    r = torch.randn(shape, generator=g).to(dtype).to(on(device))
+    dy = torch.randn(shape, generator=g).to(dtype).to(on(device))
     return x, w, r, dy
 
 
@@ -48,7 +48,7 @@ def test_rms_norm(shape, dtype, device):
 @pytest.mark.parametrize("shape", [(1, 1), (17, 64), (113, 128), (9, 4096), (3, 4100)])
 def test_rms_norm_residual(shape, dtype, device):
     x, w, r, dy = _inputs(shape, dtype, device)
-    dh = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    dh = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(on(device))
 
     def fused(x, r, w):
         return ops.rms_norm_residual(x, r, w, 1e-6)
@@ -93,8 +93,8 @@ def test_rms_norm_fp32_summation(device):
     float32 accumulation keeps y accurate (the conventions' model-killing bug)."""
     x = torch.full((2, 4096), 0.01)
     x[:, 0] = 30.0
-    x = x.to(torch.bfloat16).to(device)
-    w = torch.ones(4096, dtype=torch.bfloat16, device=device)
+    x = x.to(torch.bfloat16).to(on(device))
+    w = torch.ones(4096, dtype=torch.bfloat16, device=on(device))
     ref.assert_close(ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), torch.bfloat16, "y")
 
 
@@ -102,29 +102,29 @@ def test_rms_norm_fp32_summation(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_misaligned_input(dtype, device):
     """A contiguous view one element into its storage cannot use 16-byte loads."""
-    buf = torch.randn(1 + 6 * 256).to(dtype).to(device)
+    buf = torch.randn(1 + 6 * 256).to(dtype).to(on(device))
     x = buf[1:].view(6, 256)
-    w = torch.randn(256).to(dtype).to(device)
+    w = torch.randn(256).to(dtype).to(on(device))
     ref.assert_close(ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), dtype, "y")
     ref.assert_close(ops.layer_norm(x), ref.layer_norm(x, 1e-5), dtype, "y")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    x = torch.empty(0, 4, 64, device=device, requires_grad=True)
-    w = torch.ones(64, device=device, requires_grad=True)
+    x = torch.empty(0, 4, 64, device=on(device), requires_grad=True)
+    w = torch.ones(64, device=on(device), requires_grad=True)
     y = ops.rms_norm(x, w)
     assert y.shape == x.shape
     y.sum().backward()
-    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(64, device=device))
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(64, device=on(device)))
     assert ops.layer_norm(x).shape == x.shape
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_propagates(device):
-    x = torch.randn(3, 64, device=device)
+    x = torch.randn(3, 64, device=on(device))
     x[1, 5] = float("nan")
-    y = ops.rms_norm(x, torch.ones(64, device=device))
+    y = ops.rms_norm(x, torch.ones(64, device=on(device)))
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
 
 

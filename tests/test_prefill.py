@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mixkit.ops as ops
-from conftest import DEVICES
+from conftest import DEVICES, on
 
 
 def _tol(device):
@@ -36,13 +36,13 @@ CASES = [
 def test_chunked_prefill_then_decode_equals_full_attention(b, h, hkv, d, w, c, prompt, total, device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(b, total, h, d, generator=g).to(dtype).to(device)
-    k = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(device)
-    v = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(device)
+    q = torch.randn(b, total, h, d, generator=g).to(dtype).to(on(device))
+    k = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(on(device))
+    v = torch.randn(b, total, hkv, d, generator=g).to(dtype).to(on(device))
     full = ops.flash_attn(q, k, v, causal=True, window=w)
 
     # The cache starts as NaN: reading a slot that was never written shows.
-    k_cache = torch.full((b, c, hkv, d), float("nan"), dtype=dtype, device=device)
+    k_cache = torch.full((b, c, hkv, d), float("nan"), dtype=dtype, device=on(device))
     v_cache = torch.full_like(k_cache, float("nan"))
     chunk = w or prompt
     outs = []
@@ -51,9 +51,9 @@ def test_chunked_prefill_then_decode_equals_full_attention(b, h, hkv, d, w, c, p
         outs.append(ops.prefill_attn(q[:, start:end], k[:, start:end], v[:, start:end], k_cache, v_cache,
                                      start, window=w))
     for pos in range(prompt, total):
-        positions = torch.full((b, 1), pos, dtype=torch.int64, device=device)
+        positions = torch.full((b, 1), pos, dtype=torch.int64, device=on(device))
         ops.kv_cache_append(k[:, pos:pos + 1], v[:, pos:pos + 1], k_cache, v_cache, positions)
-        seqlens = torch.full((b,), pos + 1, dtype=torch.int32, device=device)
+        seqlens = torch.full((b,), pos + 1, dtype=torch.int32, device=on(device))
         outs.append(ops.decode_attn(q[:, pos].contiguous(), k_cache, v_cache, seqlens, window=w)[:, None])
     got = torch.cat(outs, 1)
     assert torch.isfinite(got).all()

@@ -4,7 +4,7 @@ import torch
 
 import mixkit.ops as ops
 import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, on
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, S, Hq, Hkv, D): Mistral's 32/8 GQA at D=128, MQA, group sizes 3 and 5,
@@ -15,8 +15,8 @@ CASES = [(1, 1, 1, 1, 2), (2, 113, 32, 8, 128), (1, 7, 5, 1, 64), (3, 5, 6, 2, 9
 
 def _qk(b, s, hq, hkv, d, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, s, hq, d, generator=g).to(dtype).to(device)
-    k = torch.randn(b, s, hkv, d, generator=g).to(dtype).to(device)
+    q = torch.randn(b, s, hq, d, generator=g).to(dtype).to(on(device))
+    k = torch.randn(b, s, hkv, d, generator=g).to(dtype).to(on(device))
     return q, k
 
 
@@ -29,7 +29,7 @@ def _qk(b, s, hq, hkv, d, dtype, device, seed=0):
 def test_rope_forward_backward(case, interleaved, dtype, device):
     b, s, hq, hkv, d = case
     q, k = _qk(b, s, hq, hkv, d, dtype, device)
-    pos = torch.arange(s, device=device) + 11
+    pos = torch.arange(s, device=on(device)) + 11
     theta = 1e6 if d == 128 else 1e4
     q_, k_ = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
     qo, ko = ops.rope(q_, k_, pos, theta, interleaved=interleaved)
@@ -50,8 +50,8 @@ def test_layouts_agree_under_hf_permutation(device):
     """Half-split RoPE on permuted features equals interleaved RoPE on the
     originals: the equivalence HF's weight converter relies on."""
     q, k = _qk(2, 9, 4, 2, 64, torch.float32, device)
-    pos = torch.arange(9, device=device)
-    p = ref.interleaved_to_half_split(64).to(device)
+    pos = torch.arange(9, device=on(device))
+    p = ref.interleaved_to_half_split(64).to(on(device))
     qi, ki = ops.rope(q, k, pos, interleaved=True)
     qh, kh = ops.rope(q[..., p], k[..., p], pos, interleaved=False)
     torch.testing.assert_close(qh, qi[..., p], rtol=1e-6, atol=1e-6)
@@ -63,8 +63,8 @@ def test_half_split_matches_hf_formula(device):
     """The HF/NeoX rotate_half formulation with HF's float32 cos/sin tables."""
     d, theta = 128, 1e4
     q, k = _qk(1, 50, 3, 1, d, torch.float32, device)
-    pos = torch.arange(50, device=device)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float().to(device) / d))
+    pos = torch.arange(50, device=on(device))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float().to(on(device)) / d))
     freqs = pos.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
@@ -82,7 +82,7 @@ def test_large_positions_and_batched_positions(pos_dtype, device):
     """Angles come from integer positions in float32, so positions near 32k
     (Mistral's context) still match; (B, S) positions give per-sequence offsets."""
     q, k = _qk(2, 33, 8, 2, 128, torch.bfloat16, device)
-    pos = torch.stack((torch.arange(33), torch.arange(33) + 32700)).to(pos_dtype).to(device)
+    pos = torch.stack((torch.arange(33), torch.arange(33) + 32700)).to(pos_dtype).to(on(device))
     qo, ko = ops.rope(q, k, pos, 1e6)
     ref.assert_close(qo, ref.rope(q, pos, 1e6, False), torch.bfloat16, "q")
     ref.assert_close(ko, ref.rope(k, pos, 1e6, False), torch.bfloat16, "k")
@@ -93,11 +93,11 @@ def test_large_positions_and_batched_positions(pos_dtype, device):
 def test_strided_views_of_fused_qkv(interleaved, device):
     """q and k as views into one (B, S, (Hq + 2Hkv) * D) projection output."""
     b, s, hq, hkv, d = 2, 17, 8, 2, 64
-    qkv = torch.randn(b, s, (hq + 2 * hkv) * d, device=device, dtype=torch.bfloat16)
+    qkv = torch.randn(b, s, (hq + 2 * hkv) * d, device=on(device), dtype=torch.bfloat16)
     q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
     q, k = q.view(b, s, hq, d), k.view(b, s, hkv, d)
     assert not q.is_contiguous()
-    pos = torch.arange(s, device=device)
+    pos = torch.arange(s, device=on(device))
     qo, ko = ops.rope(q, k, pos, interleaved=interleaved)
     assert qo.is_contiguous() and ko.is_contiguous()
     ref.assert_close(qo, ref.rope(q, pos, 1e4, interleaved), torch.bfloat16, "q")
@@ -107,10 +107,10 @@ def test_strided_views_of_fused_qkv(interleaved, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_odd_offset_falls_back_to_scalar_access(device):
     """A view starting one element into its storage: no 16-byte accesses."""
-    buf = torch.randn(1 + 3 * 4 * 64, device=device).to(torch.float16)
+    buf = torch.randn(1 + 3 * 4 * 64, device=on(device)).to(torch.float16)
     q = buf[1:].view(1, 3, 4, 64)
     k = q[:, :, :2]
-    pos = torch.arange(3, device=device)
+    pos = torch.arange(3, device=on(device))
     for interleaved in (False, True):
         qo, ko = ops.rope(q, k, pos, interleaved=interleaved)
         ref.assert_close(qo, ref.rope(q, pos, 1e4, interleaved), torch.float16, "q")
@@ -120,8 +120,8 @@ def test_odd_offset_falls_back_to_scalar_access(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_and_single_token(device):
     q, k = _qk(0, 0, 4, 2, 64, torch.float32, device)
-    qo, ko = ops.rope(q, k, torch.zeros(0, dtype=torch.int64, device=device))
+    qo, ko = ops.rope(q, k, torch.zeros(0, dtype=torch.int64, device=on(device)))
     assert qo.shape == q.shape and ko.shape == k.shape
     q, k = _qk(1, 1, 4, 2, 64, torch.float32, device)
-    qo, _ = ops.rope(q, k, torch.zeros(1, dtype=torch.int64, device=device))
+    qo, _ = ops.rope(q, k, torch.zeros(1, dtype=torch.int64, device=on(device)))
     torch.testing.assert_close(qo, q)  # position 0 is the identity rotation
