@@ -3,7 +3,7 @@
 gloo: runs every two-rank check of mixkit.parallel (tensor-parallel logits,
 generation and caches; the expert-parallel MoE layer forward and backward;
 sharded loading with a count of the bytes each rank reads; the CLI; bad
-meshes and counts) and saves what it saw; the test compares that with one
+meshes and counts; a smoke run of mixkit.bench.parallel) and saves what it saw; the test compares that with one
 process. The shared inputs (model shapes, tokens, routing cases) live here so
 that both sides build the same things."""
 from __future__ import annotations
@@ -218,6 +218,10 @@ def main(out_dir: str, ckpt_dir: str):
                                "gate_grad": gate_grad, "w13_grad": layer.w13.grad.full_tensor(),
                                "w2_grad": layer.w2.grad.full_tensor(),
                                "local_experts": layer.w13.to_local().shape[0]}
+
+    from mixkit.bench.parallel import measure  # the N-device decode benchmark, wired end to end
+    results["bench"] = measure(TP_ARGS["llama"], mesh, torch.device("cpu"), torch.float32, (1, 2), steps=2,
+                               context=8)
 
     results["load"] = _load_checks(mesh, ckpt)
     results["errors"] = _errors(mesh, ckpt)

@@ -33,9 +33,8 @@ from mixkit import ops
 from mixkit.models import CONFIGS, Transformer, generate, save
 
 HERE = Path(__file__).parent
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                 reason="torch.distributed with gloo is not available in this torch build")]
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available in this torch build")
 
 
 def _word_tokenizer(path: Path) -> None:
@@ -66,6 +65,7 @@ def run(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(worker.TP_ARGS))
 def test_tensor_parallel_logits_and_greedy_tokens(run, name):
     got = run["tp"][name]
@@ -78,6 +78,7 @@ def test_tensor_parallel_logits_and_greedy_tokens(run, name):
     assert got["cache_heads"] == args.n_kv_heads // 2  # each rank caches only its own KV heads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(worker.EP_CASES))
 def test_expert_parallel_layer_forward_and_gradients(run, case):
     got = run["ep"][case]
@@ -104,6 +105,7 @@ def test_expert_parallel_layer_forward_and_gradients(run, case):
         assert torch.count_nonzero(got["w13_grad"][2:]) == 0
 
 
+@pytest.mark.slow
 def test_sharded_load_reads_only_each_ranks_shard(run):
     full_bytes = sum(f.stat().st_size for f in (run["ckpt"] / "mixtral").glob("*.safetensors"))
     for rank, seen in enumerate(run["per_rank"]):
@@ -117,6 +119,7 @@ def test_sharded_load_reads_only_each_ranks_shard(run):
         assert seen["load"]["ep"]["bytes_read"] < 0.8 * full_bytes
 
 
+@pytest.mark.slow
 def test_bad_meshes_and_counts_raise_on_every_rank(run):
     expected = {
         "tp_kv_heads": ("n_heads 2", "n_kv_heads 1", "tensor-parallel size 2"),
@@ -135,6 +138,7 @@ def test_bad_meshes_and_counts_raise_on_every_rank(run):
                 assert part in seen["errors"][name], (rank, name, seen["errors"][name])
 
 
+@pytest.mark.slow
 def test_cli_generate_tp2_gives_the_single_process_tokens(run):
     from mixkit.cli import main
 
@@ -161,3 +165,33 @@ def test_train_config_ep_is_validated():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="ep must be an integer"):
             TrainConfig(ep=bad)
+
+
+@pytest.mark.slow
+def test_parallel_bench_runs_on_two_ranks(run):
+    rows = run["bench"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["ranks"] == 2 and r["tokens_per_s"] > 0 and r["roofline_tokens_per_s"] > 0
+        assert r["allreduce_us"] > 0 and r["bytes_per_rank"] > 0
+
+
+def test_paper_numbers_against_published_sizes_and_hand_counts():
+    from mixkit.bench import parallel as bench
+
+    # Published parameter counts: Mixtral 8x7B 46.7B, Llama 2 70B 69.0B (68.98B in the HF checkpoint).
+    assert abs(bench.total_params(CONFIGS["mixtral-8x7b"]) / 1e9 - 46.7) < 0.05
+    assert abs(bench.total_params(CONFIGS["llama-2-70b"]) / 1e9 - 68.98) < 0.05
+    llama = CONFIGS["llama-2-70b"]
+    # two ring all-reduces of 8192 bf16 values; each rank sends 2 (N-1)/N of the 16 KiB message
+    assert bench.tp_comm_bytes_per_token_layer(llama, 2) == 2 * 16384
+    assert bench.tp_comm_bytes_per_token_layer(llama, 8) == 2 * 2 * 7 / 8 * 16384
+    mixtral = CONFIGS["mixtral-8x7b"]
+    # two copies of an 8 KiB token, half of them leave the rank, and come back
+    assert bench.ep_comm_bytes_per_token_layer(mixtral, 2) == 2 * 2 * 0.5 * 8192
+    assert bench.experts_touched(mixtral, 1) == pytest.approx(2.0)
+    # batch-1 TP=2 decode: half of every matrix but the embedding, of which one row; bf16, no KV yet
+    embed = llama.vocab_size * llama.dim
+    assert bench.decode_bytes_per_rank(llama, 2) == pytest.approx(2 * ((bench.total_params(llama) - embed) / 2
+                                                                       + llama.dim))
+    assert "| llama-2-70b | 2xA100-80GB | TP=2 |" in bench.paper_markdown()
