@@ -46,11 +46,34 @@ def _word_tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+def _write_other_formats(ckpt: Path) -> None:
+    """transformers' fused Mixtral experts and Mistral's native format (the
+    writers of test_loading.py), for worker.LOAD_DIRS."""
+    import transformers
+    from safetensors.torch import save_file
+    from test_loading import write_native
+    from test_models import COMMON, hf_model
+
+    torch.manual_seed(0)  # test_models' Mixtral has one KV head; TP=2 needs two
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+    hf = mixtral
+    (ckpt / "hf_fused_mixtral").mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, ckpt / "hf_fused_mixtral" / "model.safetensors")
+    hf.config.to_json_file(ckpt / "hf_fused_mixtral" / "config.json")
+    for family, model in (("mistral", hf_model("mistral")), ("mixtral", mixtral)):
+        (ckpt / f"native_{family}").mkdir()
+        write_native(model, ckpt / f"native_{family}", with_theta=True)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
     ckpt = tmp / "ckpt"
     save(Transformer(worker.TP_ARGS["mixtral"]).init_weights(5, std=0.1), ckpt / "mixtral")
+    _write_other_formats(ckpt)
     save(Transformer(CONFIGS["tiny-mistral"].replace(n_layers=1)).init_weights(0), ckpt / "kv1")
     save(worker.tp_model("llama"), ckpt / "cli")
     _word_tokenizer(ckpt / "cli")
@@ -107,16 +130,15 @@ def test_expert_parallel_layer_forward_and_gradients(run, case):
 
 @pytest.mark.slow
 def test_sharded_load_reads_only_each_ranks_shard(run):
-    full_bytes = sum(f.stat().st_size for f in (run["ckpt"] / "mixtral").glob("*.safetensors"))
     for rank, seen in enumerate(run["per_rank"]):
-        for kind in ("tp", "ep"):
-            r = seen["load"][kind]
-            assert r["same_keys"] and r["equal"], (rank, kind)
+        assert {name for name, _ in seen["load"]} == set(worker.LOAD_DIRS)
+        for (name, kind), r in seen["load"].items():
+            assert r["same_keys"] and r["equal"], (rank, name, kind)
             # every byte read lands in this rank's parameters, and nothing else is read
-            assert r["bytes_read"] == r["local_bytes"], (rank, kind, r)
-        # TP: all but the norms and the router split in two; EP: the experts (most of the weights) split
-        assert seen["load"]["tp"]["bytes_read"] < 0.52 * full_bytes
-        assert seen["load"]["ep"]["bytes_read"] < 0.8 * full_bytes
+            assert r["bytes_read"] == r["local_bytes"], (rank, name, kind, r)
+            full_bytes = sum(f.stat().st_size for f in (run["ckpt"] / name).glob("*.safetensors"))
+            # TP: all but the norms and the router split in two; EP: the experts (most of the weights)
+            assert r["bytes_read"] < (0.52 if kind == "tp" else 0.8) * full_bytes, (rank, name, kind)
 
 
 @pytest.mark.slow
