@@ -1,0 +1,545 @@
+"""mixkit inside Hugging Face `transformers`: attention, norms, RoPE and experts.
+
+    import mixkit.hf
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="mixkit",
+                                                 experts_implementation="mixkit")
+    report = mixkit.hf.patch(model)     # an already-loaded model: norms and RoPE too
+    mixkit.hf.unpatch(model)            # back to HF's exact eager behaviour
+
+Importing this module registers, once, an attention function and its mask
+function under the name "mixkit" (`AttentionInterface`,
+`AttentionMaskInterface`) and an experts function (`ExpertsInterface`).
+
+How HF's attention call maps onto the ops. HF hands the attention function q
+(B, H, Sq, D) and the keys/values its cache returns (B, Hkv, Sk, D); they are
+passed as `.transpose(1, 2)` views, with GQA left unexpanded. The mask
+function turns HF's mask arguments into a `MixkitMask`: `end`, the number of
+keys that exist (for a StaticCache, whose buffer holds unwritten slots, a
+device tensor), and `starts`, each row's first key that is not padding (a
+device tensor, or None when nothing is padded). Key j of a row is readable
+when starts[b] <= j < end; the queries are the `Sq` positions ending at
+`end`, so masks are bottom-right aligned within that range. Then:
+- decode (Sq = 1): `decode_attn` with cache_seqlens = end and
+  cache_starts = starts, no host sync (static caches included);
+- prefill, nothing padded, every key written: `flash_attn` on the views;
+- otherwise (padding, a static buffer, packed rows): `flash_attn_varlen`
+  with three segments per row (padding, the real keys, unwritten slots), or
+  one per packed document from `cu_seq_lens_q/k` or `position_ids`.
+HF's sliding window W counts the query itself, as mixkit's does, so W passes
+through unchanged (tests/test_hf.py shows W - 1 and W + 1 both fail).
+
+Where mixkit has no kernel the call goes to HF's own sdpa (eager when
+attention weights are requested) and `counters` records why:
+user-supplied 4D masks, custom mask functions (or_mask/and_mask), padding
+masks with holes, output_attentions, attention dropout in training,
+softcapping, non-causal attention, and dtype/head dims the GPU kernels lack.
+`patch(model, strict=True)` makes those raise instead.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import weakref
+
+import torch
+
+import transformers
+from packaging.version import Version
+
+from . import ops
+
+MIN_TRANSFORMERS = "5.0.0"
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+    raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}")
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask, sdpa_mask  # noqa: E402
+
+try:  # the experts interface arrived during 5.x
+    from transformers.integrations.moe import ExpertsInterface
+except ImportError:  # pragma: no cover - depends on the installed version
+    ExpertsInterface = None
+
+NAME = "mixkit"
+SUPPORTED = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM", "OlmoForCausalLM")
+GPU_HEAD_DIMS = (64, 128)
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+# What ran: "flash_attn", "flash_attn_varlen", "decode_attn", "rms_norm",
+# "layer_norm", "rope", "moe_experts", and "fallback: <reason>" per call
+# that went to HF's path. Not updated inside torch.compile'd code (a Python
+# side effect there would cost a graph break).
+counters: collections.Counter = collections.Counter()
+
+
+def reset_counters() -> None:
+    counters.clear()
+
+
+def _count(key: str) -> None:
+    if not torch.compiler.is_compiling():
+        counters[key] += 1
+
+
+class MixkitFallback(RuntimeError):
+    """Raised instead of falling back to HF's attention when strict=True."""
+
+
+# ---- the mask function -------------------------------------------------------------
+
+class MixkitMask:
+    """What the attention function needs, computed once per forward by the mask
+    function: see the module docstring. `hf_args` rebuilds HF's own boolean
+    mask, only when a call falls back.
+
+    generate() builds the mask ahead of the forward for compileable caches and
+    hands it back as `attention_mask`; HF then checks its `ndim` (2 would
+    mean a padding mask to process) and passes it to the mask function again,
+    which returns it unchanged."""
+
+    ndim = 4
+
+    def __init__(self, starts, end, kv_length, q_length, no_past, hf_args, fallback=None):
+        self.starts = starts
+        self.end = end
+        self.kv_length = kv_length
+        self.q_length = q_length
+        self.no_past = no_past
+        self.hf_args = hf_args
+        self.fallback = fallback
+
+    def hf_mask(self):
+        return sdpa_mask(**self.hf_args, allow_is_causal_skip=False)
+
+
+def _single_run(valid: torch.Tensor) -> torch.Tensor:
+    """Per row: are the True entries one contiguous run? (False ... True ...
+    False: left or right padding; anything else has holes.)"""
+    v = valid.int()
+    rises = (v[:, 1:] > v[:, :-1]).sum(-1) + v[:, 0]
+    return rises <= 1
+
+
+def mixkit_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                use_vmap=False, device="cpu", **kwargs):
+    """`AttentionMaskInterface` entry: a MixkitMask instead of a 4D tensor."""
+    if isinstance(attention_mask, MixkitMask):
+        return attention_mask
+    compiling = torch.compiler.is_compiling()
+    hf_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                   kv_offset=kv_offset, attention_mask=attention_mask, use_vmap=use_vmap, device=device)
+    if mask_function is not None:
+        hf_args["mask_function"] = mask_function
+    # Keys that exist: the causal horizon of the last query. An int except for
+    # HF's StaticCache, whose offset is a device tensor (no host sync here).
+    end = q_offset + q_length - kv_offset
+    no_past = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+    fallback = "custom mask function (or_mask/and_mask)" if use_vmap else None
+    starts = None
+    if attention_mask is not None and fallback is None:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+        key_index = torch.arange(kv_length, device=padding.device)
+        valid = padding & (key_index < end)
+        has_key = valid.any(-1)
+        starts = torch.where(has_key, valid.int().argmax(-1), torch.full_like(has_key, kv_length, dtype=torch.long))
+        starts = starts.to(torch.int32)
+        if not compiling and q_length > 1:
+            # Prefill only (decode would pay a sync per step): a mask with holes
+            # has no first-key form; a mask without padding needs none.
+            if not bool(_single_run(valid).all()):
+                fallback = "padding mask with holes (not left/right padding)"
+            elif bool((starts == 0).all()):
+                starts = None
+    return MixkitMask(starts, end, kv_length, q_length, no_past, hf_args, fallback)
+
+
+# ---- the attention function --------------------------------------------------------
+
+def _window(sliding_window):
+    """The W the kernels get: HF's W counts the query itself, as mixkit's does.
+    A function so tests can substitute W - 1 / W + 1 (the negative control)."""
+    return sliding_window
+
+
+def _output_attentions_requested() -> bool:
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _fallback_reason(module, query, attention_mask, dropout, softcap, kwargs):
+    if _output_attentions_requested() or kwargs.get("output_attentions"):
+        return "output_attentions"
+    if attention_mask is not None and not isinstance(attention_mask, MixkitMask):
+        return "user-supplied 4D mask"
+    if isinstance(attention_mask, MixkitMask) and attention_mask.fallback:
+        return attention_mask.fallback
+    if dropout and module.training:
+        return "attention dropout in training"
+    if softcap is not None:
+        return "softcapping"
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        return "non-causal attention"
+    if query.device.type == "cuda":
+        if query.dtype not in GPU_DTYPES and query.shape[2] > 1:
+            return f"{query.dtype} on the GPU (flash_attn: bfloat16/float16)"
+        if query.shape[-1] not in GPU_HEAD_DIMS:
+            return f"head_dim {query.shape[-1]} on the GPU (kernels: 64, 128)"
+    return None
+
+
+def _hf_attention(reason, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    if getattr(module, "mixkit_strict", False):
+        raise MixkitFallback(f"mixkit.hf: no mixkit kernel for this call ({reason}); strict=True")
+    _count(f"fallback: {reason}")
+    mask = attention_mask.hf_mask() if isinstance(attention_mask, MixkitMask) else attention_mask
+    if reason == "output_attentions":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("softcap", "sliding_window")}
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _packed_cu_seqlens(position_ids, batch, seqlen):
+    """cu_seqlens over the B * S flattened tokens from position_ids: a document
+    starts where a position is not its predecessor + 1 (HF's rule), and at
+    every row. Eager: the real boundaries (one host sync, cached on the
+    tensor). Under torch.compile: S * B entries, cu[t] = the start of t's
+    document, so every document is one segment and the rest are empty; no
+    data-dependent shape."""
+    pos = position_ids.expand(batch, seqlen).reshape(-1)
+    total = pos.shape[0]
+    idx = torch.arange(total, device=pos.device)
+    start = torch.ones_like(pos, dtype=torch.bool)
+    start[1:] = pos[1:] != pos[:-1] + 1
+    start = start | (idx % seqlen == 0)
+    tail = torch.full((1,), total, dtype=torch.int32, device=pos.device)
+    if torch.compiler.is_compiling():
+        cu = torch.where(start, idx, torch.zeros_like(idx)).cummax(0).values.to(torch.int32)
+        return torch.cat([cu, tail]), seqlen, None
+    stamp = (position_ids._version, batch, seqlen)
+    cached = getattr(position_ids, "_mixkit_packed", None)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    cu = torch.cat([start.nonzero()[:, 0].to(torch.int32), tail])
+    n_docs = cu.shape[0] - 1
+    result = (cu, int((cu[1:] - cu[:-1]).max()), n_docs)
+    position_ids._mixkit_packed = (stamp, result)
+    return result
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scaling):
+    out = ops.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window=window,
+                                softmax_scale=scaling)
+    _count("flash_attn_varlen")
+    return out
+
+
+def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     softcap=None, **kwargs):
+    """`AttentionInterface` entry: returns (output (B, Sq, H, D), None)."""
+    reason = _fallback_reason(module, query, attention_mask, dropout, softcap, kwargs)
+    if reason is not None:
+        return _hf_attention(reason, module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    b, h, sq, d = query.shape
+    sk = key.shape[2]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    window = _window(sliding_window)
+    mask = attention_mask
+    end = mask.end if mask is not None else sk
+    starts = mask.starts if mask is not None else None
+    static = not isinstance(end, int) or end != sk
+
+    if sq == 1:
+        seqlens = (end.reshape(1).to(torch.int32).expand(b).contiguous() if isinstance(end, torch.Tensor)
+                   else torch.full((b,), end, dtype=torch.int32, device=q.device))
+        out = ops.decode_attn(q[:, 0], k, v, seqlens, window=window, softmax_scale=scaling, cache_starts=starts)
+        _count("decode_attn")
+        return out[:, None], None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and b == 1:
+        # Packed rows given as FlashAttention kwargs (DataCollatorWithFlattening).
+        out = _varlen(q[0], k[0], v[0], cu_q.to(torch.int32), cu_k.to(torch.int32),
+                      int(kwargs.get("max_length_q") or sq), int(kwargs.get("max_length_k") or sk), window, scaling)
+        return out[None], None
+
+    position_ids = kwargs.get("position_ids")
+    if starts is None and not static and mask is not None and mask.no_past and sq == sk and position_ids is not None:
+        cu, max_len, n_docs = _packed_cu_seqlens(position_ids, b, sq)
+        if n_docs is None or n_docs > b:
+            out = _varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d), v.reshape(b * sk, -1, d), cu, cu,
+                          max_len, max_len, window, scaling)
+            return out.view(b, sq, h, d), None
+
+    if starts is None and not static:
+        out = ops.flash_attn(q, k, v, causal=True, window=window, softmax_scale=scaling)
+        _count("flash_attn")
+        return out, None
+
+    # Padding and/or unwritten static slots: per row three segments, keys
+    # [0, s) padding, [s, end) real, [end, Sk) unwritten, and the queries
+    # split into those before s (padding queries; their output is unused) and
+    # the rest. Everything stays on the device.
+    end_t = end if isinstance(end, torch.Tensor) else torch.tensor(end, device=q.device)
+    end_t = end_t.to(device=q.device, dtype=torch.int32).reshape(1).expand(b)
+    s = starts if starts is not None else torch.zeros(b, dtype=torch.int32, device=q.device)
+    s = torch.minimum(s, end_t)
+    q_pad = (s - (end_t - sq)).clamp(0, sq)
+    zeros = torch.zeros_like(s)
+    q_lens = torch.stack([q_pad, sq - q_pad, zeros], 1).reshape(-1)
+    k_lens = torch.stack([s, end_t - s, sk - end_t], 1).reshape(-1)
+    first = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_q = torch.cat([first, q_lens.cumsum(0).to(torch.int32)])
+    cu_k = torch.cat([first, k_lens.cumsum(0).to(torch.int32)])
+    out = _varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d), v.reshape(b * sk, -1, d), cu_q, cu_k,
+                  sq, sk, window, scaling)
+    return out.view(b, sq, h, d), None
+
+
+# ---- experts -----------------------------------------------------------------------
+
+def _experts_fallback(module):
+    if not getattr(module, "has_gate", True) or getattr(module, "has_bias", False):
+        return "experts without a gate or with biases"
+    if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
+        return "transposed or interleaved expert weights"
+    act = getattr(module, "act_fn", None)
+    if not isinstance(act, torch.nn.SiLU) and type(act).__name__ != "SiLUActivation":
+        return "expert activation is not SiLU"
+    if getattr(module, "has_post_expert_norm", False):
+        return "post-expert norm"
+    return None
+
+
+def mixkit_experts(module, hidden_states, top_k_index, top_k_weights):
+    """`ExpertsInterface` entry: HF's router stays (router logits and the aux
+    loss are untouched); the experts run as ops.moe_experts on HF's own
+    gate_up_proj (E, 2F, H) and down_proj (E, H, F), no copies."""
+    reason = _experts_fallback(module)
+    if reason is None and hidden_states.dtype != module.gate_up_proj.dtype:
+        reason = "hidden states and expert weights differ in dtype"
+    if reason is not None:
+        _count(f"fallback: {reason}")
+        return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
+    _count("moe_experts")
+    out = ops.moe_experts(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj)
+    return out.to(hidden_states.dtype)
+
+
+# ---- registration ------------------------------------------------------------------
+
+def register() -> None:
+    """Register "mixkit" with transformers' interfaces (idempotent; done on import)."""
+    AttentionInterface.register(NAME, mixkit_attention)
+    AttentionMaskInterface.register(NAME, mixkit_mask)
+    if ExpertsInterface is not None:
+        ExpertsInterface.register(NAME, mixkit_experts)
+
+
+register()
+
+
+# ---- module swaps ------------------------------------------------------------------
+
+def _rms_forward(self, hidden_states):
+    if self.weight.dtype != hidden_states.dtype:
+        _count("fallback: norm weight and input differ in dtype")
+        return self._mixkit_base.forward(self, hidden_states)
+    _count("rms_norm")
+    return ops.rms_norm(hidden_states.contiguous(), self.weight, eps=self.variance_epsilon)
+
+
+def _layer_norm_forward(self, hidden_states):
+    _count("layer_norm")
+    return ops.layer_norm(hidden_states.contiguous(), eps=1e-5)
+
+
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    """HF's Mistral/Mixtral/Llama/OLMo attention forward with ops.rope in place
+    of apply_rotary_pos_emb: q and k are rotated in (B, S, heads, D) layout
+    straight from the projections, from position_ids (what HF's rotary
+    module turns into cos/sin)."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        _count("fallback: rope without position_ids")
+        return self._mixkit_base.forward(self, hidden_states, position_embeddings, attention_mask, cache=cache,
+                                         **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    clip = getattr(self.config, "clip_qkv", None)
+    if clip is not None:  # OLMo
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    b, s = input_shape
+    q, k = ops.rope(q.view(hidden_shape), k.view(hidden_shape), position_ids.expand(b, s), theta=self._mixkit_theta)
+    _count("rope")
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(hidden_shape).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    eager = getattr(sys.modules[self._mixkit_base.__module__], "eager_attention_forward")
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    extra = {}
+    if type(self).__name__.startswith(("Mistral", "Mixtral")):  # the families whose HF code passes the window
+        extra["sliding_window"] = getattr(self.config, "sliding_window", None)
+    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                             scaling=self.scaling, **extra, **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+_SUBCLASSES: dict = {}
+
+
+def _swap(module, forward, **attrs) -> bool:
+    """Give module a subclass of its class (same name, module and qualname, so
+    isinstance, state_dict keys, _no_split_modules and hooks are unchanged)
+    whose forward is mixkit's. False if it already has one."""
+    cls = type(module)
+    if getattr(cls, "_mixkit_base", None) is not None:
+        for key, value in attrs.items():
+            setattr(module, key, value)
+        return False
+    sub = _SUBCLASSES.get((cls, forward))
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"forward": forward, "_mixkit_base": cls, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
+        _SUBCLASSES[(cls, forward)] = sub
+    module.__class__ = sub
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return True
+
+
+def _restore(module) -> bool:
+    base = getattr(type(module), "_mixkit_base", None)
+    if base is None:
+        return False
+    module.__class__ = base
+    return True
+
+
+def _rope_theta(config):
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if rope_type != "default":
+        return None, f"rope_type {rope_type!r}: mixkit.ops.rope has plain RoPE only ('default')"
+    if theta is None:
+        return None, "no rope_theta in the config"
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        return None, "partial rotary embedding"
+    return float(theta), None
+
+
+_SAVED = weakref.WeakKeyDictionary()
+
+
+def patch(model, *, attention: bool = True, norms: bool = True, rope: bool = True, moe: bool = True,
+          strict: bool = False) -> dict:
+    """Put mixkit's ops into a loaded Mistral, Mixtral, Llama or OLMo model.
+
+    Returns {"model", "patched": {part: what}, "left_alone": {part: why},
+    "falls_back": [conditions under which attention calls use HF's path]}.
+    Idempotent; `unpatch(model)` undoes it. strict=True raises where a part
+    cannot be patched, and makes attention calls raise MixkitFallback where
+    they would fall back.
+    """
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        raise TypeError(f"mixkit.hf.patch supports {', '.join(SUPPORTED)}; got {name}")
+    config = model.config
+    saved = _SAVED.setdefault(model, {"attn": config._attn_implementation,
+                                      "experts": getattr(config, "_experts_implementation", None)})
+    patched, left = {}, {}
+
+    attn_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
+    if attention:
+        if config._attn_implementation != NAME:
+            model.set_attn_implementation(NAME)
+        for m in attn_modules:
+            m.mixkit_strict = strict
+        patched["attention"] = f"'{NAME}' attention in {len(attn_modules)} layers"
+    else:
+        left["attention"] = "not requested"
+
+    if norms:
+        count = 0
+        for m in model.modules():
+            cname = type(m).__name__
+            if cname.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
+                _swap(m, _rms_forward)
+                count += 1
+            elif cname == "OlmoLayerNorm":
+                _swap(m, _layer_norm_forward)
+                count += 1
+        patched["norms"] = f"{count} norm modules -> mixkit.ops.rms_norm / layer_norm"
+    else:
+        left["norms"] = "not requested"
+
+    if rope:
+        theta, why = _rope_theta(config)
+        if theta is None:
+            if strict:
+                raise MixkitFallback(f"mixkit.hf.patch: RoPE left alone: {why}")
+            left["rope"] = why
+        else:
+            for m in attn_modules:
+                _swap(m, _attention_forward, _mixkit_theta=theta)
+            patched["rope"] = f"mixkit.ops.rope (theta {theta:g}) in {len(attn_modules)} attention layers"
+    else:
+        left["rope"] = "not requested"
+
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+    if not experts:
+        left["moe"] = "no experts in this model"
+    elif not moe:
+        left["moe"] = "not requested"
+    elif ExpertsInterface is None:
+        left["moe"] = f"transformers {transformers.__version__} has no experts interface"
+    else:
+        why = _experts_fallback(experts[0])
+        if why is not None:
+            if strict:
+                raise MixkitFallback(f"mixkit.hf.patch: experts left alone: {why}")
+            left["moe"] = why
+        else:
+            if getattr(config, "_experts_implementation", None) != NAME:
+                model.set_experts_implementation(NAME)
+            patched["moe"] = f"mixkit.ops.moe_experts in {len(experts)} layers (HF's router kept)"
+
+    for m in attn_modules:
+        m.mixkit_strict = strict
+    return {"model": name, "patched": patched, "left_alone": left, "falls_back": list(FALLBACKS)}
+
+
+FALLBACKS = (
+    "user-supplied 4D attention masks",
+    "custom mask functions (or_mask/and_mask) and padding masks with holes",
+    "output_attentions (eager, which computes the weights)",
+    "attention dropout in training",
+    "softcapping and non-causal attention",
+    "GPU: dtypes other than bfloat16/float16 for prefill, head dims other than 64/128",
+)
+
+
+def unpatch(model) -> None:
+    """Undo patch(): HF's classes, attention and experts implementations back."""
+    for m in model.modules():
+        _restore(m)
+        if hasattr(m, "mixkit_strict"):
+            del m.mixkit_strict
+    saved = _SAVED.pop(model, None)
+    if saved is None:
+        return
+    if model.config._attn_implementation != saved["attn"]:
+        model.set_attn_implementation(saved["attn"])
+    if saved["experts"] is not None and getattr(model.config, "_experts_implementation", None) != saved["experts"]:
+        model.set_experts_implementation(saved["experts"])
