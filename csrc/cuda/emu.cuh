@@ -122,6 +122,13 @@ Device& device();
 //   2  ldmatrix: lanes read row l % 8 of the next matrix
 //   3  ldmatrix.trans: the transpose is dropped
 //   4  cp.async: the zero-fill of src_bytes = 0 copies instead
+//   10 wgmma: descriptors' stride byte offset (SBO) read as half its value
+//   11 wgmma: the transpose-B bit dropped (MN-major B read as K-major)
+//   12 wgmma: accumulators d[4i + 1] and d[4i + 2] swapped (rows g, g + 8 mixed)
+//   13 wgmma: the 128-byte swizzle not applied to operand addresses
+//   14 wgmma (RS): registers a1 and a2 of A swapped
+//   15 wgmma: descriptors' leading byte offset (LBO) read as 0 (MN-major
+//      columns 64.. read the first 64)
 // (wgmma and MFMA add theirs in emu_sm90.cuh and emu_mfma.cuh.)
 int& mutation();
 void set_schedule(Schedule s, uint64_t seed);
