@@ -1,6 +1,6 @@
 """`mixkit train` survives interruption: SIGINT, SIGTERM, kill -9 during a
-checkpoint write, two interruptions, and SIGTERM to torchrun with two gloo
-ranks. Each interrupted run, rerun with the same command, must end with the
+checkpoint write, two interruptions, and SIGTERM to one rank or to torchrun
+with two gloo ranks. Each interrupted run, rerun with the same command, must end with the
 uninterrupted run's weights and per-step losses bit for bit (CPU), with every
 step in log.jsonl exactly once. The subprocesses start in their own process
 group, as a job under a shell or a scheduler does, so that signals reach them.
@@ -228,39 +228,77 @@ def test_kill_9_during_a_checkpoint_write(tmp_path, reference):
     _assert_same_run(run, reference, "kill -9 in the step-15 save")
 
 
+def _worker_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of that rank (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    raise AssertionError(f"no rank-{rank} worker under {launcher}")
+
+
+def _two_ranks_stopped(run: Path, steps: int) -> int:
+    """Both ranks stopped after the same step: one complete checkpoint holding
+    both shards, nothing partial, each step logged once. Returns the step."""
+    complete, partial = scan(run)
+    assert complete and not partial
+    stopped = complete[-1].step
+    assert stopped < steps and complete[-1].meta["reason"] in ("SIGTERM", "periodic")
+    assert sorted(p.name for p in complete[-1].path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert _result_steps(run) == list(range(1, stopped + 1))
+    return stopped
+
+
 @pytest.mark.slow
-def test_torchrun_sigterm_to_the_launcher(tmp_path):
-    """Two gloo ranks under torchrun: SIGTERM to the launcher (as a
-    scheduler sends), torchrun passes it on, both ranks stop after the same
-    step and save; the rerun ends like the uninterrupted two-rank run."""
-    steps = 8
+def test_torchrun_two_ranks_stop_together(tmp_path):
+    """Two gloo ranks under torchrun. SIGTERM to rank 1 alone: both ranks
+    stop after the same step and save (no deadlock); rerun; SIGTERM to the
+    launcher (what a scheduler sends), which passes it on; rerun: the run
+    ends like the uninterrupted two-rank run. Then one process resumes the
+    finished run from its two-rank checkpoint."""
+    steps = 12
 
     def cmd(cfg):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                 "mixkit", "train", "--config", str(cfg), "--device", "cpu", "--quiet"]
 
-    ref_cfg = _run_file(tmp_path, "ref", max_steps=steps, checkpoint_every=4)
-    rc, out, err = _finish(_launch(cmd(ref_cfg)))
+    rc, out, err = _finish(_launch(cmd(_run_file(tmp_path, "ref", max_steps=steps, checkpoint_every=4))))
     assert rc == 0, out[-3000:] + err[-3000:]
     reference = _result(tmp_path / "ref")
     assert reference[0] == list(range(1, steps + 1))
 
     cfg = _run_file(tmp_path, "run", max_steps=steps, checkpoint_every=4)
+    run = tmp_path / "run"
     proc = _launch(cmd(cfg))
-    at = random.randint(2, steps // 2 + 1)
-    _wait_for(lambda: _logged_step(tmp_path / "run" / "log.jsonl") >= at, proc, f"step {at}")
+    first = random.randint(2, steps // 3)
+    _wait_for(lambda: _logged_step(run / "log.jsonl") >= first, proc, f"step {first}")
+    os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)
+    _finish(proc)  # torchrun exits with its own code once its workers have
+    stopped = _two_ranks_stopped(run, steps)
+
+    proc = _launch(cmd(cfg))
+    second = random.randint(stopped + 2, max(stopped + 2, 2 * steps // 3))
+    _wait_for(lambda: _logged_step(run / "log.jsonl") >= second, proc, f"step {second}")
     proc.send_signal(signal.SIGTERM)  # the launcher only
-    _finish(proc)  # torchrun itself exits with its own code after the workers'
-    complete, partial = scan(tmp_path / "run")
-    assert complete and not partial
-    stopped = complete[-1].step
-    assert stopped < steps and complete[-1].meta["reason"] in ("SIGTERM", "periodic")
-    # each rank saved its shard of the same step
-    assert sorted(p.name for p in complete[-1].path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    _finish(proc)
+    stopped_again = _two_ranks_stopped(run, steps)
+    assert stopped_again > stopped
+
     rc, out, err = _finish(_launch(cmd(cfg)))
     assert rc == 0, out[-3000:] + err[-3000:]
-    assert f"(step {stopped}" in out
-    _assert_same_run(tmp_path / "run", reference, f"SIGTERM to torchrun at step {at}, stopped after {stopped}")
+    assert f"(step {stopped_again}" in out
+    _assert_same_run(run, reference, f"SIGTERM to rank 1 at step {first} (stopped after {stopped}), to torchrun at "
+                                     f"step {second} (stopped after {stopped_again})")
+    # DCP reshards the two-rank checkpoint for one process; no step is left
+    # to take, and the model it writes again is the two ranks' bit for bit.
+    rc, out, err = _finish(_launch(_train_cmd(cfg)))
+    assert rc == 0, out + err
+    assert "saved by 2 rank(s) and this run has 1: torch.distributed.checkpoint resharded" in out
+    _assert_same_run(run, reference, "one process resuming the finished two-rank run")
 
 
 # ---- in-process: the rule's edges ----------------------------------------------------------------------------------

@@ -127,13 +127,52 @@ def check_compatible(ckpt: Checkpoint, trainer) -> None:
                 what = "mixture weights" if key == "probs" else f"data {key}"
                 problems.append(f"the {what} {'are' if key == 'probs' else 'is'} {a!r} in the checkpoint "
                                 f"but {b!r} now")
-    if saved.get("world_size") != mine["world_size"]:
-        problems.append(f"it was saved by {saved.get('world_size')} ranks but this run has {mine['world_size']} "
-                        "(the data order and the per-rank state depend on the world size)")
+    if saved.get("world_size") != mine["world_size"] and "data" in mine and not _movable(trainer.data):
+        problems.append(f"it was saved by {saved.get('world_size')} ranks but this run has {mine['world_size']}, "
+                        f"and {type(trainer.data).__name__} cannot carry its position across world sizes")
     if problems:
         raise ConfigError(f"cannot resume from {ckpt.path}: " + "; ".join(problems) +
                           ". Restore the old settings, or pass --resume never to start over (this removes the "
                           "run's checkpoints)")
+
+
+def _movable(data) -> bool:
+    """Whether the loader's position is `step` batches of `batch_size` per rank
+    of `world_size` ranks (MixtureLoader's), which another world size can
+    continue from."""
+    state = data.state_dict()
+    return all(k in state for k in ("step", "world_size", "batch_size")) and hasattr(data, "load_state_dict")
+
+
+def _load_resharded(trainer, ckpt: Checkpoint) -> str:
+    """Load a checkpoint saved by another number of ranks: DCP reshards the
+    model and optimizer state; every rank takes rank 0's RNG and data state,
+    and the data continues at the first global batch not yet consumed.
+    Returns what happened, to be said."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    import torch.distributed.checkpoint as dcp
+
+    state = trainer.state_dict()
+    state["rank0"] = state.pop(f"rank{trainer.rank}")
+    dcp.load(state, checkpoint_id=str(ckpt.path))
+    set_state_dict(trainer.module, trainer.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    trainer.step, trainer.skipped = int(state["step"]), int(state["skipped"])
+    trainer._data_iter = None
+    saved_world = ckpt.meta["world_size"]
+    note = (f"the checkpoint was saved by {saved_world} rank(s) and this run has {trainer.world}: "
+            "torch.distributed.checkpoint resharded the model and optimizer state")
+    data = state["rank0"].get("data")
+    if data is not None:
+        # MixtureLoader: rank r's batch at loader step s is global batch s * world + r
+        consumed = int(data["step"]) * int(data["world_size"])
+        step = -(-consumed // trainer.world)
+        trainer.data.load_state_dict({**data, "step": step, "world_size": trainer.world})
+        skipped = (step * trainer.world - consumed) * int(data["batch_size"])
+        note += (f"; the data continues after the {consumed * int(data['batch_size'])} sequences consumed"
+                 + (f" (skipping {skipped} to start a whole batch)" if skipped else ""))
+    return note
 
 
 # ---- saving ------------------------------------------------------------------------------------------------------
@@ -279,14 +318,20 @@ def resume(trainer, directory: str | Path, mode: str = "auto", say: Callable[[st
         say(f"starting fresh: no checkpoint in {directory}")
         return None
     check_compatible(chosen, trainer)
+    note = None
     with _quiet_single_process():
-        trainer.load(str(chosen.path))
+        if chosen.meta.get("world_size", trainer.world) == trainer.world:
+            trainer.load(str(chosen.path))
+        else:
+            note = _load_resharded(trainer, chosen)
     manager = getattr(trainer, "checkpoints", None)
     if manager is not None and chosen.path.parent.resolve() == manager.directory.resolve():
         manager.last_saved_step = trainer.step
     reason = chosen.meta.get("reason", "")
     say(f"resuming from {chosen.path} (step {trainer.step}" + (f", saved {_REASONS.get(reason, reason)}" if reason
                                                                else "") + ")")
+    if note:
+        say(note)
     return chosen
 
 
