@@ -379,3 +379,18 @@ def test_old_transformers_raises_import_error_naming_the_minimum():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert "IMPORT-ERROR mixkit.hf needs transformers >= 5.0.0, found 4.57.0" in out.stdout, out.stderr[-2000:]
+
+
+def test_bench_cases_run_and_agree():
+    """`mixkit bench --ops hf_forward,hf_fwd_bwd,hf_decode` on the CPU: every
+    peer runs once and matches HF's eager model (float32, 16 tokens)."""
+    from mixkit.bench import hf as bench_hf
+
+    for make in (bench_hf.hf_forward_case, bench_hf.hf_fwd_bwd_case, bench_hf.hf_decode_case):
+        case = make("cpu", 16, torch.float32, None)
+        assert set(case.impls) == {"eager", "sdpa", "mixkit"} and case.flops > 0
+        ref = case.impls["eager"]()
+        for name in ("sdpa", "mixkit"):
+            torch.testing.assert_close(case.impls[name](), ref, rtol=0, atol=1e-4, msg=f"{case.op} {name}")
+        torch.testing.assert_close(case.impls["mixkit"](), ref, rtol=0, atol=1e-4)  # a second call: same state
+    bench_hf._MODELS.clear()

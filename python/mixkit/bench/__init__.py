@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mixkit.bench import decode, flash_attn, harness, moe_mlp, moe_route, norms, rope
+from mixkit.bench import decode, flash_attn, harness, hf, moe_mlp, moe_route, norms, rope
 
 CASES = {
     "rms_norm": norms.rms_norm_case,
@@ -35,6 +35,9 @@ CASES = {
     "flash_attn_fwd_causal": flash_attn.flash_attn_fwd_causal_case,
     "flash_attn_fwd_bwd_w4096": flash_attn.flash_attn_fwd_bwd_w4096_case,
     "flash_attn_fwd_bwd_causal": flash_attn.flash_attn_fwd_bwd_causal_case,
+    "hf_forward": hf.hf_forward_case,
+    "hf_fwd_bwd": hf.hf_fwd_bwd_case,
+    "hf_decode": hf.hf_decode_case,
 }
 
 # Token counts at Mistral 7B widths. On the CPU the full sweep stops at 1024
@@ -51,6 +54,7 @@ TOKENS = {
 # 1k, 4k and 32k (decode.SEEN).
 OP_TOKENS = {op: flash_attn.SEQLENS for op in CASES if op.startswith("flash_attn")}
 OP_TOKENS.update({op: decode.SEEN for op in CASES if op.startswith("decode_attn")})
+OP_TOKENS.update({op: hf.SEQLENS for op in CASES if op.startswith("hf_")})
 DTYPES = {
     ("cuda", False): (torch.bfloat16,),
     ("cuda", True): (torch.bfloat16,),
