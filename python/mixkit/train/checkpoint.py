@@ -17,7 +17,9 @@ newest complete checkpoint in checkpoint_dir, however it was saved
 removes the old checkpoints; a path resumes from that checkpoint and drops
 the directory's checkpoints past its step (they belong to the abandoned
 continuation, as do log rows past it). A checkpoint whose model or data
-mixture differs from the run's configuration raises ConfigError.
+mixture differs from the run's configuration raises ConfigError. One saved
+by another number of ranks is resharded by torch.distributed.checkpoint,
+and a MixtureLoader continues at the first global batch not yet consumed.
 """
 from __future__ import annotations
 
