@@ -352,7 +352,10 @@ def test_resume_from_a_path(tmp_path, capsys, one_thread):
     assert main(["train", "--config", str(cfg), "--quiet"]) == 0
     first = _result(tmp_path / "run")
     capsys.readouterr()
-    assert main(["train", "--config", str(cfg), "--quiet", "--resume", str(tmp_path / "run" / "step_00000002")]) == 0
+    step_2 = str(tmp_path / "run" / "step_00000002")
+    assert main(["train", "--config", str(cfg), "--quiet", "--resume", step_2, "--set", "model.hidden_dim=96"]) == 2
+    assert len(scan(tmp_path / "run")[0]) == 4  # an incompatible PATH removes nothing
+    assert main(["train", "--config", str(cfg), "--quiet", "--resume", step_2]) == 0
     assert "removed 2 checkpoint(s) past step 2" in capsys.readouterr().out
     steps, losses, weights = _result(tmp_path / "run")
     assert steps == [1, 2, 3, 4] and losses == first[1]

@@ -308,6 +308,7 @@ def resume(trainer, directory: str | Path, mode: str = "auto", say: Callable[[st
         chosen = _broadcast(trainer, chosen)
     else:
         chosen = read_checkpoint(mode)
+        check_compatible(chosen, trainer)  # before anything is removed
         if lead:  # checkpoints past the chosen one belong to the continuation being abandoned
             later = [c.path for c in scan(directory)[0] if c.step > chosen.step and c.path.resolve() !=
                      chosen.path.resolve()]
