@@ -129,7 +129,10 @@ Device& device();
 //   14 wgmma (RS): registers a1 and a2 of A swapped
 //   15 wgmma: descriptors' leading byte offset (LBO) read as 0 (MN-major
 //      columns 64.. read the first 64)
-// (wgmma and MFMA add theirs in emu_sm90.cuh and emu_mfma.cuh.)
+//   20 v_mfma_f32_32x32x8: A's lane halves swapped (lane l supplies lane l ^ 32's A)
+//   21 v_mfma_f32_32x32x8: accumulator registers 4q .. 4q + 3 in reverse row order
+//   22 v_mfma_f32_32x32x8: B's 4 items of a lane in reverse k order
+// (the models: emu_sm80.cuh, emu_sm90.cuh, emu_mfma.cuh.)
 int& mutation();
 void set_schedule(Schedule s, uint64_t seed);
 

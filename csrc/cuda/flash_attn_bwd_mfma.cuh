@@ -339,7 +339,9 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
   T* dk_base = static_cast<T*>(a.dk) + b * a.dk_stride[0] + kspan.start * a.dk_stride[1] + hk * a.dk_stride[2];
   T* dv_base = static_cast<T*>(a.dv) + b * a.dv_stride[0] + kspan.start * a.dv_stride[1] + hk * a.dv_stride[2];
   int64_t dk_rs = a.dk_stride[1], dv_rs = a.dv_stride[1];
+#if !defined(MIXKIT_EMULATE)
   asm volatile("" : "+v"(dk_base), "+v"(dv_base), "+v"(dk_rs), "+v"(dv_rs));
+#endif
 
   const int tid = threadIdx.x, lane = tid % kWave, w = tid / kWave;
   const float scale_log2 = f.scale * kLog2e;
@@ -652,8 +654,7 @@ template <int D, class T> void flash_bwd(const FlashBwdArgs& a, hipStream_t stre
   const unsigned batch = unsigned(f.batch), heads = unsigned(f.heads), kv_heads = unsigned(f.kv_heads);
   const bool has_q = f.total_q > 0;
   if (has_q) {
-    hipLaunchKernelGGL((delta_kernel<D, T>), dim3(grid_blocks(f.seqlen_q, 256), heads, batch), dim3(256), 0, stream,
-                       a);
+    gpu_launch((delta_kernel<D, T>), dim3(grid_blocks(f.seqlen_q, 256), heads, batch), dim3(256), 0, stream, a);
     gpu_check(hipGetLastError(), "launching the MFMA flash_bwd delta_kernel");
   }
   // With no query rows dK and dV are zeros: dkdv_kernel finds no query
@@ -661,18 +662,16 @@ template <int D, class T> void flash_bwd(const FlashBwdArgs& a, hipStream_t stre
   const dim3 kv_grid(grid_blocks(f.seqlen_k, kBN), kv_heads, batch);
   const bool atomic_dq = kAtomicDq<D> && !a.deterministic && has_q;
   if constexpr (kAtomicDq<D>) {
-    if (atomic_dq) hipLaunchKernelGGL((dkdv_kernel<D, T, true>), kv_grid, dim3(kKvThreads), 0, stream, a);
+    if (atomic_dq) gpu_launch((dkdv_kernel<D, T, true>), kv_grid, dim3(kKvThreads), 0, stream, a);
   }
-  if (!atomic_dq) hipLaunchKernelGGL((dkdv_kernel<D, T, false>), kv_grid, dim3(kKvThreads), 0, stream, a);
+  if (!atomic_dq) gpu_launch((dkdv_kernel<D, T, false>), kv_grid, dim3(kKvThreads), 0, stream, a);
   gpu_check(hipGetLastError(), "launching the MFMA flash_bwd dkdv_kernel");
   if (!has_q) return;
   if (!atomic_dq) {
-    hipLaunchKernelGGL((dq_kernel<D, T>), dim3(grid_blocks(f.seqlen_q, kQBM), heads, batch), dim3(kQThreads), 0,
-                       stream, a);
+    gpu_launch((dq_kernel<D, T>), dim3(grid_blocks(f.seqlen_q, kQBM), heads, batch), dim3(kQThreads), 0, stream, a);
     gpu_check(hipGetLastError(), "launching the MFMA flash_bwd dq_kernel");
   } else {
-    hipLaunchKernelGGL((dq_convert_kernel<D, T>), dim3(grid_blocks(f.seqlen_q, 256), heads, batch), dim3(256), 0,
-                       stream, a);
+    gpu_launch((dq_convert_kernel<D, T>), dim3(grid_blocks(f.seqlen_q, 256), heads, batch), dim3(256), 0, stream, a);
     gpu_check(hipGetLastError(), "launching the MFMA flash_bwd dq_convert_kernel");
   }
 }

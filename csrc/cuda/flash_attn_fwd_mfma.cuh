@@ -357,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
 // problems and sets the device, as for the CUDA kernels.
 template <int D, class T> void flash_fwd(const FlashFwdArgs& a, hipStream_t stream) {
   const dim3 grid(flash::grid_blocks(a.seqlen_q, kBM), unsigned(a.heads), unsigned(a.batch));
-  hipLaunchKernelGGL((flash_fwd_kernel<D, T>), grid, dim3(kThreads), 0, stream, a);
+  gpu_launch((flash_fwd_kernel<D, T>), grid, dim3(kThreads), 0, stream, a);
   gpu_check(hipGetLastError(), "launching the MFMA flash_fwd_kernel");
 }
 

@@ -423,16 +423,15 @@ __global__ void __launch_bounds__(gg::kThreads) grouped_wgrad_kernel(GroupedWgra
 // the device, as for the CUDA kernel; they also check the launch error.
 template <class T, bool TRANS_B> void grouped_gemm(const GroupedGemmArgs& g, hipStream_t stream) {
   const dim3 grid(unsigned((g.rows + gg::kBM - 1) / gg::kBM + g.experts + 1), unsigned((g.n + gg::kBN - 1) / gg::kBN));
-  hipLaunchKernelGGL((grouped_gemm_kernel<T, TRANS_B, false>), grid, dim3(gg::kThreads), 0, stream, g,
-                     static_cast<T*>(nullptr));
+  gpu_launch((grouped_gemm_kernel<T, TRANS_B, false>), grid, dim3(gg::kThreads), 0, stream, g,
+             static_cast<T*>(nullptr));
 }
 
 template <class T> void grouped_swiglu(const GroupedSwigluArgs& s, hipStream_t stream) {
   const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.ffn, s.experts, true};
   const dim3 grid(unsigned((s.rows + gg::kBM - 1) / gg::kBM + s.experts + 1),
                   unsigned((s.ffn + gg::kSwigluCols - 1) / gg::kSwigluCols));
-  hipLaunchKernelGGL((grouped_gemm_kernel<T, true, true>), grid, dim3(gg::kThreads), 0, stream, g,
-                     static_cast<T*>(s.h));
+  gpu_launch((grouped_gemm_kernel<T, true, true>), grid, dim3(gg::kThreads), 0, stream, g, static_cast<T*>(s.h));
 }
 
 // The caller (grouped_wgrad_gpu) checks as for the forward, except that it
@@ -441,7 +440,7 @@ template <class T> void grouped_swiglu(const GroupedSwigluArgs& s, hipStream_t s
 template <class T, bool TRANS_B> void grouped_wgrad(const GroupedWgradArgs& g, hipStream_t stream) {
   const dim3 grid(unsigned((g.k + gg::kBM - 1) / gg::kBM), unsigned((g.n + gg::kBN - 1) / gg::kBN),
                   unsigned(g.experts));
-  hipLaunchKernelGGL((grouped_wgrad_kernel<T, TRANS_B>), grid, dim3(gg::kThreads), 0, stream, g);
+  gpu_launch((grouped_wgrad_kernel<T, TRANS_B>), grid, dim3(gg::kThreads), 0, stream, g);
 }
 
 #endif  // MIXKIT_AMD

@@ -33,7 +33,9 @@
 // plain C++) against a model written from the element-to-register form above.
 //
 // NVIDIA has no MFMA: under nvcc or a plain C++ compiler only the constexpr
-// layout functions exist. The builtin wrappers exist in HIP compiles and
+// layout functions exist. The emulated GPU at warp 64 (MIXKIT_EMULATE,
+// MIXKIT_AMD) gets GCC vector types and a wavefront-collective model of the
+// instructions from emu_mfma.cuh. The builtin wrappers exist in HIP compiles and
 // emit the instruction in device passes for gfx90a and gfx94x (where the
 // bf16 one is spelled v_mfma_f32_32x32x8_bf16); other AMD targets are a
 // compile error rather than a silent fallback.
@@ -92,9 +94,17 @@ MIXKIT_MFMA_HD int pair_elem(int step, int e) { return 4 * step + e; }
 #error "mixkit's MFMA kernels need gfx90a or gfx94x (set MIXKIT_HIP_ARCHS accordingly)"
 #endif
 
+#if defined(MIXKIT_EMULATE)
+}  // namespace mfma
+}  // namespace mixkit
+#include "cuda/emu_mfma.cuh"  // the same vector types (GCC's) and a model of the instructions
+namespace mixkit {
+namespace mfma {
+#else
 typedef short short4_t __attribute__((ext_vector_type(4)));
 typedef _Float16 half4_t __attribute__((ext_vector_type(4)));
 typedef float float16_t __attribute__((ext_vector_type(16)));
+#endif
 
 // The operand as the builtin takes it: 4 bf16 bit patterns as shorts, or 4 halves.
 template <class T> struct Operand;
@@ -104,14 +114,18 @@ template <> struct Operand<f16> { using type = half4_t; };
 // acc + A @ B for one 32x32x8 step, the operands in the layout above.
 // cbsz = abid = blgp = 0: no A broadcast, no lane permutation of B.
 __device__ __forceinline__ float16_t mma_32x32x8(short4_t a, short4_t b, float16_t acc) {
-#if defined(__HIP_DEVICE_COMPILE__)
+#if defined(MIXKIT_EMULATE)
+  return emu_mfma_f32_32x32x8bf16_1k(a, b, acc, 0, 0, 0);
+#elif defined(__HIP_DEVICE_COMPILE__)
   return __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(a, b, acc, 0, 0, 0);
 #else
   return acc;
 #endif
 }
 __device__ __forceinline__ float16_t mma_32x32x8(half4_t a, half4_t b, float16_t acc) {
-#if defined(__HIP_DEVICE_COMPILE__)
+#if defined(MIXKIT_EMULATE)
+  return emu_mfma_f32_32x32x8f16(a, b, acc, 0, 0, 0);
+#elif defined(__HIP_DEVICE_COMPILE__)
   return __builtin_amdgcn_mfma_f32_32x32x8f16(a, b, acc, 0, 0, 0);
 #else
   return acc;
