@@ -404,3 +404,18 @@ def test_second_signal_exits_at_once(monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == signal.SIGINT and not exits
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_checkpoint_every_needs_a_directory():
+    """Trainer used as a library: checkpoint_every without checkpoint_dir used
+    to save nothing, silently (mixkit train defaults the directory to the run's)."""
+    from mixkit.models import Transformer
+    from mixkit.train import Trainer, TrainConfig
+
+    cfg = TrainConfig(model_name="tiny-llama", model=dict(vocab_size=64, dim=32, head_dim=16, hidden_dim=48, n_layers=1),
+                      max_steps=2, warmup_steps=1, precision="fp32", checkpoint_every=1)
+    trainer = Trainer(Transformer(cfg.model_args()).init_weights(0), cfg, data=iter([]))
+    with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
+        trainer.fit()
+    with pytest.raises(ConfigError, match="keep_last"):
+        TrainConfig(keep_last=-1)
