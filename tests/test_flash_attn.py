@@ -335,6 +335,94 @@ def test_cpu_speed_is_fit_for_ci():
     assert time.perf_counter() - t0 < 10.0
 
 
+def _cpu_isas(monkeypatch):
+    """The instruction sets the CPU backend can run here (MIXKIT_CPU_ISA)."""
+    x = torch.zeros(1, 1, 1, 16)
+    found = []
+    for isa in ("base", "avx2", "avx512"):
+        monkeypatch.setenv("MIXKIT_CPU_ISA", isa)
+        try:
+            ops.flash_attn(x, x, x)
+            found.append(isa)
+        except ValueError as exc:
+            assert "cannot run it" in str(exc)
+    monkeypatch.delenv("MIXKIT_CPU_ISA")
+    return found
+
+
+# Packed documents with GQA: few (sequence, KV head) pairs, where the backward
+# gives each query head its own task and sums dK/dV partials, and many, where
+# one task takes a KV head's whole group; head dims 40 (padded to 48) and 64.
+ISA_CASES = [([63, 1, 130, 65], 6, 2, 40, 50), ([23, 64, 9, 40] * 5, 6, 2, 64, None), ([90] * 8, 4, 4, 16, 30)]
+
+
+def test_every_cpu_instruction_set_matches_reference(monkeypatch):
+    """The tile code is compiled once per instruction set (AVX-512, AVX2 +
+    FMA, baseline); each one this CPU has is held to the reference, as is the
+    choice of backward task layout."""
+    isas = _cpu_isas(monkeypatch)
+    assert isas[0] == "base"
+    with pytest.raises(ValueError, match="MIXKIT_CPU_ISA must be"):
+        monkeypatch.setenv("MIXKIT_CPU_ISA", "sse9")
+        ops.flash_attn(*(torch.zeros(1, 1, 1, 16),) * 3)
+    for lens, h, hkv, d, w in ISA_CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(len(lens))
+            q = _randn((sum(lens), h, d), dtype, "cpu", g)
+            k = _randn((sum(lens), hkv, d), dtype, "cpu", g)
+            v = _randn((sum(lens), hkv, d), dtype, "cpu", g)
+            dout = _randn(q.shape, dtype, "cpu", g)
+            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+            ref = {}
+            for name, rdtype in (("64", torch.float64), ("lowp", dtype)):
+                rl = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+                o, _ = varlen_ref(*rl, cu, cu, window=w, dtype=rdtype)
+                o.backward(dout.to(rdtype))
+                ref[name] = (o, *(t.grad for t in rl))
+            for isa in isas:
+                monkeypatch.setenv("MIXKIT_CPU_ISA", isa)
+                leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+                out = ops.flash_attn_varlen(*leaves, cu, cu, max(lens), max(lens), window=w)
+                out.backward(dout)
+                where = f"{isa} {dtype} lens={lens[:4]} h={h}/{hkv} d={d}"
+                assert_fa_rule(f"out {where}", out, ref["64"][0], ref["lowp"][0], 2)
+                for i, name in enumerate(("dq", "dk", "dv")):
+                    assert_fa_rule(f"{name} {where}", leaves[i].grad, ref["64"][1 + i], ref["lowp"][1 + i], 3)
+
+
+_THREADS_SCRIPT = """
+import hashlib, torch, mixkit.ops as ops
+g = torch.Generator().manual_seed(0)
+digest = hashlib.sha256()
+for lens, h, hkv, d, w in {cases}:
+    q = torch.randn(sum(lens), h, d, generator=g, requires_grad=True)
+    k = torch.randn(sum(lens), hkv, d, generator=g, requires_grad=True)
+    v = torch.randn(sum(lens), hkv, d, generator=g, requires_grad=True)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    out = ops.flash_attn_varlen(q, k, v, cu, cu, max(lens), max(lens), window=w)
+    out.backward(torch.randn(out.shape, generator=g))
+    for t in (out, q.grad, k.grad, v.grad):
+        digest.update(t.detach().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_cpu_backward_is_bitwise_the_same_for_any_thread_count():
+    """The CPU backward owns every output row in one task (no atomics, no
+    thread-dependent split), so OpenMP's thread count cannot change a bit."""
+    import os
+    import subprocess
+    import sys
+    script = _THREADS_SCRIPT.format(cases=ISA_CASES)
+    digests = set()
+    for threads in (1, 3):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        digests.add(run.stdout.strip())
+    assert len(digests) == 1
+
+
 # ---- torch.library, torch.compile, CUDA graphs ------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
