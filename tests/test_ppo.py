@@ -30,6 +30,16 @@ TINY = TrainConfig(model_name="tiny-llama", model=dict(vocab_size=258, dim=64, h
                                                         max_seq_len=64)).model_args()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is as fast as two, and far faster when other
+    # processes share the cores (see ppo.demo).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny(seed: int = 0) -> Transformer:
     return Transformer(TINY).init_weights(seed, std=0.1)
 
@@ -288,6 +298,7 @@ def test_fsdp2_ppo_matches_one_process(tmp_path):
     result = json.loads(out.read_text())
     trainer = _trainer(_fsdp_config())
     history = trainer.fit(_prompts())
+    assert len(result["history"]) == len(history) == 2
     for got, ref in zip(result["history"], history):
         for k in ("reward", "kl", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len"):
             assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
@@ -316,7 +327,7 @@ def _fsdp_worker(out_path: str):
 def test_demo_reward_rises(capsys):
     from mixkit.train.ppo import demo
 
-    result = demo(iterations=12, pretrain_steps=60, quiet=True)
+    result = demo(quiet=True)  # the defaults: what `mixkit ppo --demo` runs
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line == (f"ppo demo: reward {result['reward_before']:.3f} -> {result['reward_after']:.3f}, "
                     f"kl {result['kl']:.3f}")
