@@ -397,7 +397,7 @@ def test_second_signal_exits_at_once(monkeypatch):
         assert stop.requested == signal.SIGTERM and not exits
         os.kill(os.getpid(), signal.SIGINT)
         assert exits == [128 + signal.SIGINT]
-    # under torchrun a repeat within a second is Ctrl-C arriving twice (terminal and launcher)
+    # under torchrun a repeat within a second is one request arriving twice (from the scheduler and torchrun)
     exits.clear()
     with GracefulStop(under_torchrun=True) as stop:
         os.kill(os.getpid(), signal.SIGINT)

@@ -6,9 +6,11 @@ EXIT_INTERRUPTED. A second signal exits at once, without saving.
 Under torchrun every rank checks, after each step, whether any rank has been
 signalled (one all-reduce of a small integer), so all ranks stop after the
 same step and enter the checkpoint's collectives together, even when the
-signal reached only one of them. Ctrl-C in a terminal reaches each rank
-twice (from the terminal and forwarded by torchrun), so under torchrun a
-repeat within DUPLICATE_WINDOW_S of the first counts as the same request.
+signal reached only one of them. torchrun passes the signals it gets on to
+its ranks (each in its own session), and a scheduler such as SLURM signals
+every process of the job as well, so a rank can get one request twice: under
+torchrun, the same signal again within DUPLICATE_WINDOW_S of the first
+counts as the same request.
 """
 from __future__ import annotations
 
