@@ -26,7 +26,7 @@ _GQA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim
 TP_ARGS = {
     "mistral": CONFIGS["tiny-mistral"].replace(**_GQA),  # window 16
     "mixtral": CONFIGS["tiny-mixtral"].replace(**_GQA, moe_num_experts=4),
-    "llama": CONFIGS["tiny-llama"].replace(**{**_GQA, "n_heads": 6}),
+    "llama": CONFIGS["tiny-llama"].replace(**{**_GQA, "n_heads": 6, "dim": 96}),
     "olmo": CONFIGS["tiny-olmo"].replace(**_GQA),  # non-parametric LayerNorm, clip_qkv, tied embeddings
 }
 PROMPTS = [[int(t) for t in torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n))]

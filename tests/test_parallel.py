@@ -4,7 +4,10 @@ One torchrun launch (tests/parallel_worker.py) runs every two-rank check
 and saves what it saw; the tests here compare it with the same models run in
 this process.
 
-Tolerances. Tensor parallelism changes only the order of float32 sums: wo
+Tolerances. The tensor-parallel logits meet the FlashAttention rule against
+transformers in float64 on the same weights (error at most twice the
+one-process float32 error, plus 1e-5), and sit close to the one-process
+float32 logits: tensor parallelism changes only the order of float32 sums: wo
 and w2 (and the MoE's w2) become two partial sums plus an all-reduce, and
 each all-reduce adds one rounding per element. Logits of about unit size
 then differ by a few float32 ulps through two layers: measured at most
@@ -90,12 +93,22 @@ def run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(worker.TP_ARGS))
-def test_tensor_parallel_logits_and_greedy_tokens(run, name):
+def test_tensor_parallel_logits_and_greedy_tokens(run, name, tmp_path):
+    import transformers
+
     got = run["tp"][name]
     model = worker.tp_model(name)
     with torch.no_grad():
         want = model(worker.tp_tokens())
     torch.testing.assert_close(got["logits"], want, atol=5e-5, rtol=0)
+    # The FlashAttention rule against transformers in float64 on the same weights:
+    # TP's error at most twice the one-process float32 error, plus 1e-5.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(save(model, tmp_path), experts_implementation="eager")
+    hf = hf.double().eval()  # eager experts: the grouped_mm path takes no float64
+    with torch.no_grad():
+        ref64 = hf(worker.tp_tokens()).logits
+    bound = 2 * (want.double() - ref64).abs().max().item() + 1e-5
+    assert (got["logits"].double() - ref64).abs().max().item() <= bound
     assert got["tokens"] == generate(model, worker.PROMPTS, worker.NEW_TOKENS)
     args = worker.TP_ARGS[name]
     assert got["cache_heads"] == args.n_kv_heads // 2  # each rank caches only its own KV heads
