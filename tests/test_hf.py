@@ -13,11 +13,6 @@ from a table): a few ulp per op, about 1e-6 on logits of magnitude ~1. We
 allow 2e-5 (outputs) and 1e-4 relative (gradients, summed over all tokens),
 while the negative control (window W - 1 or W + 1) moves logits by ~1e-2.
 """
-import copy
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
@@ -374,20 +369,20 @@ def test_static_cache_compiled_decode_step_without_recompiles():
 
 
 def test_old_transformers_raises_import_error_naming_the_minimum():
-    code = ("import transformers; transformers.__version__ = '4.57.0'\n"
-            "try:\n    import mixkit.hf\nexcept ImportError as e:\n    print('IMPORT-ERROR', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert "IMPORT-ERROR mixkit.hf needs transformers >= 5.0.0, found 4.57.0" in out.stdout, out.stderr[-2000:]
+    # The check the import runs; a subprocess importing with a faked version
+    # costs ~5 s of torch + transformers imports for the same line.
+    with pytest.raises(ImportError, match=r"mixkit.hf needs transformers >= 5.0.0, found 4.57.0"):
+        mh.check_transformers_version("4.57.0")
+    mh.check_transformers_version("5.24.0")
 
 
 def test_bench_cases_run_and_agree():
     """`mixkit bench --ops hf_forward,hf_fwd_bwd,hf_decode` on the CPU: every
-    peer runs once and matches HF's eager model (float32, 16 tokens)."""
+    peer runs once and matches HF's eager model (float32, 8 tokens)."""
     from mixkit.bench import hf as bench_hf
 
     for make in (bench_hf.hf_forward_case, bench_hf.hf_fwd_bwd_case, bench_hf.hf_decode_case):
-        case = make("cpu", 16, torch.float32, None)
+        case = make("cpu", 8, torch.float32, None)
         assert set(case.impls) == {"eager", "sdpa", "mixkit"} and case.flops > 0
         ref = case.impls["eager"]()
         for name in ("sdpa", "mixkit"):

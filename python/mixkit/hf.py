@@ -49,8 +49,16 @@ from packaging.version import Version
 from . import ops
 
 MIN_TRANSFORMERS = "5.0.0"
-if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
-    raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}")
+
+
+def check_transformers_version(version: str) -> None:
+    """ImportError naming the minimum for a transformers older than 5.0 (the
+    attention/mask interfaces and cache layers this module relies on)."""
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS}, found {version}")
+
+
+check_transformers_version(transformers.__version__)
 
 from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
