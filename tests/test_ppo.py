@@ -229,6 +229,15 @@ def test_ppo_iteration_and_exact_resume(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_bf16_compute_keeps_float32_master_weights():
+    trainer = PPOTrainer(_tiny(), digit_fraction, _config(precision="bf16", iterations=1))
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    (m,) = trainer.fit(_prompts())
+    assert all(math.isfinite(m[k]) for k in ("reward", "kl", "policy_loss", "value_loss", "entropy"))
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.policy.parameters()))
+
+
 def test_bad_input():
     with pytest.raises(ConfigError, match="multiple"):
         PPOConfig(batch_size=10, mini_batch_size=4)

@@ -337,6 +337,8 @@ class PPOTrainer:
         self.device = next(self.policy_module.parameters()).device
         self.policy_optim = build_optimizer(self.policy_module, cfg.optimizer_config())
         self.value_optim = build_optimizer(self.value_module, cfg.optimizer_config(value=True))
+        self.policy_params = [p for p in self.policy_module.parameters() if p.requires_grad]
+        self.value_params = [p for p in self.value_module.parameters() if p.requires_grad]
         self.iteration = 0
 
     # ---- helpers ------------------------------------------------------------------------------------------------
@@ -425,9 +427,10 @@ class PPOTrainer:
 
     # ---- optimisation -------------------------------------------------------------------------------------
 
-    def _step(self, module: nn.Module, optimizer, loss: torch.Tensor) -> float:
+    def _step(self, params: list[torch.Tensor], optimizer, loss: torch.Tensor) -> float:
+        """Backward, clip the global gradient norm, step. params: the float32
+        master parameters (inside a bf16 cast context the modules show casts)."""
         loss.backward()
-        params = [p for p in module.parameters() if p.grad is not None]
         norm = _global_norm(params)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm, foreach=True)
@@ -460,11 +463,11 @@ class PPOTrainer:
                 with self._compute(self.policy_module):
                     logp, _ = self.policy_module(tokens, idx, mask)
                     pl, clipped = ppo_policy_loss(logp, ro.old_logp[rows], ro.advantages[rows], mask, cfg.clip)
-                    self._step(self.policy_module, self.policy_optim, pl * scale)
+                    self._step(self.policy_params, self.policy_optim, pl * scale)
                 with self._compute(self.value_module):
                     v = self.value_module(tokens).gather(1, idx)
                     vl = ppo_value_loss(v, ro.values[rows], ro.returns[rows], mask, cfg.value_clip)
-                    self._step(self.value_module, self.value_optim, vl * scale)
+                    self._step(self.value_params, self.value_optim, vl * scale)
                 step = torch.stack([pl.detach().double(), vl.detach().double(), clipped.double()])
                 step = self._all_reduce(step)
                 sums += torch.cat([step[:2] / n_tok, step[2:], n_tok[None]])
