@@ -301,6 +301,19 @@ def test_fallbacks_are_reported_and_strict_raises():
         model(ids)  # supported calls still run
     with pytest.raises(TypeError, match="supports"):
         mh.patch(torch.nn.Linear(2, 2))
+    # Attention dropout in training: HF's sdpa applies it.
+    mh.unpatch(model)
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    mh.patch(model)
+    mh.reset_counters()
+    model.train()
+    model(ids)
+    assert mh.counters["fallback: attention dropout in training"] == 2
+    model.eval()
+    model(ids)
+    assert mh.counters["flash_attn"] == 2
 
 
 def test_rope_scaling_is_left_alone():

@@ -109,6 +109,8 @@ class MixkitMask:
     ndim = 4
 
     def __init__(self, starts, end, kv_length, q_length, no_past, hf_args, fallback=None):
+        # no_past: no cache entries before these queries and no 2D mask given,
+        # the only case in which HF reads packed rows from position_ids.
         self.starts = starts
         self.end = end
         self.kv_length = kv_length
@@ -142,7 +144,7 @@ def mixkit_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     # Keys that exist: the causal horizon of the last query. An int except for
     # HF's StaticCache, whose offset is a device tensor (no host sync here).
     end = q_offset + q_length - kv_offset
-    no_past = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+    no_past = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0 and attention_mask is None
     fallback = "custom mask function (or_mask/and_mask)" if use_vmap else None
     starts = None
     if attention_mask is not None and fallback is None:
