@@ -12,7 +12,7 @@ model proto), so mixkit.data can hand them to spawned worker processes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 class Tokenizer:
@@ -52,6 +52,17 @@ class ByteTokenizer(Tokenizer):
     def __repr__(self) -> str:
         return "ByteTokenizer()"
 
+    def save(self, directory: str | Path) -> Path:
+        """Write the same tokenizer as a Hugging Face tokenizer.json (byte-level,
+        no merges: id i is byte i, <s> = 256, </s> = 257) with its
+        tokenizer_config.json, so that a model directory carries it and
+        `load_tokenizer` and `transformers` read it."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.json").write_text(_byte_level_json())
+        _write_tokenizer_config(d, self)
+        return d
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`, read with the `tokenizers` package.
@@ -62,13 +73,19 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str | Path | None = None, *, json: str | None = None,
-                 bos: str | None = None, eos: str | None = None, pad: str | None = None):
+                 bos: str | None = None, eos: str | None = None, pad: str | None = None,
+                 split_special_tokens: bool = False):
         from tokenizers import Tokenizer as _Tok
 
         if (path is None) == (json is None):
             raise ValueError("HFTokenizer: pass exactly one of path and json")
         self.path = Path(path) if path is not None else None
         self._tok = _Tok.from_file(str(path)) if path is not None else _Tok.from_str(json)
+        # split_special_tokens (transformers' tokenizer_config.json key of the
+        # same name): text spelling "<s>" encodes as its characters, never as
+        # BOS, so every text round-trips (source code does contain "</s>").
+        self._tok.encode_special_tokens = split_special_tokens
+        self.split_special_tokens = split_special_tokens
         self._names = (bos, eos, pad)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._find(bos, ("<s>", "<|begin_of_text|>", "<|endoftext|>"))
@@ -94,12 +111,22 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def __getstate__(self):
-        return {"json": self._tok.to_str(), "names": self._names, "path": self.path}
+        return {"json": self._tok.to_str(), "names": self._names, "path": self.path,
+                "split_special_tokens": self.split_special_tokens}
 
     def __setstate__(self, state):
         bos, eos, pad = state["names"]
-        self.__init__(json=state["json"], bos=bos, eos=eos, pad=pad)
+        self.__init__(json=state["json"], bos=bos, eos=eos, pad=pad,
+                      split_special_tokens=state.get("split_special_tokens", False))
         self.path = state["path"]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.json and tokenizer_config.json into directory."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.json").write_text(self._tok.to_str(pretty=True))
+        _write_tokenizer_config(d, self)
+        return d
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -141,9 +168,94 @@ class SentencePieceTokenizer(Tokenizer):
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
+def _byte_level_json() -> str:
+    """ByteTokenizer as a Hugging Face tokenizer.json: the ByteLevel
+    pre-tokenizer maps each byte to one printable character (GPT-2's table),
+    a merge-free BPE maps that character to the byte's value."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    table = _bytes_to_unicode()
+    tok = _Tok(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    return tok.to_str(pretty=True)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what tokenizers' ByteLevel uses):
+    printable Latin-1 bytes map to themselves, the rest to U+0100 onwards."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _write_tokenizer_config(d: Path, tok: Tokenizer) -> None:
+    """tokenizer_config.json as transformers reads it (PreTrainedTokenizerFast)."""
+    import json
+
+    names = {}
+    if isinstance(tok, HFTokenizer):
+        for key, tid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)):
+            if tid is not None:
+                names[key] = tok._tok.id_to_token(tid)
+        split = tok.split_special_tokens
+    else:
+        names, split = {"bos_token": "<s>", "eos_token": "</s>"}, True
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "split_special_tokens": split,
+           "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> HFTokenizer:
+    """A byte-level BPE (GPT-2's pre-tokenizer, Hugging Face `tokenizers`)
+    trained on texts: vocab_size ids in all, <s> = 0 and </s> = 1 first, then
+    the 256 bytes, then merges. Lossless: every str round-trips (special-token
+    spellings in the text stay text)."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 258:
+        raise ValueError(f"train_bpe: vocab_size must be >= 258 (two specials and 256 bytes), got {vocab_size}")
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.encode_special_tokens = True
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(json=tok.to_str(), split_special_tokens=True)
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
+    """Write tok into a model directory (tokenizer.json + tokenizer_config.json;
+    SentencePiece: tokenizer.model), for `load_tokenizer` and transformers."""
+    if isinstance(tok, (ByteTokenizer, HFTokenizer)):
+        return tok.save(directory)
+    if isinstance(tok, SentencePieceTokenizer):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.model").write_bytes(tok._sp.serialized_model_proto())
+        return d
+    raise TypeError(f"save_tokenizer: cannot save {tok!r}")
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint directory: tokenizer.json (preferred, it
-    is what `transformers` uses) or else SentencePiece's tokenizer.model."""
+    is what `transformers` uses) or else SentencePiece's tokenizer.model.
+    tokenizer_config.json's split_special_tokens is honoured."""
+    import json
+
     d = Path(directory)
     if d.is_file():
         d, names = d.parent, [d.name]
@@ -151,7 +263,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         names = ["tokenizer.json", "tokenizer.model"]
     for name in names:
         if name == "tokenizer.json" and (d / name).is_file():
-            return HFTokenizer(d / name)
+            cfg_path = d / "tokenizer_config.json"
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+            return HFTokenizer(d / name, split_special_tokens=bool(cfg.get("split_special_tokens", False)))
         if name == "tokenizer.model" and (d / name).is_file():
             return SentencePieceTokenizer(d / name)
     raise FileNotFoundError(f"load_tokenizer: {directory} has no tokenizer.json or tokenizer.model")

@@ -59,7 +59,7 @@ class MixtureLoader:
     def __init__(self, components: list[Component], seq_len: int, batch_size: int = 1, *, seed: int = 0,
                  bos_id: int | None = None, eos_id: int | None = None, add_bos: bool = True, add_eos: bool = True,
                  long_documents: str = "split", shuffle: bool = True, pad_id: int | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, shuffle_sequences: bool = False):
         if not components:
             raise ValueError("MixtureLoader: no components")
         names = [c.name for c in components]
@@ -76,7 +76,8 @@ class MixtureLoader:
         pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
         self.streams = [PackedStream(c.documents, seq_len, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
                                      add_eos=add_eos, long_documents=long_documents, shuffle=shuffle, seed=seed,
-                                     stream_id=i, pad_id=pad) for i, c in enumerate(components)]
+                                     stream_id=i, pad_id=pad, shuffle_sequences=shuffle_sequences)
+                        for i, c in enumerate(components)]
         self.step = 0
         self._counts = [np.zeros(len(components), dtype=np.int64)]  # draws of each component before block b
         self._last_block: tuple[int, np.ndarray | None] = (-1, None)

@@ -15,7 +15,12 @@ so no loss crosses a boundary; a padding segment is all -100. With a loss
 mask (SFT), labels[t] is also -100 where token t + 1 is not a target.
 
 A stream packs one Documents epoch after epoch, each epoch in its own
-permutation drawn from (seed, stream id, epoch). The plan of an epoch is
+permutation drawn from (seed, stream id, epoch). With shuffle_sequences the
+packed sequences of an epoch are then read in a permutation of their own, so
+consecutive sequences (one batch) come from different places in the corpus
+rather than from consecutive pieces of one long document: a long file unlike
+the rest (the stdlib's base64 test data) then fills one row of a batch, not
+the whole batch for dozens of steps. The plan of an epoch is
 computed once, in one pass over its documents' lengths, and cached; sequence k
 is then a direct look-up, so resuming at any k costs no replay of the tokens.
 """
@@ -42,6 +47,7 @@ class _EpochPlan:
     piece_start: np.ndarray  # offset of the piece in the document with BOS/EOS
     piece_len: np.ndarray
     seq_first: np.ndarray  # (n_seqs + 1,) first piece of each sequence
+    seq_order: np.ndarray | None = None  # read order of the sequences (shuffle_sequences)
 
     @property
     def n_sequences(self) -> int:
@@ -55,7 +61,8 @@ class PackedStream:
 
     def __init__(self, docs: Documents, seq_len: int, *, bos_id: int | None, eos_id: int | None,
                  add_bos: bool = True, add_eos: bool = True, long_documents: str = "split",
-                 shuffle: bool = True, seed: int = 0, stream_id: int = 0, pad_id: int = 0):
+                 shuffle: bool = True, seed: int = 0, stream_id: int = 0, pad_id: int = 0,
+                 shuffle_sequences: bool = False):
         if seq_len < 2:
             raise ValueError(f"PackedStream: seq_len must be >= 2, got {seq_len}")
         if long_documents not in LONG_DOCUMENTS:
@@ -70,6 +77,7 @@ class PackedStream:
         self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
         self.long_documents, self.shuffle, self.seed, self.stream_id = long_documents, shuffle, seed, stream_id
         self.pad_id = pad_id
+        self.shuffle_sequences = shuffle_sequences
         self.eff_lengths = docs.lengths + int(add_bos) + int(add_eos)
         if (self.eff_lengths == 0).any():
             raise ValueError(f"{docs.name}: empty documents and neither BOS nor EOS to add")
@@ -108,6 +116,9 @@ class PackedStream:
             used += length
         seq_first.append(len(piece_len))
         plan = _EpochPlan(order, piece_doc, piece_start, piece_len, np.asarray(seq_first, dtype=np.int64))
+        if self.shuffle_sequences:
+            plan.seq_order = np.random.default_rng([self.seed, self.stream_id, epoch, 1]).permutation(
+                plan.n_sequences)
         # Keep the last two epochs' plans (each is O(n_docs)): enough for a
         # stream read in order across an epoch boundary.
         self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
@@ -148,6 +159,8 @@ class PackedStream:
     def sequence(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         e, i = self._locate(k)
         plan = self._plan(e)
+        if plan.seq_order is not None:
+            i = int(plan.seq_order[i])
         tokens = np.full(self.seq_len, self.pad_id, dtype=np.int64)
         labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         cu = [0]

@@ -54,6 +54,13 @@ class TrainConfig:
     moe_aux_loss_coef: float = 0.02  # Mixtral / HF router_aux_loss_coef; 0 disables
     loss_chunk_size: int = 4096  # tokens per chunk of the cross-entropy
 
+    # Loss spikes (train/spikes.py): after warmup, a step whose loss exceeds
+    # spike_factor x the median of the previous spike_window steps is logged
+    # as a warning; skip_spikes also drops its update. 0 disables the check.
+    spike_factor: float = 1.3
+    spike_window: int = 20
+    skip_spikes: bool = False
+
     seed: int = 0
     eval_every: int = 0  # steps; 0: never
     log_every: int = 1
@@ -82,6 +89,9 @@ class TrainConfig:
             raise ConfigError("TrainConfig: keep_last and checkpoint_every must be >= 0")
         if isinstance(self.ep, bool) or not isinstance(self.ep, int) or self.ep < 1:
             raise ConfigError(f"TrainConfig: ep must be an integer >= 1, got {self.ep!r}")
+        if self.spike_factor and (self.spike_factor <= 1.0 or self.spike_window < 1):
+            raise ConfigError(f"TrainConfig: spike_factor must be > 1 (or 0: off) and spike_window >= 1, got "
+                              f"{self.spike_factor}, {self.spike_window}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"TrainConfig: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         self.betas = tuple(self.betas)

@@ -10,7 +10,8 @@ A run file is TrainConfig's TOML (train/config.py) plus a `[data]` table:
     [model]
     vocab_size = 258            # the byte tokenizer's 256 bytes + BOS + EOS
     [data]
-    tokenizer = "byte"          # or a directory with tokenizer.json / tokenizer.model
+    tokenizer = "byte"          # or a directory with tokenizer.json / tokenizer.model,
+                                # or {train_bpe = 2048}: a byte-level BPE trained on the training files
     seq_len = 256
     batch_size = 8
     out_dir = "runs/example"
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -42,11 +42,12 @@ from typing import Any, Sequence
 import torch
 
 from .config import ConfigError, TrainConfig, config_from_dict, tomllib
+from .run_tokenizer import save_model_tokenizer
 
 
 @dataclass
 class DataConfig:
-    tokenizer: str = "byte"
+    tokenizer: Any = "byte"  # "byte", a tokenizer directory or {train_bpe = N} (train/run_tokenizer.py)
     seq_len: int = 256
     batch_size: int = 8
     out_dir: str = "runs/train"
@@ -56,8 +57,12 @@ class DataConfig:
     heldout: dict[str, list[str]] = dc_field(default_factory=dict)
     eval_seq_len: int | None = None
     stdlib_bytes: int = 2_000_000
+    shuffle_sequences: bool = False  # batches of packed sequences from all over an epoch (data/packing.py)
 
     def __post_init__(self):
+        from .run_tokenizer import check_tokenizer_spec
+
+        check_tokenizer_spec(self.tokenizer)
         if self.seq_len < 2 or self.batch_size < 1:
             raise ConfigError("data: seq_len must be >= 2 and batch_size >= 1")
         if not self.components:
@@ -130,14 +135,16 @@ class RunLog:
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
-    def close(self) -> Path | None:
+    def close(self, levels: dict[str, float] | None = None) -> Path | None:
         self.bar.close()
         self.file.close()
-        return plot_losses(self.history, self.run_dir / "loss.png")
+        return plot_losses(self.history, self.run_dir / "loss.png", levels)
 
 
-def plot_losses(history: list[dict], path: Path) -> Path | None:
-    """Loss (and held-out loss, where evaluated) against step; None without matplotlib."""
+def plot_losses(history: list[dict], path: Path, levels: dict[str, float] | None = None) -> Path | None:
+    """Loss (and held-out loss, where evaluated) against step; None without
+    matplotlib. levels: {label: loss} drawn as horizontal lines (the
+    quickstart's gzip level, in the held-out loss's nats per token)."""
     try:
         import matplotlib
 
@@ -151,6 +158,8 @@ def plot_losses(history: list[dict], path: Path) -> Path | None:
     evals = [(r["step"], r[k]) for r in history for k in r if k.endswith("/loss")]
     if evals:
         ax.plot(*zip(*evals), "o", label="held-out loss")
+    for (label, value), style in zip((levels or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, linestyle=style, color="gray", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.legend()
@@ -211,7 +220,7 @@ def train(config: str | None, overrides: Sequence[str] = (), device: str | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(tcfg),
                                                      "data": dataclasses.asdict(dcfg)}, indent=2, default=str))
-    tok = _tokenizer(dcfg.tokenizer)
+    tok = _run_tokenizer(dcfg, run_dir, write=rank == 0)
     args = tcfg.model_args()
     if tok.vocab_size > args.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model vocab_size is {args.vocab_size}; "
@@ -225,7 +234,8 @@ def train(config: str | None, overrides: Sequence[str] = (), device: str | None 
                                   progress=not quiet)
         components.append(Component(name, docs, weight=comp.get("weight"), epochs=comp.get("epochs")))
     loader = MixtureLoader(components, dcfg.seq_len, dcfg.batch_size, seed=tcfg.seed, bos_id=tok.bos_id,
-                           eos_id=tok.eos_id, rank=rank, world_size=world)
+                           eos_id=tok.eos_id, rank=rank, world_size=world,
+                           shuffle_sequences=dcfg.shuffle_sequences)
     heldout = {name: [t for p in paths for t in _read(p, dcfg.field)] for name, paths in dcfg.heldout.items()}
     for name, comp in dcfg.components.items():
         if comp.get("stdlib") and name not in heldout:
@@ -260,8 +270,41 @@ def train(config: str | None, overrides: Sequence[str] = (), device: str | None 
         full = models.Transformer(args)
         full.load_state_dict(weights)
         models.save(full, run_dir / "model")
+        save_model_tokenizer(tok, run_dir / "model")
         print(f"wrote {run_dir / 'log.jsonl'}, {run_dir / 'model'}" + (f", {plot}" if plot else ""))
     return 0
+
+
+def _run_tokenizer(dcfg: DataConfig, run_dir: Path, write: bool = True):
+    """The run's tokenizer. A trained BPE is kept in run_dir/tokenizer with
+    the settings it came from, so that a resumed run (or another rank) uses
+    the very same vocabulary; it is trained again only when they change."""
+    from ..tokenizer import load_tokenizer, save_tokenizer
+    from .run_tokenizer import build_tokenizer
+
+    spec = dcfg.tokenizer
+    if isinstance(spec, str):
+        return build_tokenizer(spec, lambda: ())
+    made_from = {"tokenizer": spec, "components": dcfg.components, "field": dcfg.field,
+                 "stdlib_bytes": dcfg.stdlib_bytes}
+    cache = run_dir / "tokenizer"
+    stamp = cache / "trained_from.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(made_from)):
+        return load_tokenizer(cache)
+
+    def training_texts():  # training documents only: never [data.heldout] or the stdlib's held-out split
+        for name, comp in dcfg.components.items():
+            if comp.get("stdlib"):
+                yield from _component_texts(name, comp, dcfg, "train")
+            else:
+                for p in comp["paths"]:
+                    yield from _read(p, dcfg.field)
+
+    tok = build_tokenizer(spec, training_texts)
+    if write:
+        save_tokenizer(tok, cache)
+        stamp.write_text(json.dumps(made_from, indent=2) + "\n")
+    return tok
 
 
 def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -309,80 +352,15 @@ def evaluate_files(model_dir: str, data: Sequence[str], tokenizer: str | None = 
 
 # ---- mixkit quickstart ------------------------------------------------------------------
 
-QUICKSTART_MODEL = dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, hidden_dim=512, vocab_size=258,
-                        sliding_window=128, max_seq_len=1024)
+def quickstart(*args, **kwargs) -> dict:
+    """`mixkit quickstart` (train/quickstart.py)."""
+    from .quickstart import quickstart as run_quickstart
+
+    return run_quickstart(*args, **kwargs)
 
 
-def _capped(texts: list[str], max_bytes: int) -> list[str]:
-    """Whole documents up to max_bytes of UTF-8 (at least part of the first)."""
-    out, total = [], 0
-    for t in texts:
-        n = len(t.encode("utf-8"))
-        if total + n > max_bytes:
-            if not out:
-                out.append(t.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
-            break
-        out.append(t)
-        total += n
-    return out
+def quickstart_config(device: str = "cpu") -> tuple[TrainConfig, DataConfig]:
+    """The quickstart's model, batch and schedule (train/quickstart.py)."""
+    from .quickstart import quickstart_config as config
 
-
-def quickstart(steps: int | None = None, device: str | None = None, out_dir: str = "runs/quickstart",
-               train_bytes: int = 3_000_000, heldout_bytes: int = 48_000, seed: int = 0, quiet: bool = False) -> dict:
-    """Train a tiny Mistral-style model (sliding window 128, GQA 6/2) on the
-    Python standard library's sources with a byte-level tokenizer; print the
-    held-out bits per byte before and after and a generated sample. No
-    download: the corpus is this machine's stdlib (like The Pile's GitHub
-    component). A few minutes on 2 CPU cores; seconds on a GPU."""
-    from .. import models
-    from ..data import Component, MixtureLoader, stdlib_documents, tokenize_texts
-    from ..tokenizer import ByteTokenizer
-    from .trainer import Trainer
-
-    dev = _device(device)
-    steps = steps or (400 if dev.type == "cpu" else 2000)
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "log.jsonl").unlink(missing_ok=True)  # a fresh run, not a resume
-    tok = ByteTokenizer()
-    t0 = time.time()
-    train_texts = [d.text for d in stdlib_documents("train", max_bytes=train_bytes)]
-    heldout = {"stdlib": _capped([d.text for d in stdlib_documents("heldout", max_bytes=None)], heldout_bytes)}
-    docs = tokenize_texts(train_texts, tok, name="stdlib")
-    print(f"corpus: {len(train_texts)} stdlib files, {docs.n_tokens:,} training tokens; held out: "
-          f"{len(heldout['stdlib'])} files ({sum(len(t.encode()) for t in heldout['stdlib']):,} bytes)")
-
-    seq_len, batch = 256, 8
-    tcfg = TrainConfig(model_name="tiny-mistral", model=QUICKSTART_MODEL, lr=3e-3, warmup_steps=max(1, steps // 10),
-                       max_steps=steps, weight_decay=0.1, precision="bf16" if dev.type == "cuda" else "fp32",
-                       seed=seed, eval_every=max(1, steps // 3), loss_chunk_size=2048)
-    torch.manual_seed(seed)
-    model = models.Transformer(tcfg.model_args()).init_weights(seed).to(dev)
-    n_params = sum(p.numel() for p in model.parameters())
-    loader = MixtureLoader([Component("stdlib", docs, weight=1.0)], seq_len, batch, seed=seed, bos_id=tok.bos_id,
-                           eos_id=tok.eos_id)
-    eval_fn = make_eval_fn(tok, heldout, seq_len)
-    trainer = Trainer(model, tcfg, data=loader, eval_fn=eval_fn)
-    print(f"model: {n_params / 1e6:.2f}M parameters, window {QUICKSTART_MODEL['sliding_window']}, "
-          f"GQA {QUICKSTART_MODEL['n_heads']}/{QUICKSTART_MODEL['n_kv_heads']}, on {dev}")
-    before = eval_fn(trainer)["stdlib/bpb"]
-    print(f"held-out bits per byte before training: {before:.3f}")
-    trainer.log_fn = log = RunLog(run_dir, steps, quiet)
-    trainer.fit()
-    plot = log.close()
-    after = eval_fn(trainer)["stdlib/bpb"]
-    print(f"held-out bits per byte after {steps} steps: {after:.3f}  (8 bits = no compression)")
-
-    prompt = "def "
-    with trainer._compute_dtype_context():
-        new = models.generate(model.eval(), tok.encode(prompt), 120, temperature=0.7, top_k=20, seed=seed)[0]
-    print("sample:\n" + prompt + tok.decode(new))
-    models.save(model, run_dir / "model")
-    summary = {"steps": steps, "params": n_params, "bpb_before": before, "bpb_after": after,
-               "seconds": time.time() - t0, "device": str(dev)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {run_dir}/log.jsonl, summary.json, model/" + (f", {plot.name}" if plot else "") +
-          f"  ({summary['seconds']:.0f} s)")
-    if not math.isfinite(after):
-        raise RuntimeError("quickstart: the held-out loss is not finite")
-    return summary
+    return config(device)

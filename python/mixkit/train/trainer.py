@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .flops import batch_flops
 from .losses import IGNORE_INDEX, chunked_cross_entropy
 from .optim import build_optimizer, lr_at
+from .spikes import SpikeDetector
 
 log = logging.getLogger("mixkit.train")
 
@@ -182,6 +183,7 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.step = 0  # optimizer steps taken or skipped; the schedule's input
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, cfg.warmup_steps) if cfg.spike_factor else None
         self._data_iter = None
         # crash-safe step_* checkpoints (checkpoint_every, and the run's stop and end saves)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last) if cfg.checkpoint_dir else None
@@ -240,11 +242,19 @@ class Trainer:
         loss_value = ce_total / n_targets
         norm = _global_norm(self.params)
         finite = bool(torch.isfinite(loss_value) & torch.isfinite(norm) & torch.isfinite(aux_total))
-        if finite:
+        spike = self.spikes.check(self.step, float(loss_value)) if finite and self.spikes is not None else None
+        if spike is not None:  # numbered as in the log: the step this loss is reported under
+            log.warning("step %d: loss spike, %.4f against a median of %.4f over the previous %d steps%s",
+                        self.step + 1, float(loss_value), spike, cfg.spike_window,
+                        "; update skipped" if cfg.skip_spikes else "")
+        applied = finite and not (spike is not None and cfg.skip_spikes)
+        if applied:
             if cfg.grad_clip > 0:
                 for group in _by_mesh(self.params):
                     torch.nn.utils.clip_grads_with_norm_(group, cfg.grad_clip, norm, foreach=True)
             self.optimizer.step()
+        elif finite:
+            self.skipped += 1
         else:
             self.skipped += 1
             log.warning("step %d: non-finite loss %s or gradient norm %s; step skipped (%d so far)",
@@ -253,9 +263,9 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - start  # the bool() above synchronised the device
         metrics = {"step": self.step, "loss": float(loss_value), "grad_norm": float(norm), "lr": lr,
-                   "skipped": not finite, "skipped_total": self.skipped, "tokens": int(stats[1]),
-                   "target_tokens": int(stats[0]), "step_time_s": elapsed, "tokens_per_s": float(stats[1]) / elapsed,
-                   "model_flops": float(stats[2])}
+                   "skipped": not applied, "spike": spike is not None, "skipped_total": self.skipped,
+                   "tokens": int(stats[1]), "target_tokens": int(stats[0]), "step_time_s": elapsed,
+                   "tokens_per_s": float(stats[1]) / elapsed, "model_flops": float(stats[2])}
         if self.module.moe_layers and cfg.moe_aux_loss_coef > 0:
             metrics["aux_loss"] = float(aux_total)
         if cfg.peak_flops > 0:
