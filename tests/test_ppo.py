@@ -308,6 +308,7 @@ def test_fsdp2_ppo_matches_one_process(tmp_path):
     trainer = _trainer(_fsdp_config())
     history = trainer.fit(_prompts())
     assert len(result["history"]) == len(history) == 2
+    assert result["gathers"] == result["expected_gathers"]
     for got, ref in zip(result["history"], history):
         for k in ("reward", "kl", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len"):
             assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
@@ -319,14 +320,32 @@ def test_fsdp2_ppo_matches_one_process(tmp_path):
 def _fsdp_worker(out_path: str):
     import torch.distributed as dist
 
+    from torch.distributed.tensor import DTensor
+
     dist.init_process_group("gloo")
     trainer = _trainer(_fsdp_config())
     assert trainer.fsdp and trainer.world == 2
-    history = trainer.fit(_prompts())
+    # Count explicit all-gathers: generation must gather each policy parameter
+    # once per rollout phase (not once per decoded token).
+    gathers = []
+    full_tensor = DTensor.full_tensor
+
+    def counting(self, *a, **kw):
+        if self.dim() > 0:  # not the gradient-norm scalars
+            gathers.append(1)
+        return full_tensor(self, *a, **kw)
+
+    DTensor.full_tensor = counting
+    try:
+        history = trainer.fit(_prompts())
+    finally:
+        DTensor.full_tensor = full_tensor
+    n_params = len(list(trainer.policy.parameters()))
     weights = trainer.policy_state_dict()
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump({"history": history, "weights": {k: v.tolist() for k, v in weights.items()}}, f)
+            json.dump({"history": history, "weights": {k: v.tolist() for k, v in weights.items()},
+                       "gathers": len(gathers), "expected_gathers": len(history) * n_params}, f)
     dist.destroy_process_group()
 
 
