@@ -38,19 +38,27 @@ def main(out_path: str, ckpt_dir: str):
     assert dist.get_world_size() == RANKS
     cfg = config()
     trainer = Trainer(base.make_model(cfg), cfg)
-    losses, weights = [], None
+    losses, norms, weights = [], [], None
     for step in range(STEPS):
         if step == SAVE_AT:
             trainer.save(ckpt_dir)
-        losses.append(trainer.train_step([base.packed_batch(step_docs(step, rank))])["loss"])
+        metrics = trainer.train_step([base.packed_batch(step_docs(step, rank))])
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
         if step == 0:
             weights = trainer.model_state_dict()
     local_experts = trainer.model.layers[0].feed_forward.w13.to_local().shape[0]
     resumed = Trainer(base.make_model(cfg, seed=3), cfg)
     resumed.load(ckpt_dir)
     tail = [resumed.train_step([base.packed_batch(step_docs(step, rank))])["loss"] for step in range(SAVE_AT, STEPS)]
+    # Activation checkpointing recomputes each block, its all-to-alls included, in the backward: same losses.
+    ac_cfg = cfg.replace(activation_checkpointing=True)
+    ac = Trainer(base.make_model(ac_cfg), ac_cfg)
+    ac_metrics = [ac.train_step([base.packed_batch(step_docs(step, rank))]) for step in range(2)]
     if rank == 0:
-        torch.save({"losses": losses, "weights": weights, "resumed": tail, "local_experts": local_experts}, out_path)
+        torch.save({"losses": losses, "norms": norms, "weights": weights, "resumed": tail,
+                    "local_experts": local_experts, "ac_losses": [m["loss"] for m in ac_metrics],
+                    "ac_norms": [m["grad_norm"] for m in ac_metrics]}, out_path)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -93,6 +93,7 @@ def _errors(mesh, ckpt: Path) -> dict[str, str]:
         "ep_unnamed_2d": lambda: expert_parallel(ep_model("random"), init_device_mesh("cpu", (1, 2))),
         "load_kv_heads": lambda: models.load(ckpt / "kv1", mesh=mesh),
         "train_ep3": lambda: shard_for_training(ep_model("random"), ep_model("random"), 3),
+        "save_shard": lambda: models.save(tensor_parallel(tp_model("llama"), mesh), ckpt / "never"),
     }
     out = {}
     for name, call in calls.items():

@@ -165,6 +165,7 @@ def test_bad_meshes_and_counts_raise_on_every_rank(run):
         "ep_unnamed_2d": ("'ep'",),
         "load_kv_heads": ("n_heads 2", "n_kv_heads 1"),
         "train_ep3": ("ep = 3", "number of ranks 2"),
+        "save_shard": ("only its shard",),
     }
     for rank, seen in enumerate(run["per_rank"]):
         assert set(seen["errors"]) == set(expected)

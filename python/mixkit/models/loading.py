@@ -283,6 +283,9 @@ def save(model: Transformer, path, dtype: torch.dtype | None = None) -> Path:
     their projections. dtype: default the model's."""
     from safetensors.torch import save_file
 
+    if getattr(model, "tp_mesh", None) is not None or getattr(model, "ep_mesh", None) is not None:
+        raise ValueError("save: the model is tensor- or expert-parallel and each rank holds only its shard; save "
+                         "the full model (or, in training, Trainer.model_state_dict() gathered into a Transformer)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
