@@ -411,12 +411,19 @@ class PPOTrainer:
             raise ValueError(f"PPO: the reward function must return {len(prompts)} scores in [0, 1], got {r_c}")
         self.policy_module.eval()
         self.value_module.eval()
-        with self._compute(self.policy_module):
-            old_logp, entropy = self.policy_module(tokens, idx, mask, entropy=True)
-        with self._compute(self.ref_module):
-            ref_logp, _ = self.ref_module(tokens, idx, mask)
-        with self._compute(self.value_module):
-            values = torch.where(mask, self.value_module(tokens).gather(1, idx), 0.0)
+        # Scored a mini-batch of rows at a time: activations stay those of a training step.
+        parts = []
+        for lo in range(0, tokens.shape[0], max(cfg.mini_batch_size // self.world, 1)):
+            rows = slice(lo, lo + max(cfg.mini_batch_size // self.world, 1))
+            t, i, m = self._trim(tokens[rows], idx[rows], mask[rows])
+            with self._compute(self.policy_module):
+                logp, ent = self.policy_module(t, i, m, entropy=True)
+            with self._compute(self.ref_module):
+                ref, _ = self.ref_module(t, i, m)
+            with self._compute(self.value_module):
+                val = torch.where(m, self.value_module(t).gather(1, i), 0.0)
+            parts.append((logp, ent, ref, val))
+        old_logp, entropy, ref_logp, values = (torch.cat(x) for x in zip(*parts))
         rewards, _ = final_rewards(r_c, old_logp, ref_logp, mask, self.beta, cfg.whitening(), cfg.logit_eps)
         adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
@@ -424,6 +431,13 @@ class PPOTrainer:
         kl = kl_per_token(old_logp, ref_logp, mask).sum(-1)
         return Rollout(tokens, idx, mask, old_logp, ref_logp, values, rewards, adv, returns, entropy, r_c, kl,
                        responses)
+
+    @staticmethod
+    def _trim(tokens, idx, mask):
+        """Drop the padding columns these rows do not need (the response
+        columns stay: per-token tensors of a batch share one width)."""
+        length = int(((idx + 1) * mask).max()) + 1
+        return tokens[:, :length], idx, mask
 
     # ---- optimisation -------------------------------------------------------------------------------------
 
@@ -455,9 +469,7 @@ class PPOTrainer:
                      np.random.default_rng([cfg.seed, self.iteration, epoch]).permutation(n_local))
             for lo in range(0, n_local, m_local):
                 rows = torch.as_tensor(order[lo:lo + m_local], device=self.device)
-                mask, idx = ro.mask[rows], ro.idx[rows]
-                length = int(((idx + 1) * mask).max()) + 1  # trim the padding this mini-batch does not need
-                tokens = ro.tokens[rows, :length]
+                tokens, idx, mask = self._trim(ro.tokens[rows], ro.idx[rows], ro.mask[rows])
                 n_tok = self._all_reduce(mask.sum().double()).clamp(min=1)
                 scale = (self.world if self.fsdp else 1.0) / n_tok.float()
                 with self._compute(self.policy_module):
