@@ -227,6 +227,9 @@ def test_ppo_iteration_and_exact_resume(tmp_path):
     assert [strip(m) for m in tail] == [strip(m) for m in history[1:]]
     for a, b in zip(straight.policy.parameters(), resumed.policy.parameters()):
         assert torch.equal(a, b)
+    # a stop request ends the run between iterations
+    stopped = _trainer(cfg)
+    assert len(stopped.fit(_prompts(), should_stop=lambda: True)) == 1 and stopped.iteration == 1
 
 
 def test_bf16_compute_keeps_float32_master_weights():

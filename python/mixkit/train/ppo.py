@@ -507,10 +507,13 @@ class PPOTrainer:
         return metrics
 
     def fit(self, prompts: Sequence[Sequence[int]], is_safety: Sequence[bool] | None = None,
-            iterations: int | None = None) -> list[dict]:
+            iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> list[dict]:
         """Run iterations over a prompt pool (the same on every rank); this
         rank takes rollouts rank, rank + world, ... of each batch. Saves
-        checkpoints as configured; returns each iteration's metrics."""
+        checkpoints as configured; returns each iteration's metrics.
+        should_stop() is asked after each iteration (all ranks stop together
+        when any says so), so a run stops between iterations, where its
+        state is a resumable one."""
         cfg = self.cfg
         if not prompts:
             raise ValueError("PPOTrainer.fit: no prompts")
@@ -524,6 +527,10 @@ class PPOTrainer:
             history.append(metrics)
             if cfg.checkpoint_every and cfg.checkpoint_dir and self.iteration % cfg.checkpoint_every == 0:
                 self.save(f"{cfg.checkpoint_dir}/iter_{self.iteration:08d}")
+            if should_stop is not None:
+                stop = self._all_reduce(torch.tensor(float(bool(should_stop())), device=self.device))
+                if float(stop) > 0:
+                    break
         return history
 
     def _log(self, m: dict):
@@ -545,8 +552,22 @@ class PPOTrainer:
                 "iteration": self.iteration, "world": self.world}
 
     def save(self, path: str):
-        """torch.distributed.checkpoint save (every rank calls it)."""
-        dcp.save(self.state_dict(), checkpoint_id=path)
+        """torch.distributed.checkpoint save (every rank calls it), written as
+        `path.partial` and renamed once complete: a save cut short never
+        looks like a checkpoint."""
+        import os
+        import shutil
+
+        partial = f"{path}.partial"
+        dcp.save(self.state_dict(), checkpoint_id=partial)
+        if self.distributed:
+            dist.barrier()
+        if self.rank == 0:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(partial, path)
+        if self.distributed:
+            dist.barrier()
 
     def load(self, path: str):
         """Resume from `save(path)` with the same world size: the run then
@@ -787,10 +808,30 @@ def run_ppo(config: str | None, overrides: Sequence[str] = (), device: str | Non
 
     trainer = PPOTrainer(policy, reward_fn, cfg, value_model=value, stop=[tok.eos_id] if tok.eos_id is not None
                          else [], log_fn=log_fn)
-    latest = sorted(Path(cfg.checkpoint_dir).glob("iter_*")) if Path(cfg.checkpoint_dir).exists() else []
+    # iter_ and eight digits: an unfinished `.partial` save is not a checkpoint
+    latest = sorted(Path(cfg.checkpoint_dir).glob("iter_" + "[0-9]" * 8)) if Path(cfg.checkpoint_dir).exists() else []
     if latest:
         trainer.load(str(latest[-1]))
-    trainer.fit(prompts, tags)
+        if rank == 0:
+            print(f"resumed from {latest[-1]}")
+    # Ctrl-C or SIGTERM: finish the iteration under way, save, exit 130.
+    import signal
+
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.fit(prompts, tags, should_stop=lambda: bool(stop))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if trainer.iteration < cfg.iterations:
+        path = f"{cfg.checkpoint_dir}/iter_{trainer.iteration:08d}"
+        trainer.save(path)
+        if rank == 0:
+            print(f"stopped at iteration {trainer.iteration}: saved {path}")
+            logfile.close()
+        return 130
     weights = trainer.policy_state_dict()
     if rank == 0:
         full = Transformer(policy.args)
