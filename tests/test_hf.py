@@ -16,23 +16,20 @@ while the negative control (window W - 1 or W + 1) moves logits by ~1e-2.
 import pytest
 import torch
 from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          MixtralConfig, MixtralForCausalLM, OlmoConfig, OlmoForCausalLM, StaticCache)
+                          MixtralConfig, MixtralForCausalLM, OlmoConfig, OlmoForCausalLM)
 
 import mixkit.hf as mh
 
 W = 5
 VOCAB = 97
 ATOL = 2e-5
-# Dynamo's full-graph capture, the fake (meta) registrations and AOT autograd
-# are what these tests check; inductor's code generation would add ~40 s per
-# test on a 2-core CPU and nothing mixkit-specific.
-BACKEND = "aot_eager"
-
-
 def _recording(seen):
     """aot_eager, after noting which ops dynamo's graph calls: proof that the
     compiled model runs mixkit's ops (the counters do not count inside
-    compiled code)."""
+    compiled code). Dynamo's full-graph capture, the fake (meta)
+    registrations and AOT autograd are what the compile tests check;
+    inductor's code generation would add ~40 s per test on a 2-core CPU and
+    nothing mixkit-specific."""
     from torch._dynamo.backends.debugging import aot_eager
 
     def backend(gm, example_inputs):
@@ -342,41 +339,30 @@ def test_torch_compile_fullgraph_forward():
 
 
 @pytest.mark.slow
-def test_static_cache_compiled_decode_step_without_recompiles():
-    """Prefill eagerly into a StaticCache, then a torch.compile(fullgraph=True)
-    decode step for 10 tokens, left padding included; same tokens and logits
-    as HF's eager loop, one compiled graph (Llama: StaticLayer keeps its
-    length in a tensor, so nothing in HF recompiles either)."""
+def test_static_cache_generate_with_compiled_decode_step_without_recompiles():
+    """HF's own static-cache generate() with its compiled decode step
+    (CompileConfig(fullgraph=True)), left padding included: the same tokens
+    and logits as eager generate, mixkit's decode_attn inside the graph, and
+    one graph for all 10 steps (Llama: StaticLayer keeps its length in a
+    tensor, so nothing in HF recompiles either)."""
+    from torch._dynamo.utils import counters as dynamo_counters
+    from transformers import CompileConfig
+
     model = make_model("llama", layers=1)
     ids, mask = _inputs(seqlen=7, pad=(0, 3))
-
-    def loop(step):
-        cache = StaticCache(config=model.config, max_cache_len=24)
-        m = mask.clone()
-        logits = model(ids, attention_mask=m, cache=cache, use_cache=True).logits[:, -1]
-        out = []
-        pos = m.sum(1, keepdim=True) - 1
-        for _ in range(10):
-            tok = logits.argmax(-1, keepdim=True)
-            m = torch.cat([m, torch.ones_like(tok)], 1)
-            pos = pos + 1
-            logits = step(tok, m, cache, pos)[:, -1]
-            out.append(logits)
-        return torch.stack(out, 1)
-
-    def step(tok, m, cache, pos):
-        return model(tok, attention_mask=m, cache=cache, position_ids=pos, use_cache=True).logits
-
     with torch.no_grad():
-        ref = loop(step)
+        ref_seq, ref_logits = _greedy(model, ids, mask, "static", new_tokens=10)
         mh.patch(model)
-        torch._dynamo.reset()
-        from torch._dynamo.utils import counters as dynamo_counters
-        dynamo_counters.clear()
         seen = set()
-        compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=_recording(seen))
-        out = loop(compiled)
-    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+        config = CompileConfig(fullgraph=True, backend=_recording(seen), mode=None)
+        config._compile_all_devices = True  # HF compiles only on accelerators unless told
+        torch._dynamo.reset()
+        dynamo_counters.clear()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             cache_implementation="static", return_dict_in_generate=True, output_logits=True,
+                             pad_token_id=0, compile_config=config)
+    assert torch.equal(out.sequences, ref_seq)
+    torch.testing.assert_close(torch.stack(out.logits, 1), ref_logits, rtol=0, atol=ATOL)
     assert "mixkit.decode_attn" in seen, seen
     assert dynamo_counters["stats"]["unique_graphs"] == 1, dict(dynamo_counters["stats"])
 
