@@ -323,6 +323,9 @@ def test_incompatible_config_raises(tmp_path, capsys, one_thread):
         train(str(cfg), ["model.n_layers=3"], quiet=True)
     with pytest.raises(ConfigError, match="data seq_len is 128 in the checkpoint but 64 now"):
         train(str(cfg), ["data.seq_len=64"], quiet=True)
+    with pytest.raises(ConfigError, match="the mixture weights are"):
+        train(str(cfg), ["data.components={code = {paths = [\"%s\"], weight = 1.0}, more = {paths = [\"%s\"], "
+                         "weight = 1.0}}" % (tmp_path / "code.jsonl", tmp_path / "code.jsonl")], quiet=True)
     capsys.readouterr()
     assert main(["train", "--config", str(cfg), "--quiet", "--set", "model.dim=32"]) == 2
     assert "cannot resume from" in capsys.readouterr().err

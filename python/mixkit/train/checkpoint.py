@@ -108,6 +108,8 @@ def run_meta(trainer) -> dict[str, Any]:
         state.pop("step", None)
         state.pop("world_size", None)
         meta["data"] = state
+    # settings the caller adds (mixkit train: the tokenizer spec)
+    meta["run"] = json.loads(json.dumps(getattr(trainer, "run_settings", {}), default=str))
     return meta
 
 
@@ -129,6 +131,9 @@ def check_compatible(ckpt: Checkpoint, trainer) -> None:
                 what = "mixture weights" if key == "probs" else f"data {key}"
                 problems.append(f"the {what} {'are' if key == 'probs' else 'is'} {a!r} in the checkpoint "
                                 f"but {b!r} now")
+    for key in sorted(set(mine["run"]) & set(saved.get("run", {}))):
+        if saved["run"][key] != mine["run"][key]:
+            problems.append(f"{key} is {saved['run'][key]!r} in the checkpoint but {mine['run'][key]!r} now")
     if saved.get("world_size") != mine["world_size"] and "data" in mine and not _movable(trainer.data):
         problems.append(f"it was saved by {saved.get('world_size')} ranks but this run has {mine['world_size']}, "
                         f"and {type(trainer.data).__name__} cannot carry its position across world sizes")

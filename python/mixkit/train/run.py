@@ -245,6 +245,7 @@ def train(config: str | None, overrides: Sequence[str] = (), device: str | None 
     model = models.Transformer(args).init_weights(tcfg.seed).to(dev)
     eval_fn = make_eval_fn(tok, heldout, dcfg.eval_seq_len or dcfg.seq_len) if heldout else None
     trainer = Trainer(model, tcfg, data=loader, eval_fn=eval_fn)
+    trainer.run_settings = {"data.tokenizer": dcfg.tokenizer}  # checked on resume, as are the model and mixture
     resume_from(trainer, tcfg.checkpoint_dir, resume)
     log = RunLog(run_dir if rank == 0 else run_dir / f"rank{rank}", tcfg.max_steps, quiet, start_step=trainer.step)
     trainer.log_fn = log
