@@ -18,6 +18,11 @@
 // - A wgmma issued with no wgmma.fence since the thread's last wait_group (or
 //   kernel start) fails: the ISA requires the fence before the first wgmma
 //   and between register accesses and the wgmmas that use those registers.
+//   The emulator cannot see register accesses, so it asks for a fence after
+//   every wait (stricter than the ISA when no register was touched since;
+//   mixkit's kernels fence before each batch, as CUTLASS does).
+// - Nothing checks that a kernel waits out its wgmmas before it exits: the
+//   pending ones are dropped when the thread's next block starts.
 // - fence.proxy.async is collective-free and a no-op: the emulator's shared
 //   memory has one proxy.
 // Matrix descriptors (PTX ISA, "Matrix Descriptor Format"): start address,
@@ -47,6 +52,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -107,12 +113,14 @@ struct State {
   std::vector<size_t> group_ends;  // ops[0, group_ends[i]) belong to committed groups 0..i
 };
 
-// This emulated thread's record.
+// This emulated thread's record. The block's fibers share the OS thread's
+// table, which grows while others hold their records: hence one allocation
+// per record.
 inline State& state() {
-  static thread_local std::vector<State> states;
+  static thread_local std::vector<std::unique_ptr<State>> states;
   const size_t t = size_t(linear_tid());
-  if (states.size() <= t) states.resize(t + 1);
-  State& s = states[t];
+  while (states.size() <= t) states.push_back(std::make_unique<State>());
+  State& s = *states[t];
   const Index3 b = block_idx(), g = grid_dim();
   if (s.smem != dynamic_smem() || s.bid.x != b.x || s.bid.y != b.y || s.bid.z != b.z || s.gdim.x != g.x ||
       s.gdim.y != g.y || s.gdim.z != g.z) {
