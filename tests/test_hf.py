@@ -388,3 +388,21 @@ def test_bench_cases_run_and_agree():
             torch.testing.assert_close(case.impls[name](), ref, rtol=0, atol=1e-4, msg=f"{case.op} {name}")
         torch.testing.assert_close(case.impls["mixkit"](), ref, rtol=0, atol=1e-4)  # a second call: same state
     bench_hf._MODELS.clear()
+
+
+def test_ops_take_hf_layouts_and_fakes_match_real_strides():
+    """The views mixkit.hf passes, through torch.library.opcheck (schema, fake
+    tensor shapes and strides against the real op, AOT dispatch): q/k/v as
+    (B, H, S, D).transpose(1, 2), and a (B, Hkv, C, D) cache transposed with
+    per-row starts for decode."""
+    from torch.library import opcheck
+
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    q = torch.randn(2, 6, 9, 16).transpose(1, 2)
+    k = torch.randn(2, 3, 9, 16).transpose(1, 2)
+    opcheck(torch.ops.mixkit.flash_attn.default, (q, k, k, None, None, 9, 9, True, W, None, False), test_utils=checks)
+    cache = torch.randn(2, 3, 12, 16).transpose(1, 2)
+    q1 = torch.randn(2, 6, 1, 16)[:, :, 0]
+    opcheck(torch.ops.mixkit.decode_attn.default,
+            (q1, cache, cache, torch.tensor([12, 7], dtype=torch.int32), W, None, torch.tensor([0, 2], dtype=torch.int32)),
+            test_utils=checks[:2])
