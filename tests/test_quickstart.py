@@ -184,6 +184,12 @@ code = ["{val}"]
     assert result["bytes"] == len("import os\nprint(os.sep)\n") and 0 < result["bits_per_byte"] < 20
 
 
+def test_quickstart_rejects_a_bad_tokenizer(capsys):
+    assert main(["quickstart", "--tokenizer", "big"]) == 2
+    assert main(["quickstart", "--tokenizer", "100"]) == 2
+    assert "258" in capsys.readouterr().err
+
+
 def test_bad_tokenizer_spec_is_a_config_error(tmp_path):
     from mixkit.train import ConfigError
     from mixkit.train.run import DataConfig

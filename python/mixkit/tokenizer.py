@@ -29,6 +29,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """encode() of each text (the HF tokenizer does them in parallel)."""
+        return [self.encode(t) for t in texts]
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255, BOS = 256, EOS = 257, vocab_size 258, no pad.
@@ -106,6 +110,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

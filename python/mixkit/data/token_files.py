@@ -220,4 +220,6 @@ def tokenize_files(sources: Sequence[str | Path], tokenizer, out_dir: str | Path
 
 def tokenize_texts(texts: Iterable[str], tokenizer, name: str = "documents") -> Documents:
     """Tokenize in-memory texts in this process (small corpora, tests)."""
-    return Documents.from_lists((tokenizer.encode(t) for t in texts), name)
+    texts = list(texts)
+    batch = getattr(tokenizer, "encode_batch", None)  # HF tokenizers encode a batch on all cores
+    return Documents.from_lists(batch(texts) if batch is not None else (tokenizer.encode(t) for t in texts), name)
