@@ -127,7 +127,8 @@ def gatt_example(tokenizer: Tokenizer, dialogue: Sequence[dict], instruction: st
 
 def gatt_examples(tokenizer: Tokenizer, dialogues: Sequence[Sequence[dict]], *, seed: int = 0,
                   constraints: dict[str, Sequence[Constraint]] | None = None, max_constraints: int | None = None,
-                  shorten: bool = False, instructions: Sequence[str] | None = None) -> list[tuple[list[int], list[bool]]]:
+                  shorten: bool = False, instructions: Sequence[str] | None = None
+                  ) -> list[tuple[list[int], list[bool]]]:
     """GAtt training examples for dialogues whose answers were sampled with
     `sampling_messages`: with `instructions` given, one per dialogue;
     otherwise drawn with sample_instruction from Random(seed). The result

@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +323,8 @@ class PPOTrainer:
         reference = copy.deepcopy(policy) if reference is None else reference
         value_model = ValueModel.from_policy(policy) if value_model is None else value_model
         reference.requires_grad_(False).eval()
+        if cfg.precision == "bf16":
+            reference = reference.to(torch.bfloat16)  # frozen: no float32 master copy needed, half the memory
         for m in [*policy.modules(), *value_model.modules()]:
             if isinstance(m, Attention):
                 m.deterministic = True  # the GPU backward without atomics: exact resume
