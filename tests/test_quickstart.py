@@ -253,3 +253,29 @@ def test_bits_per_byte_do_not_depend_on_the_tokenizer():
     expected = 8.0 + r.tokens * log_z / math.log(2) / n_bytes
     assert r.bytes == n_bytes and r.tokens == sum(len(bpe.encode(t)) for t in texts)
     assert r.bits_per_byte == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_quickstart_keeps_heldout_text_from_the_tokenizer_and_saves_it(tmp_path, monkeypatch, capsys):
+    import mixkit.tokenizer as tokenizer_module
+    from mixkit.train.quickstart import quickstart
+
+    seen: list[str] = []
+    real = tokenizer_module.train_bpe
+
+    def spy(texts, vocab_size, **kw):
+        texts = list(texts)
+        seen.extend(texts)
+        return real(texts, vocab_size, **kw)
+
+    monkeypatch.setattr(tokenizer_module, "train_bpe", spy)
+    summary = quickstart(steps=2, device="cpu", out_dir=str(tmp_path), train_bytes=120_000, heldout_bytes=20_000,
+                         quiet=True, tokenizer=400, model={"n_layers": 1}, batch_size=2)
+    heldout = {d.text for d in stdlib_documents("heldout", max_bytes=None)}
+    assert seen and not heldout.intersection(seen)
+    out = capsys.readouterr().out
+    assert "gzip -9" in out and "xz -9e" in out and "sample:\nimport os" in out
+    assert summary["gzip_bpb"] > 0 and summary["spikes"] == [] and math.isfinite(summary["bpb_after"])
+    tok = load_tokenizer(tmp_path / "model")
+    assert 258 < tok.vocab_size <= 400 and tok.decode(tok.encode("import os\n")) == "import os\n"
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "summary.json").exists()
