@@ -2,18 +2,21 @@
 emu_sm90.cuh) on a tiny test-only runtime, for test_emu_sm80.py and test_emu_wgmma.py.
 
 The runtime below is not the emulator's scheduler (emu_runtime.cpp, which needs the HIP
-CPU runtime): every emulated thread is an OS thread, a warp or warpgroup collective is a
-condition-variable barrier over its threads, and emu::fail ends the launch with the
-message on stderr and exit status 3. It needs only a C++17 compiler, so these tests run
-wherever g++ does; `hip/hip_runtime.h` is a stub giving dim3.
+CPU runtime) but works the same way in small: a block's threads are ucontext fibers on
+one OS thread, each runs until a collective (group_sync, __syncthreads) or its end, a
+group is released when all its running threads wait at the same collective, and
+emu::fail ends the launch with the message on stderr and exit status 3. It needs only
+a C++17 compiler and POSIX ucontext, so these tests run wherever g++ does;
+`hip/hip_runtime.h` is a stub giving dim3.
 
-One executable holds both programs: `host sm80|sm90 IN OUT MUTATION` reads its input
-file, sets emu::mutation(), writes its output file (exit status 3 with emu::fail's message
-on stderr when the launch failed).
+One executable holds both programs: `host sm80|sm90 IN OUT MUTATION forward|reverse`
+reads its input file, sets emu::mutation() and the thread order, and writes its output
+file (exit status 3 with emu::fail's message on stderr when the launch failed).
 """
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,19 +32,17 @@ struct dim3 {
 """
 
 RUNTIME = r"""
+#include <ucontext.h>
+
 #include <algorithm>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <iterator>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 #include "cuda/emu.cuh"
 
@@ -51,11 +52,15 @@ std::vector<unsigned char> g_image;
 namespace mixkit {
 namespace emu {
 namespace {
-struct Abort {};
-struct Barrier {
-  int arrived = 0;
-  long gen = 0;
-  std::string tag;
+enum class St { ready, waiting, done };
+struct TestThread {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  St st = St::ready;
+  int group = 0;  // waiting: the collective's group size (the block's size for __syncthreads)
+  const char* tag = "";
+  Index3 tid{};
+  AsyncQueue async;
 };
 struct TestBlock {
   Index3 bid{}, bdim{}, gdim{};
@@ -63,80 +68,83 @@ struct TestBlock {
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
   std::vector<unsigned char> scratch;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::map<std::pair<int, int>, Barrier> barriers;  // (group size, first thread)
-  bool aborted = false;
+  std::vector<TestThread> fibers;
+  const std::function<void()>* body = nullptr;
+  ucontext_t sched;
   std::string error;
 };
-struct TestThread {
-  TestBlock* block = nullptr;
-  int linear = -1;
-  Index3 tid{};
-  AsyncQueue async;
-};
-thread_local TestThread t_self;
+TestBlock* g_block = nullptr;
+bool g_reverse = false;
+int g_current = -1;
 
+TestThread& self() { return g_block->fibers[size_t(g_current)]; }
+void to_scheduler() { swapcontext(&self().ctx, &g_block->sched); }
+void fiber_entry() {
+  (*g_block->body)();
+  self().st = St::done;
+  to_scheduler();
+}
 void arrive(int group, const char* tag) {
-  TestBlock& b = *t_self.block;
-  std::unique_lock<std::mutex> lock(b.mu);
-  if (b.aborted) throw Abort{};
-  const int first = t_self.linear / group * group;
-  const int members = std::min(b.threads, first + group) - first;
-  Barrier& bar = b.barriers[{group, first}];
-  if (bar.arrived == 0) bar.tag = tag;
-  if (bar.tag != tag) {
-    b.error = std::string("lanes of one group wait at different collectives: ") + bar.tag + " and " + tag;
-    b.aborted = true;
-    b.cv.notify_all();
-    throw Abort{};
+  TestThread& f = self();
+  f.st = St::waiting;
+  f.group = group;
+  f.tag = tag;
+  to_scheduler();
+}
+// Releases every group whose running members all wait at the same collective.
+bool release(TestBlock& b) {
+  bool any = false;
+  for (int i = 0; i < b.threads; ++i) {
+    TestThread& f = b.fibers[size_t(i)];
+    if (f.st != St::waiting) continue;
+    const int first = i / f.group * f.group, last = std::min(b.threads, first + f.group);
+    bool complete = true;
+    for (int j = first; j < last; ++j) {
+      const TestThread& o = b.fibers[size_t(j)];
+      if (o.st == St::done) continue;
+      if (o.st != St::waiting) complete = false;
+      else if (o.group != f.group || std::string(o.tag) != f.tag)
+        b.error = std::string("lanes of one group wait at different collectives: ") + f.tag + " and " + o.tag;
+    }
+    if (!complete || !b.error.empty()) continue;
+    for (int j = first; j < last; ++j)
+      if (b.fibers[size_t(j)].st == St::waiting) b.fibers[size_t(j)].st = St::ready;
+    any = true;
   }
-  const long gen = bar.gen;
-  if (++bar.arrived == members) {
-    bar.arrived = 0;
-    ++bar.gen;
-    b.cv.notify_all();
-    return;
-  }
-  b.cv.wait(lock, [&] { return bar.gen != gen || b.aborted; });
-  if (bar.gen == gen) throw Abort{};
+  return any;
 }
 }  // namespace
 
-const Index3& thread_idx() { return t_self.tid; }
-const Index3& block_idx() { return t_self.block->bid; }
-const Index3& block_dim() { return t_self.block->bdim; }
-const Index3& grid_dim() { return t_self.block->gdim; }
-int linear_tid() { return t_self.linear; }
-void syncthreads() { arrive(t_self.block->threads, "__syncthreads"); }
+const Index3& thread_idx() { return self().tid; }
+const Index3& block_idx() { return g_block->bid; }
+const Index3& block_dim() { return g_block->bdim; }
+const Index3& grid_dim() { return g_block->gdim; }
+int linear_tid() { return g_current; }
+void syncthreads() { arrive(g_block->threads, "__syncthreads"); }
 void group_sync(int group, const char* tag) {
   if (group > 1) arrive(group, tag);
 }
 unsigned char* group_scratch(int group) {
-  return t_self.block->scratch.data() + size_t(t_self.linear / group * group) * kScratchBytes;
+  return g_block->scratch.data() + size_t(g_current / group * group) * kScratchBytes;
 }
-AsyncQueue& async_queue() { return t_self.async; }
-unsigned char* dynamic_smem() { return t_self.block->smem; }
+AsyncQueue& async_queue() { return self().async; }
+unsigned char* dynamic_smem() { return g_block->smem; }
 uint32_t shared_offset(const void* p) {
-  TestBlock& b = *t_self.block;
   const auto* c = static_cast<const unsigned char*>(p);
-  if (!b.smem || c < b.smem || c > b.smem + b.smem_bytes) fail("a shared-memory address outside the block");
-  return uint32_t(c - b.smem);
+  if (!g_block->smem || c < g_block->smem || c > g_block->smem + g_block->smem_bytes)
+    fail("a shared-memory address outside the block");
+  return uint32_t(c - g_block->smem);
 }
 void* shared_ptr(uint32_t offset, size_t bytes) {
-  TestBlock& b = *t_self.block;
-  if (!b.smem || size_t(offset) + bytes > b.smem_bytes) fail("a shared-memory access past the block's dynamic shared memory");
-  return b.smem + offset;
+  if (!g_block->smem || size_t(offset) + bytes > g_block->smem_bytes)
+    fail("a shared-memory access past the block's dynamic shared memory");
+  return g_block->smem + offset;
 }
 void fail(const char* what) {
-  TestBlock& b = *t_self.block;
-  {
-    std::lock_guard<std::mutex> lock(b.mu);
-    if (b.error.empty()) b.error = what;
-    b.aborted = true;
-  }
-  b.cv.notify_all();
-  throw Abort{};
+  if (g_block->error.empty()) g_block->error = what;
+  self().st = St::done;
+  to_scheduler();
+  std::abort();  // never resumed
 }
 Device& device() {
   static Device d;
@@ -147,7 +155,10 @@ int& mutation() {
   return m;
 }
 void set_schedule(Schedule, uint64_t) {}
+// The blocks one after the other; a block's threads are fibers on this OS thread, run
+// in forward (or reverse) order between synchronisation points.
 void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  constexpr size_t kStack = 256 * 1024;
   const int threads = int(block.x * block.y * block.z);
   std::vector<unsigned char> smem_buf(smem);
   for (unsigned z = 0; z < grid.z; ++z)
@@ -163,20 +174,38 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
         b.smem = smem ? smem_buf.data() : nullptr;
         b.smem_bytes = smem;
         b.scratch.assign(size_t(threads) * kScratchBytes, 0);
-        std::vector<std::thread> pool;
-        for (int i = 0; i < threads; ++i)
-          pool.emplace_back([&, i] {
-            t_self = TestThread{};
-            t_self.block = &b;
-            t_self.linear = i;
-            t_self.tid = Index3{unsigned(i % int(block.x)), unsigned(i / int(block.x) % int(block.y)),
-                                unsigned(i / int(block.x * block.y))};
-            try {
-              body();
-            } catch (const Abort&) {
-            }
-          });
-        for (auto& t : pool) t.join();
+        b.body = &body;
+        b.fibers.resize(size_t(threads));
+        for (int i = 0; i < threads; ++i) {
+          TestThread& f = b.fibers[size_t(i)];
+          f.tid = Index3{unsigned(i % int(block.x)), unsigned(i / int(block.x) % int(block.y)),
+                         unsigned(i / int(block.x * block.y))};
+          f.stack.reset(new char[kStack]);
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.get();
+          f.ctx.uc_stack.ss_size = kStack;
+          f.ctx.uc_link = nullptr;
+          makecontext(&f.ctx, fiber_entry, 0);
+        }
+        g_block = &b;
+        for (;;) {
+          for (int k = 0; k < threads && b.error.empty(); ++k) {
+            const int i = g_reverse ? threads - 1 - k : k;
+            if (b.fibers[size_t(i)].st != St::ready) continue;
+            g_current = i;
+            swapcontext(&b.sched, &b.fibers[size_t(i)].ctx);
+          }
+          g_current = -1;
+          if (!b.error.empty()) break;
+          if (release(b)) continue;
+          if (!b.error.empty()) break;
+          bool running = false;
+          for (const TestThread& f : b.fibers) running |= f.st != St::done;
+          if (!running) break;
+          b.error = "deadlock: a collective not every thread reaches";
+          break;
+        }
+        g_block = nullptr;
         if (!b.error.empty()) throw std::runtime_error(b.error);
       }
 }
@@ -189,8 +218,9 @@ void run_sm80(const std::vector<unsigned char>& in, std::vector<unsigned char>& 
 void run_sm90(const std::vector<unsigned char>& in, std::vector<unsigned char>& out);
 
 int main(int argc, char** argv) {
-  if (argc != 5) return 2;
+  if (argc != 6) return 2;
   mixkit::emu::mutation() = std::atoi(argv[4]);
+  mixkit::emu::g_reverse = std::string(argv[5]) == "reverse";
   const std::string which = argv[1];
   ++argv;
   std::ifstream f(argv[1], std::ios::binary);
@@ -233,21 +263,23 @@ def host(tmp_path_factory) -> Path:
     (d / "hip" / "hip_runtime.h").write_text(STUB_HIP)
     (d / "host.cpp").write_text(RUNTIME + RUNTIME_MAIN + SM80 + SM90)
     exe = d / "host"
-    r = subprocess.run([cxx, "-std=c++17", "-O0", "-pthread", "-DMIXKIT_EMULATE", "-DMIXKIT_WARP_SIZE=32",
+    r = subprocess.run([cxx, "-std=c++17", "-O0", "-DMIXKIT_EMULATE", "-DMIXKIT_WARP_SIZE=32",
                         f"-I{d}", f"-I{SRC}", str(d / "host.cpp"), "-o", str(exe)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     _BUILT["exe"] = exe
     return exe
 
 
-def run(exe: Path, which: str, data: bytes, mutation: int = 0, out_dir: Path | None = None):
-    """Runs program `which` ("sm80" or "sm90") on `data` with planted error `mutation`;
-    returns (exit status, output bytes, stderr)."""
-    import tempfile
-    with tempfile.TemporaryDirectory(dir=out_dir) as t:
+def run(exe: Path, which: str, data: bytes, mutation: int = 0, reverse: bool = False):
+    """Runs program `which` ("sm80" or "sm90") on `data` with planted error `mutation`,
+    the threads of a block in reverse order between collectives if `reverse`; returns
+    (exit status, output bytes, stderr)."""
+    with tempfile.TemporaryDirectory() as t:
         src, dst = Path(t) / "in.bin", Path(t) / "out.bin"
         src.write_bytes(data)
-        r = subprocess.run([str(exe), which, str(src), str(dst), str(mutation)], capture_output=True, text=True, timeout=60)
+        order = "reverse" if reverse else "forward"
+        r = subprocess.run([str(exe), which, str(src), str(dst), str(mutation), order], capture_output=True,
+                           text=True, timeout=60)
         out = dst.read_bytes() if r.returncode == 0 else b""
     return r.returncode, out, r.stderr
 

@@ -183,7 +183,8 @@ CONFIGS = [(form, n, dtype, mn) for form in ("ss", "rs") for n in (64, 128) for 
 
 @pytest.mark.parametrize("form,n,dtype,mn", CONFIGS)
 def test_wgmma_matches_model(exe, form, n, dtype, mn):
-    """One wgmma (scale_d 1 and 0), then two k steps in one group, on two warpgroups."""
+    """One wgmma (scale_d 1 and 0), then two k steps in one group, on two warpgroups
+    (threads run forward, then reversed, between collectives)."""
     rng = np.random.default_rng([n, int(mn), len(form), len(dtype)])
     for scale_d in (1, 0):
         descs, regs, smem, C, want = case(rng, form, n, dtype, mn, threads=256)
@@ -191,10 +192,11 @@ def test_wgmma_matches_model(exe, form, n, dtype, mn):
         assert rc == 0, err
         got = from_regs(snapshots(out, 256)[0], 256, n)
         np.testing.assert_array_equal(got, scale_d * C + want[0])
-    descs, regs, smem, C, want = case(rng, form, n, dtype, mn, steps=2)
-    rc, out, err = run(exe, "sm90", pack(form, n, dtype, mn, 1, 1, 128, descs, C, regs, smem))
-    assert rc == 0, err
-    np.testing.assert_array_equal(from_regs(snapshots(out, 128)[0], 128, n), C + want[0] + want[1])
+    descs, regs, smem, C, want = case(rng, form, n, dtype, mn, steps=2, threads=256)
+    for reverse in (False, True):
+        rc, out, err = run(exe, "sm90", pack(form, n, dtype, mn, 1, 1, 256, descs, C, regs, smem), reverse=reverse)
+        assert rc == 0, err
+        np.testing.assert_array_equal(from_regs(snapshots(out, 256)[0], 256, n), C + want[0] + want[1])
 
 
 def test_wgmma_is_asynchronous(exe):
