@@ -70,20 +70,40 @@ constexpr Place d_place(int i, int j) { return {j + 32 * ((i / 4) % 2), 4 * (i /
 //   20  A: the two lane halves swapped (lane l supplies row/k of lane l ^ 32)
 //   21  C/D: registers 4q .. 4q + 3 in reverse row order
 //   22  B: the 4 items of a lane in reverse k order
-inline Place a_src(int i, int k) {
+inline Place a_src(int i, int k, int mut) {
   Place p = a_place(i, k);
-  if (mutation() == 20) p.lane ^= 32;
+  if (mut == 20) p.lane ^= 32;
   return p;
 }
-inline Place b_src(int k, int j) {
+inline Place b_src(int k, int j, int mut) {
   Place p = b_place(k, j);
-  if (mutation() == 22) p.item = 3 - p.item;
+  if (mut == 22) p.item = 3 - p.item;
   return p;
 }
-inline Place d_dst(int i, int j) {
+inline Place d_dst(int i, int j, int mut) {
   Place p = d_place(i, j);
-  if (mutation() == 21) p.item = 4 * (p.item / 4) + 3 - p.item % 4;
+  if (mut == 21) p.item = 4 * (p.item / 4) + 3 - p.item % 4;
   return p;
+}
+
+// The D elements (i, j) each lane holds, found once by asking d_place where
+// every element of the 32x32 matrix lives.
+struct Owned {
+  int8_t i[kWave][16], j[kWave][16];
+  int8_t count[kWave] = {};
+};
+inline const Owned& owned() {
+  static const Owned table = [] {
+    Owned t;
+    for (int i = 0; i < 32; ++i)
+      for (int j = 0; j < 32; ++j) {
+        const Place d = d_place(i, j);
+        const int n = t.count[d.lane]++;
+        if (n < 16) t.i[d.lane][n] = int8_t(i), t.j[d.lane][n] = int8_t(j);
+      }
+    return t;
+  }();
+  return table;
 }
 
 // 16-bit operand bits -> float, with MI200's flush of subnormal inputs.
@@ -116,22 +136,20 @@ inline void mfma_32x32x8(const uint16_t (&a)[4], const uint16_t (&b)[4], float (
   std::memcpy(scratch + l * kScratchBytes, &mine, sizeof(mine));
   group_sync(kWave, "v_mfma_f32_32x32x8");
   auto post = [&](int lane) -> const Post& { return *reinterpret_cast<const Post*>(scratch + lane * kScratchBytes); };
+  const Owned& own = owned();
+  if (own.count[l] != 16) fail("v_mfma model: a lane must own 16 accumulators");
+  const int mut = mutation();
   float out[16];
-  int written = 0;
-  for (int i = 0; i < 32; ++i)
-    for (int j = 0; j < 32; ++j) {
-      const Place d = d_dst(i, j);
-      if (d.lane != l) continue;
-      const Place c = d_place(i, j);  // C is read in the ISA's layout
-      float sum = post(c.lane).c[c.item];
-      for (int k = 0; k < 8; ++k) {
-        const Place pa = a_src(i, k), pb = b_src(k, j);
-        sum += input<T>(post(pa.lane).a[pa.item]) * input<T>(post(pb.lane).b[pb.item]);
-      }
-      out[d.item] = flush(sum);
-      ++written;
+  for (int n = 0; n < 16; ++n) {
+    const int i = own.i[l][n], j = own.j[l][n];
+    const Place c = d_place(i, j);  // C is read in the ISA's layout
+    float sum = post(c.lane).c[c.item];
+    for (int k = 0; k < 8; ++k) {
+      const Place pa = a_src(i, k, mut), pb = b_src(k, j, mut);
+      sum += input<T>(post(pa.lane).a[pa.item]) * input<T>(post(pb.lane).b[pb.item]);
     }
-  if (written != 16) fail("v_mfma model: a lane must own 16 accumulators");
+    out[d_dst(i, j, mut).item] = flush(sum);
+  }
   group_sync(kWave, "v_mfma_f32_32x32x8");
   std::memcpy(acc, out, sizeof(out));
 }
@@ -151,16 +169,14 @@ inline float16_t emu_mfma(const uint16_t (&a)[4], const uint16_t (&b)[4], float1
   std::memcpy(&acc, c, sizeof(c));
   return acc;
 }
-inline float16_t emu_mfma_f32_32x32x8bf16_1k(short4_t a, short4_t b, float16_t acc, int cbsz, int abid,
-                                                         int blgp) {
+inline float16_t emu_mfma_f32_32x32x8bf16_1k(short4_t a, short4_t b, float16_t acc, int cbsz, int abid, int blgp) {
   if (cbsz || abid || blgp) emu::fail("v_mfma model: only cbsz = abid = blgp = 0");
   uint16_t ua[4], ub[4];
   std::memcpy(ua, &a, 8);
   std::memcpy(ub, &b, 8);
   return emu_mfma(ua, ub, acc, false);
 }
-inline float16_t emu_mfma_f32_32x32x8f16(half4_t a, half4_t b, float16_t acc, int cbsz, int abid,
-                                                     int blgp) {
+inline float16_t emu_mfma_f32_32x32x8f16(half4_t a, half4_t b, float16_t acc, int cbsz, int abid, int blgp) {
   if (cbsz || abid || blgp) emu::fail("v_mfma model: only cbsz = abid = blgp = 0");
   uint16_t ua[4], ub[4];
   std::memcpy(ua, &a, 8);
