@@ -1,5 +1,5 @@
 """Training throughput: tokens/s and MFU of one optimizer step, mixkit's
-Trainer against Hugging Face transformers on the same GPU, in one run.
+Trainer against Hugging Face transformers on the same device, in one run.
 
     python -m mixkit.bench.train [--device cuda|cpu] [--quick] [--out FILE.json] [--steps N]
                                  [--seq-len 4096] [--grad-accum G] [--no-compile] [--tiny]
@@ -68,8 +68,35 @@ backward, clipping, AdamW, the host-to-device copy of the micro-batches),
 after warm-up steps (which include compilation), median and p20/p80 of the
 timed steps. Peak memory: torch.cuda.max_memory_allocated over the row
 (weights, gradients, AdamW state and activations). One model is alive at a
-time. On the CPU (`--device cpu`, or `--tiny` anywhere) the same code runs on
-the tiny named configs: a check of the wiring, not numbers to quote.
+time. With `--tiny` (any device) the same code runs on the tiny named
+configs: a check of the wiring, not numbers to quote.
+
+CPU (`--device cpu`): mixkit against transformers at the quick start's
+shapes, the numbers behind "the quick start trains at least as fast as plain
+transformers on the CPU":
+
+- "quickstart": the model, batch (rows x seq_len), micro-batches and
+  TrainConfig of mixkit.train.run.quickstart_config("cpu"), read at run
+  time, so the bench follows the quick start when it changes. Without
+  --quick also two longer shapes, so that a win is not one shape's:
+  "quickstart-s1024" (the same model, rows of 1024 tokens) and "d64-s1024"
+  (head dim 64, no window, rows of 1024 tokens).
+- Each row of a micro-batch is one document (what the quick start's packer
+  makes of files longer than a row, most of them; transformers gets no
+  document masking to do, mixkit no boundary to skip work at). mixkit gets
+  the rows packed into one sequence with cu_seqlens, as its data loader
+  gives them to the Trainer; transformers gets (rows, seq_len).
+- Both use the quick start's TrainConfig: float32 everywhere (its CPU
+  precision), its AdamW (build_optimizer), clipping, learning-rate schedule
+  and loss chunking (mixkit); transformers' MistralForCausalLM with
+  attn_implementation="sdpa" and its own loss, from the same weights.
+- Timing is interleaved: one optimizer step of each in turn (the order
+  alternating), so both see the same machine load; tokens/s from the median
+  step, `mixkit_speedup` the median of the per-pair ratios (transformers'
+  step time / mixkit's) with its min and max, CPU seconds per step (all
+  threads) beside wall time, the thread counts and the load average.
+- The tiny configs follow as the wiring check (with the eager-backend
+  torch.compile smoke test).
 """
 from __future__ import annotations
 
@@ -78,6 +105,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -121,13 +149,50 @@ def plan(device: str, quick: bool, steps: int | None = None, seq_len: int | None
     else:
         p = dict(models=[("tiny-mistral", CONFIGS["tiny-mistral"]), ("tiny-mixtral", CONFIGS["tiny-mixtral"])],
                  seq_len=64, grad_accum=2, warmup=2, steps=2 if quick else 5, compile=True)
+        if not cuda and not tiny:
+            p["cpu_speed"] = cpu_speed_models(quick)
+            p["cpu_warmup"], p["cpu_steps"] = (1, 3) if quick else (2, 10)
     if steps:
         p["steps"] = steps
+        if "cpu_speed" in p:
+            p["cpu_steps"] = steps
     if seq_len:
         p["seq_len"] = seq_len
     if grad_accum:
         p["grad_accum"] = grad_accum
     return p
+
+
+def cpu_speed_models(quick: bool) -> list[dict]:
+    """The CPU comparison's models: the quick start's (model, rows x seq_len,
+    micro-batches and TrainConfig from quickstart_config), and without
+    `quick` two longer shapes."""
+    from mixkit.train.run import quickstart_config
+
+    tcfg, dcfg = quickstart_config("cpu")
+    qs = dict(name="quickstart", cfg=tcfg, seq_len=dcfg.seq_len, rows=dcfg.batch_size, grad_accum=tcfg.grad_accum)
+    out = [qs]
+    if not quick:
+        tokens = dcfg.seq_len * dcfg.batch_size
+        out.append({**qs, "name": "quickstart-s1024", "seq_len": 1024, "rows": max(1, tokens // 1024)})
+        d64 = {**tcfg.model, "dim": 256, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64, "hidden_dim": 768,
+               "sliding_window": None}
+        out.append({**qs, "name": "d64-s1024", "cfg": tcfg.replace(model=d64), "seq_len": 1024,
+                    "rows": max(1, tokens // 1024)})
+    for m in out:
+        m["cfg"] = m["cfg"].replace(model={**m["cfg"].model, "max_seq_len": max(m["cfg"].model.get(
+            "max_seq_len", 0), m["seq_len"])})
+    return out
+
+
+def whole_rows(n_steps: int, grad_accum: int, rows: int, seq_len: int, vocab: int, seed: int = 0) -> list[list[dict]]:
+    """n_steps optimizer steps of grad_accum micro-batches of `rows` rows of
+    seq_len tokens, each row one document; packed into one sequence with
+    cu_seqlens for mixkit, "rows" telling HFStep to give transformers
+    (rows, seq_len)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[{**packed_row([seq_len] * rows, vocab, gen), "rows": rows} for _ in range(grad_accum)]
+            for _ in range(n_steps)]
 
 
 def doc_lengths(seq_len: int, gen: torch.Generator) -> list[int]:
@@ -270,11 +335,12 @@ class HFStep:
         n_targets = torch.tensor(max(n, 1), dtype=torch.float32, device=self.device)
         ce_total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            ids = mb["input_ids"].to(self.device, non_blocking=True)
-            targets = mb["labels"].to(self.device, non_blocking=True)
+            rows = mb.get("rows", 1)  # rows of whole documents: (rows, T / rows), plain causal masks
+            ids = mb["input_ids"].view(rows, -1).to(self.device, non_blocking=True)
+            targets = mb["labels"].view(rows, -1).to(self.device, non_blocking=True)
             cu = mb["cu_seqlens"].long()
             starts = torch.repeat_interleave(cu[:-1], torch.diff(cu))
-            positions = (torch.arange(ids.shape[1]) - starts)[None].to(self.device, non_blocking=True)
+            positions = (torch.arange(ids.numel()) - starts).view(rows, -1).to(self.device, non_blocking=True)
             ce, aux = self.loss(ids, positions, targets, n_targets)
             loss = ce
             if aux is not None and self.cfg.moe_aux_loss_coef > 0:
@@ -394,6 +460,66 @@ class Bench:
                 free()
             self.emit(r)
 
+    def speed_model(self, m: dict):
+        """mixkit and transformers (SDPA) at one CPU shape, their optimizer
+        steps interleaved (the order alternating) so both see the same load."""
+        cfg, rows, seq_len, accum = m["cfg"], m["rows"], m["seq_len"], m["grad_accum"]
+        args = cfg.model_args()
+        warm, timed = self.p["cpu_warmup"], self.p["cpu_steps"]
+        steps = whole_rows(warm + timed, accum, rows, seq_len, args.vocab_size)
+        state = reference_weights(args, self.device)
+        flops = step_flops(args, steps[0])
+        base = dict(shape=f"{m['name']} {rows}x{seq_len} x{accum}", seq_len=seq_len, rows=rows, grad_accum=accum,
+                    tokens_per_step=rows * seq_len * accum, dtype=cfg.precision, interleaved=True,
+                    threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+        impls = [("mixkit", f"Trainer.train_step with the quick start's TrainConfig ({cfg.precision}), "
+                            "rows packed with cu_seqlens (flash_attn_varlen)",
+                  lambda: MixkitStep(mixkit_from_hf_state(args, state, self.device), cfg)),
+                 ("hf-sdpa", f"{cfg.precision}, attn_implementation=sdpa, (rows, seq_len) batches",
+                  lambda: HFStep(hf_from_state(args, state, self.device, "sdpa"), cfg))]
+        rs = [self.row(m["name"], args, impl, note=note, **base) for impl, note, _ in impls]
+        try:
+            runners = [make() for _, _, make in impls]
+        except Exception as exc:
+            for r in rs:
+                r["error"] = _error(exc)
+                self.emit(r)
+            return
+        load0 = os.getloadavg()[0]
+        wall = [[] for _ in impls]
+        cpu = [[] for _ in impls]
+        losses = [[] for _ in impls]
+        for i, micro_batches in enumerate(steps):
+            order = range(len(impls)) if i % 2 == 0 else reversed(range(len(impls)))
+            for k in order:
+                try:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    losses[k].append(runners[k](micro_batches))
+                    wall[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
+                except Exception as exc:  # one broken peer must not sink the run
+                    rs[k].setdefault("error", _error(exc))
+        load = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        for k, r in enumerate(rs):
+            if "error" in r:
+                self.emit(r)
+                continue
+            t, c = wall[k][warm:], cpu[k][warm:]
+            q = statistics.quantiles(t, n=5, method="inclusive") if len(t) > 1 else [t[0]] * 4
+            r.update(losses=losses[k], first_step_s=wall[k][0], steps=len(t), median_s=statistics.median(t),
+                     p20_s=q[0], p80_s=q[3], cpu_s=statistics.median(c), load_avg=load,
+                     method="wall time per optimizer step, steps of the two interleaved",
+                     activation_checkpointing=False, flops_per_step=flops)
+            r.update(tokens_per_s=r["tokens_per_step"] / r["median_s"], tflops=flops / r["median_s"] / 1e12)
+            r["mfu"] = r["tflops"] / self.peak_tflops
+        mine, peer = rs
+        if "error" not in mine and "error" not in peer:
+            ratios = [b / a for a, b in zip(wall[0][warm:], wall[1][warm:])]
+            peer.update(pair_speedup_median=statistics.median(ratios), pair_speedup_min=min(ratios),
+                        pair_speedup_max=max(ratios))
+        for r in rs:
+            self.emit(r)
+
     def _hf_step(self, r: dict, args, state, attn, checkpointing, compile_kw=None):
         model = hf_from_state(args, state, self.device, attn)
         experts = getattr(model.config, "_experts_implementation", None)
@@ -419,7 +545,8 @@ def _finish(rows: list[dict]):
     for r in rows:
         ref = mine.get(r["model"])
         if ref is not None and r is not ref and "median_s" in r:
-            r["mixkit_speedup"] = r["median_s"] / ref["median_s"]
+            # interleaved rows: the median of the per-pair ratios, robust to load drifting
+            r["mixkit_speedup"] = r.get("pair_speedup_median", r["median_s"] / ref["median_s"])
             r["loss_diff_vs_mixkit"] = r["losses"][0] - ref["losses"][0]
 
 
@@ -440,7 +567,7 @@ def run(device: str | None = None, quick: bool = False, steps: int | None = None
     if not compile:
         p["compile"], p["no_compile_reason"] = False, "--no-compile"
     if models:
-        known = [n for n, _ in p["models"]]
+        known = [m["name"] for m in p.get("cpu_speed", [])] + [n for n, _ in p["models"]]
         if [m for m in models if m not in known]:
             raise ValueError(f"unknown models {models}; this plan has {', '.join(known)}")
         p["models"] = [(n, a) for n, a in p["models"] if n in models]
@@ -456,9 +583,24 @@ def run(device: str | None = None, quick: bool = False, steps: int | None = None
                 compile_mode=("default" if cuda else "backend=eager") if p["compile"] else None,
                 flops="batch_flops: 6*N_active*tokens + 12*L*H*D*visible_pairs per document; "
                       "MFU = FLOP/s / matmul_tflops")
+    if p.get("cpu_speed"):
+        meta.update(cpu_speed_models={m["name"]: dict(model=m["cfg"].model, rows=m["rows"], seq_len=m["seq_len"],
+                                                      grad_accum=m["grad_accum"], precision=m["cfg"].precision)
+                                      for m in p["cpu_speed"]},
+                    cpu_speed_steps=dict(warmup=p["cpu_warmup"], timed=p["cpu_steps"]),
+                    torch_threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                    load_avg_start=os.getloadavg()[0])
     if log:
         log(f"{meta['device_name']}: matmul {bench.peak_tflops:.1f} TFLOP/s")
     t0 = time.perf_counter()
+    for m in p.get("cpu_speed", []):
+        if models and m["name"] not in models:
+            continue
+        try:
+            bench.speed_model(m)
+        except Exception as exc:
+            bench.emit(bench.row(m["name"], m["cfg"].model_args(), "model", error=_error(exc)))
+            free()
     for name, args in p["models"]:
         try:
             bench.model(name, args)
@@ -490,7 +632,18 @@ def _one_line(r: dict) -> str:
             f"{r['tflops']:8.3g} TFLOP/s MFU {r['mfu']:6.1%} loss0 {r['losses'][0]:.4f}")
     if "peak_mem_gib" in r:
         line += f" {r['peak_mem_gib']:.1f} GiB"
+    if "cpu_s" in r:
+        line += f" cpu {r['cpu_s'] * 1e3:.0f} ms/step"
+    if "pair_speedup_median" in r:
+        line += (f" | mixkit speedup {r['pair_speedup_median']:.2f}x per pair "
+                 f"[{r['pair_speedup_min']:.2f}-{r['pair_speedup_max']:.2f}], load {r['load_avg']}")
     return line
+
+
+def _speedup(r: dict) -> str:
+    if "pair_speedup_median" in r:
+        return f"{r['pair_speedup_median']:.2f} ({r['pair_speedup_min']:.2f}-{r['pair_speedup_max']:.2f})"
+    return _f(r.get("mixkit_speedup"), ".2f")
 
 
 def render_table(rows: list[dict]) -> str:
@@ -508,7 +661,7 @@ def render_table(rows: list[dict]) -> str:
                  f"{r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}" if timed else "", _f(r.get("tokens_per_s"), ".0f"),
                  _f(r.get("tflops"), ".3g"), _f(100 * r["mfu"] if timed else None, ".1f"),
                  _f(r.get("peak_mem_gib"), ".1f"), r.get("activation_checkpointing", ""),
-                 _f(r.get("mixkit_speedup"), ".2f"), _f(r["losses"][0] if timed else None, ".4f"),
+                 _speedup(r), _f(r["losses"][0] if timed else None, ".4f"),
                  _f(r.get("loss_diff_vs_mixkit"), ".2e"), note.replace("|", "/")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -517,11 +670,12 @@ def render_table(rows: list[dict]) -> str:
 def render_markdown(meta: dict, rows: list[dict]) -> str:
     keys = ["date_utc", "device_name", "driver", "torch", "cuda", "transformers", "commit", "matmul_tflops",
             "seq_len", "grad_accum", "tokens_per_step", "warmup_steps", "timed_steps", "timing", "compile_mode",
-            "flops", "wall_s"]
+            "flops", "cpu_speed_steps", "torch_threads", "omp_num_threads", "load_avg_start", "wall_s"]
     head = "\n".join(f"- {k}: {meta.get(k)}" for k in keys if meta.get(k) is not None)
     return (f"# mixkit training throughput, {meta['device_name']}\n\n{head}\n\n{render_table(rows)}\n\n"
             "MFU = model FLOPs per step (mixkit.train.flops.batch_flops, the same for every row) / median step "
-            "time / measured bf16 matmul peak. mixkit speedup = row step time / mixkit step time.\n")
+            "time / measured bf16 matmul peak. mixkit speedup = row step time / mixkit step time; for rows timed "
+            "interleaved with mixkit's (CPU), the median (min-max) of the per-pair ratios.\n")
 
 
 def write_results(path: str | Path, meta: dict, rows: list[dict]) -> list[Path]:
@@ -534,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="GPU: 4 micro-batches per step, 2 + 3 steps, no compile")
     ap.add_argument("--out", help="results JSON (a .md table is written beside it); a directory picks the name")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per row (after the warm-up)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (GPU 4096)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (GPU 4096; the CPU's "
+                                                                "quick-start comparison keeps its own shapes)")
     ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches (rows) per optimizer step")
     ap.add_argument("--models", help="comma-separated subset of the plan's models")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
