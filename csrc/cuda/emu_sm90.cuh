@@ -22,7 +22,10 @@
 //   every wait (stricter than the ISA when no register was touched since;
 //   mixkit's kernels fence before each batch, as CUTLASS does).
 // - Nothing checks that a kernel waits out its wgmmas before it exits: the
-//   pending ones are dropped when the thread's next block starts.
+//   pending ones are dropped when the OS thread next runs that thread id in a
+//   block of another index or shared-memory buffer (see state(); the runtime
+//   has no per-thread hook for it, so a relaunch of the same block index into
+//   a buffer at the same address would inherit them).
 // - fence.proxy.async is collective-free and a no-op: the emulator's shared
 //   memory has one proxy.
 // Matrix descriptors (PTX ISA, "Matrix Descriptor Format"): start address,
@@ -44,7 +47,8 @@
 //
 // The pending wgmmas of an emulated thread are kept per OS thread (blocks run
 // on one OS thread each) by block-linear thread id, tagged with the block
-// they belong to; a record left behind by an aborted block is dropped.
+// (index, grid, shared-memory buffer) they belong to; a record left behind by
+// an aborted block is dropped.
 //
 // tests/test_emu_wgmma.py checks these models against a numpy model of the
 // layouts and fragments.
@@ -186,6 +190,9 @@ inline void issue(Op op, const uint32_t* a) {
   }
   group_sync(kWarpgroup, "wgmma.mma_async");
   if (!same) fail("wgmma.mma_async: the threads of a warpgroup pass different descriptors, shapes or scale_d");
+  // Unsupported modes fail at the instruction; the operands are read at the wait.
+  if (!op.rs) decode(op.da);
+  decode(op.db);
   s.ops.push_back(op);
 }
 
@@ -244,11 +251,14 @@ inline void wait(int n) {
   State& s = state();
   const int groups = int(s.group_ends.size());
   if (groups > n) {
+    // Taken off the queue first: a launch that fails inside perform leaves
+    // nothing behind for a later block to write into dead accumulators.
     const size_t done = s.group_ends[size_t(groups - n - 1)];
-    for (size_t i = 0; i < done; ++i) perform(s.ops[i]);
+    std::vector<Op> now(s.ops.begin(), s.ops.begin() + long(done));
     s.ops.erase(s.ops.begin(), s.ops.begin() + long(done));
     s.group_ends.erase(s.group_ends.begin(), s.group_ends.begin() + (groups - n));
     for (size_t& e : s.group_ends) e -= done;
+    for (const Op& op : now) perform(op);
   }
   s.fenced = false;
   // Nobody leaves the wait (and writes shared memory) before the warpgroup's
