@@ -33,7 +33,10 @@ attention weights are requested) and `counters` records why:
 user-supplied 4D masks, custom mask functions (or_mask/and_mask), padding
 masks with holes, output_attentions, attention dropout in training,
 softcapping, non-causal attention, and dtype/head dims the GPU kernels lack.
-`patch(model, strict=True)` makes those raise instead.
+`patch(model, strict=True)` makes those raise instead. Holes in a padding
+mask are detected in prefill only (one host sync per forward, as HF's
+FlashAttention path has); a decode step trusts the mask, so generating after
+a right-padded prompt (which HF warns against) would read the padding.
 """
 from __future__ import annotations
 
