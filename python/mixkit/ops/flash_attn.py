@@ -123,7 +123,10 @@ def _check_cu_values(cu, total, max_seqlen, name, max_name):
     sequence to the tensors, so bad offsets there give wrong rows, never an
     out-of-bounds access. The CPU backend checks in C++ on every call.
     """
-    if not gpu_kernels(cu.device) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+    # (Only CUDA/ROCm tensors can be under capture; a CPU-only torch raises on
+    # the query, which the emulated GPU's CPU tensors would reach.)
+    capturing = cu.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not gpu_kernels(cu.device) or capturing or torch.compiler.is_compiling():
         return
     stamp = (cu._version, total, max_seqlen)
     if getattr(cu, "_mixkit_checked", None) == stamp:
