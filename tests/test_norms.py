@@ -166,3 +166,86 @@ def test_gpu_matches_cpu_and_second_device_stream():
         y = ops.rms_norm(x.cuda(non_blocking=True), w.cuda(non_blocking=True), 1e-5)
     s.synchronize()
     ref.assert_close(y.cpu(), ops.rms_norm(x, w, 1e-5).float(), torch.bfloat16, "y")
+
+
+# ---- every block layout the GPU kernels can be launched with -------------------
+# The GPU kernels lay a row over `tpr` lanes and put `rpb` rows in a block
+# (common/norm.h). A reduction that assumed one row per block whenever a row
+# is wider than a warp gave every row of a (tpr = 64, rpb = 2) block the sum
+# of both rows on CUDA (hidden 264-512 in 16-bit, 132-256 in float32). The
+# layouts below come from the config function itself, so a new one cannot go
+# untested, and each row is scaled differently, so a row that reads another
+# row's partial sums is wrong by far more than the tolerance.
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _layouts(dtype):
+    """{(vec, items, tpr, rpb): the smallest hidden size that gives it} over
+    16-byte aligned rows (the scalar layouts come from sizes that are not a
+    multiple of the vector width)."""
+    from mixkit import _core
+    largest = 16384 if dtype == torch.float32 else 32768  # the widest row the kernels take
+    seen = {}
+    cols = 1
+    while cols <= largest:
+        try:
+            seen.setdefault(_core.norm_gpu_config(_CODES[dtype], cols, True), cols)
+        except ValueError:  # wider than the scalar path takes
+            pass
+        # Layouts change only where a count crosses a power of two, and each
+        # spans at least a factor of two in width past 1100: a 1.6 % step
+        # (whose residues mod 8 vary) cannot miss one.
+        cols += 1 if cols < 1100 else cols // 64
+    return dict(sorted(seen.items(), key=lambda kv: kv[1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layout_table_has_no_unsupported_shared_rows(dtype):
+    """CPU-runnable: no layout puts two rows wider than a warp into one block
+    unless the kernel's reduction supports it (norm_multirow_wide_blocks)."""
+    from mixkit import _core
+    layouts = _layouts(dtype)
+    assert len(layouts) > 20, layouts  # the enumeration itself works
+    for warp in (32, 64):
+        shared = [k for k in layouts if k[2] > warp and k[3] > 1]
+        if warp == 32:
+            assert shared, "expected (tpr = 64, rpb = 2) layouts on CUDA"
+        assert not shared or _core.norm_multirow_wide_blocks, (
+            f"warp {warp}: layouts {shared} put several rows wider than a warp in one block")
+
+
+def _layout_cases():
+    for dtype in DTYPES:
+        for (vec, items, tpr, rpb), cols in _layouts(dtype).items():
+            yield pytest.param(dtype, cols, id=f"{str(dtype)[6:]}-{cols}-vec{vec}-items{items}-tpr{tpr}-rpb{rpb}")
+    # The hidden sizes the bug report named (two 2-warp rows per CUDA block).
+    for cols in (384, 512):
+        yield pytest.param(torch.bfloat16, cols, id=f"bfloat16-{cols}-reported")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,cols", list(_layout_cases()))
+def test_every_block_layout(dtype, cols, device):
+    """rms_norm (plain and fused residual) and layer_norm, forward and
+    backward, at the smallest hidden size of every layout, with rows of
+    clearly different scale."""
+    rows = 5  # odd: the last block of a two-row layout is half empty
+    g = torch.Generator().manual_seed(cols)
+    scale = torch.tensor([1.0, 7.0, 0.25, 3.0, 40.0])[:, None]
+    x = (torch.randn(rows, cols, generator=g) * scale).to(dtype).to(on(device))
+    w = (1 + 0.5 * torch.randn(cols, generator=g)).to(dtype).to(on(device))
+    r = torch.randn(rows, cols, generator=g).to(dtype).to(on(device))
+    dy = torch.randn(rows, cols, generator=g).to(dtype).to(on(device))
+    (y,), (dx, dw) = _grads(lambda x, w: ops.rms_norm(x, w, 1e-5), (x, w), dy)
+    (y_ref,), (dx_ref, dw_ref) = _grads(lambda x, w: ref.rms_norm(x, w, 1e-5), (x, w), dy.float())
+    ref.assert_close(y, y_ref, dtype, "y")
+    ref.assert_close(dx, dx_ref, dtype, "dx", scale=ref.norm_grad_scale(x, dy, w))
+    ref.assert_close(dw, dw_ref, dtype, "dw")
+    y2, h = ops.rms_norm_residual(x, r, w, 1e-5)
+    h_ref = (x.float() + r.float()).to(dtype)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    ref.assert_close(y2, ref.rms_norm(h_ref.float(), w.float(), 1e-5), dtype, "y (residual)")
+    (yl,), (dxl,) = _grads(lambda x: ops.layer_norm(x, 1e-5), (x,), dy)
+    (yl_ref,), (dxl_ref,) = _grads(lambda x: ref.layer_norm(x, 1e-5), (x.float(),), dy.float())
+    ref.assert_close(yl, yl_ref, dtype, "y (layer_norm)")
+    ref.assert_close(dxl, dxl_ref, dtype, "dx (layer_norm)", scale=ref.norm_grad_scale(x, dy, centered=True))

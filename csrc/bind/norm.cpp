@@ -1,7 +1,10 @@
 // _core.norm_fwd, norm_bwd, norm_bwd_partials: python/mixkit/ops/norm.py.
 #include <algorithm>
 
+#include <nanobind/stl/tuple.h>
+
 #include "bind/bind.h"
+#include "common/norm.h"
 
 using namespace mixkit;
 
@@ -49,5 +52,16 @@ MIXKIT_BIND(norm) {
         return p;
       },
       "Rows of the float32 weight-gradient buffer that norm_bwd fills.");
+
+  m.def(
+      "norm_gpu_config",
+      [](int dtype, int64_t cols, bool aligned) {
+        check_dtype(DType(dtype));
+        const int bytes = DType(dtype) == DType::f32 ? 4 : 2;
+        const norm::Config c = norm::config(bytes, cols, aligned);
+        return std::make_tuple(c.vec, c.items, c.tpr, c.rpb);
+      },
+      "The (vec, items, tpr, rpb) block layout the GPU norm kernels use for a row of `cols` elements.");
+  m.attr("norm_multirow_wide_blocks") = norm::kMultiRowWideBlocks;
 
 }

@@ -8,14 +8,14 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/norm.h"
 #include "common/ops.h"
 #include "cuda/compat.cuh"
 
 namespace mixkit {
 namespace {
 
-constexpr int kMaxThreads = 1024;
-constexpr int kMinBlock = 128;
+using norm::kMaxThreads;
 
 // ============================== kernels ======================================
 
@@ -31,18 +31,21 @@ __device__ __forceinline__ Pack<T, VEC>* out_row(void* base, int64_t off) {
   return base ? reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(base) + off) : nullptr;
 }
 
-// Sum over the blockDim.x lanes that own a row. A row wider than one warp is
-// the only row of its block, so the block-wide step below is safe. Must be
+// Sum over the blockDim.x lanes that own a row. A row wider than a warp
+// spans whole warps (tpr is a power of two), and a block may hold several such
+// rows (tpr = 64 on CUDA gives two rows of two warps): warp w of row y posts to
+// slot y * (tpr / warp) + w and reads back only its row's slots. Must be
 // reached by every thread of the block.
 __device__ __forceinline__ float row_sum(float v, float* smem) {
   const int tpr = blockDim.x;
   for (int m = (tpr < kWarpSize ? tpr : kWarpSize) / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
   if (tpr <= kWarpSize) return v;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = tpr / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float* slots = smem + threadIdx.y * warps;
   __syncthreads();  // the previous call may still be reading smem
-  if (lane == 0) smem[warp] = v;
+  if (lane == 0) slots[threadIdx.x / kWarpSize] = v;
   __syncthreads();
-  v = lane < tpr / kWarpSize ? smem[lane] : 0.f;
+  v = lane < warps ? slots[lane] : 0.f;
   for (int m = kWarpSize / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
   return v;
 }
@@ -228,47 +231,17 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
 
 // ============================== launchers ====================================
 
-struct NormConfig {
-  int vec;    // elements per vector access
-  int items;  // vectors each lane keeps in registers
-  int tpr;    // lanes per row (blockDim.x)
-  int rpb;    // rows per block (blockDim.y)
-};
-
-int next_pow2(int64_t v) {
-  int p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-// Register budget: items * vec <= 32 floats per lane, so a row of up to 32768
-// 16-bit or 16384 float32 elements stays in registers. Rows whose size or
-// pointers do not allow 16-byte accesses take the scalar path (up to 16384).
+// The (vec, items, tpr, rpb) layout of a row: common/norm.h.
 template <class T>
-NormConfig norm_config(int64_t cols, std::initializer_list<const void*> ptrs) {
-  int vec = 16 / int(sizeof(T));
-  bool ok = cols % vec == 0;
-  for (const void* p : ptrs) ok = ok && (p == nullptr || aligned_to(p, 16));
-  if (!ok) vec = 1;
-  const int64_t nvec = cols / vec;
-  const int options_vec[3] = {1, 2, 4}, options_scalar[3] = {1, 4, 16};
-  const int* options = vec > 1 ? options_vec : options_scalar;
-  for (int o = 0; o < 3; ++o) {
-    if (nvec <= int64_t(kMaxThreads) * options[o]) {
-      NormConfig c{vec, options[o], 0, 1};
-      c.tpr = std::min(kMaxThreads, next_pow2((nvec + c.items - 1) / c.items));
-      c.rpb = std::max(1, kMinBlock / c.tpr);
-      return c;
-    }
-  }
-  require(false, "hidden size " + std::to_string(cols) + " is too large for the GPU norm kernel (max " +
-                     std::to_string(int64_t(kMaxThreads) * options[2] * vec) + " for this dtype and alignment)");
-  return {};
+norm::Config norm_config(int64_t cols, std::initializer_list<const void*> ptrs) {
+  bool aligned = true;
+  for (const void* p : ptrs) aligned = aligned && (p == nullptr || aligned_to(p, 16));
+  return norm::config(int(sizeof(T)), cols, aligned);
 }
 
 // Turns the runtime (vec, items) into template arguments in this one place.
 template <class T, class F>
-void with_config(const NormConfig& c, F&& f) {
+void with_config(const norm::Config& c, F&& f) {
   constexpr int kVec = 16 / int(sizeof(T));
   using std::integral_constant;
   if (c.vec > 1) {
@@ -293,7 +266,7 @@ void norm_fwd_gpu(const NormFwdArgs& a, int device, void* stream) {
   DeviceGuard guard(device);
   dispatch_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
-    const NormConfig c = norm_config<T>(a.cols, {a.x, a.residual, a.weight, a.y, a.h});
+    const norm::Config c = norm_config<T>(a.cols, {a.x, a.residual, a.weight, a.y, a.h});
     with_config<T>(c, [&](auto vec, auto items) {
       const int64_t blocks = (a.rows + c.rpb - 1) / c.rpb;
       require(blocks <= 0x7fffffff, "too many rows for one launch");
@@ -309,7 +282,7 @@ int64_t norm_bwd_partials_gpu(DType dtype, int64_t rows, int64_t cols, int devic
   dispatch_dtype(dtype, [&](auto t) {
     // Alignment does not change lanes per row enough to matter here; assume the
     // aligned case. Enough row groups to fill every SM once at full occupancy.
-    const NormConfig c = norm_config<decltype(t)>(cols, {});
+    const norm::Config c = norm_config<decltype(t)>(cols, {});
     const int64_t groups_per_sm = std::max(1, 2048 / (c.tpr * c.rpb)) * int64_t(c.rpb);
     partials = std::max<int64_t>(1, std::min<int64_t>(rows, sm_count(device) * groups_per_sm));
   });
@@ -322,7 +295,7 @@ void norm_bwd_gpu(const NormBwdArgs& a, int device, void* stream) {
   DeviceGuard guard(device);
   dispatch_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
-    const NormConfig c = norm_config<T>(a.cols, {a.grad_y, a.grad_h, a.x, a.weight, a.grad_x});
+    const norm::Config c = norm_config<T>(a.cols, {a.grad_y, a.grad_h, a.x, a.weight, a.grad_x});
     // With a weight, the caller sized the partials buffer; without one, one
     // row per row group, capped so the grid stays reasonable.
     const int64_t workers = a.weight ? a.partials : std::min<int64_t>(a.rows, int64_t(1) << 20);

@@ -1,0 +1,178 @@
+"""The emulated GPU's scheduler (csrc/cuda/emu_runtime.cpp) on small kernels.
+
+A host program is compiled against the HIP CPU runtime (shared/third_party,
+used in place) and the scheduler, at warp widths 32 and 64. It checks what the
+op tests rely on: warps are consecutive block-linear threads, so a 2-D block
+reduces each row on its own (HIP-CPU's own shuffles mix the rows); the thread
+order between synchronisation points follows the schedule, so a missing
+barrier gives different answers in forward and reverse order while a correct
+kernel does not; a barrier that only some threads reach, or lanes of one warp
+at different collectives, is an error rather than a hang; cp.async copies land
+only at the wait that covers them.
+"""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HIP_CPU = Path(os.environ.get("MIXKIT_HIP_CPU_DIR", ROOT.parent / "shared" / "third_party" / "HIP-CPU"))
+
+PROGRAM = r"""
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+#include "cuda/compat.cuh"
+#include "cuda/emu_sm80.cuh"
+
+using namespace mixkit;
+
+// Each row of a (tpr, rows) block sums its lanes' values y * 1000 + x.
+__global__ void row_sums(float* out) {
+  float v = threadIdx.y * 1000.f + threadIdx.x;
+  for (int m = blockDim.x / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+  if (threadIdx.x == 0) out[threadIdx.y] = v;
+}
+
+// Thread t reads what thread t + 1 wrote, with or without the barrier.
+template <bool kBarrier>
+__global__ void neighbour(int* out) {
+  __shared__ int s[64];
+  s[threadIdx.x] = int(threadIdx.x) + 100;
+  if (kBarrier) __syncthreads();
+  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+  __syncthreads();
+  s[threadIdx.x] = -1;  // stale values for the next launch
+}
+
+__global__ void divergent_barrier(int*) {
+  if (threadIdx.x < 32) __syncthreads();
+}
+
+__global__ void divergent_collective(float* out) {
+  float v = 1.f;
+  if (threadIdx.x % 2) v = shfl_xor(v, 1);
+  else v = shfl_xor(v, 2) + shfl_xor(v, 2);
+  out[threadIdx.x] = v;
+}
+
+// Reads the destination of a cp.async before and after its wait.
+__global__ void async_copy(const float* src, float* out) {
+  MIXKIT_DYNAMIC_SMEM(smem, 16);
+  float* dst = reinterpret_cast<float*>(smem) + 4 * threadIdx.x;
+  for (int i = 0; i < 4; ++i) dst[i] = -1.f;
+  emu::sm80::cp_async16(dst, src + 4 * threadIdx.x, 16);
+  emu::sm80::cp_async_commit();
+  out[threadIdx.x] = dst[0];  // before the wait: still -1
+  emu::sm80::cp_async_wait(0);
+  out[32 + threadIdx.x] = dst[0];
+}
+
+template <class F>
+std::string guarded(F&& f) {
+  try {
+    f();
+    return "ok";
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+}
+
+std::string quote(const std::string& s) {
+  std::string r = "\"";
+  for (char c : s) r += (c == '"' || c == '\\') ? std::string("\\") + c : std::string(1, c);
+  return r + "\"";
+}
+
+int main(int argc, char** argv) {
+  emu::set_schedule(emu::Schedule(std::stoi(argv[1])), 7);
+  std::printf("{\"warp\": %d", kWarpSize);
+  std::vector<float> sums(4);
+  gpu_launch(row_sums, dim3(1), dim3(kWarpSize, 4), 0, nullptr, sums.data());
+  std::printf(", \"row_sums\": [%g, %g, %g, %g]", sums[0], sums[1], sums[2], sums[3]);
+  for (int barrier = 0; barrier < 2; ++barrier) {
+    std::vector<int> out(64);
+    if (barrier) gpu_launch(neighbour<true>, dim3(1), dim3(64), 0, nullptr, out.data());
+    else gpu_launch(neighbour<false>, dim3(1), dim3(64), 0, nullptr, out.data());
+    std::printf(", \"neighbour%d\": [", barrier);
+    for (int i = 0; i < 64; ++i) std::printf("%s%d", i ? ", " : "", out[i]);
+    std::printf("]");
+  }
+  std::printf(", \"divergent_barrier\": %s",
+              quote(guarded([] { gpu_launch(divergent_barrier, dim3(2), dim3(64), 0, nullptr, nullptr); })).c_str());
+  std::vector<float> dc(64);
+  std::printf(", \"divergent_collective\": %s",
+              quote(guarded([&] { gpu_launch(divergent_collective, dim3(1), dim3(64), 0, nullptr, dc.data()); }))
+                  .c_str());
+  std::vector<float> src(128), out(64);
+  for (int i = 0; i < 128; ++i) src[i] = float(i);
+  gpu_launch(async_copy, dim3(1), dim3(32), 512, nullptr, src.data(), out.data());
+  std::printf(", \"async_before\": %g, \"async_after\": [%g, %g]", out[0], out[32], out[33]);
+  // After an error the scheduler's fibers start over: a later launch works.
+  gpu_launch(row_sums, dim3(3), dim3(kWarpSize, 4), 0, nullptr, sums.data());
+  std::printf(", \"after_error\": %g}\n", sums[3]);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no host C++ compiler")
+    if not (HIP_CPU / "include" / "hip" / "hip_runtime.h").exists():
+        pytest.skip(f"the HIP CPU runtime is not at {HIP_CPU}")
+    d = tmp_path_factory.mktemp("emu_runtime")
+    (d / "program.cpp").write_text(PROGRAM)
+    exes = {}
+    for warp in (32, 64):
+        exe = d / f"program{warp}"
+        subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", "-w", "-DMIXKIT_EMULATE", f"-DMIXKIT_WARP_SIZE={warp}",
+                        f"-I{ROOT / 'csrc'}", f"-I{HIP_CPU / 'include'}", f"-I{HIP_CPU}", str(d / "program.cpp"),
+                        str(ROOT / "csrc" / "cuda" / "emu_runtime.cpp"), "-o", str(exe)], check=True)
+        exes[warp] = exe
+    return exes
+
+
+def _run(exe, schedule):
+    return json.loads(subprocess.run([str(exe), str(schedule)], check=True, capture_output=True, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout)
+
+
+@pytest.mark.parametrize("warp", [32, 64])
+def test_warps_are_block_linear_and_two_d_blocks_reduce_per_row(programs, warp):
+    for schedule in (0, 1, 2):
+        out = _run(programs[warp], schedule)
+        assert out["warp"] == warp
+        assert out["row_sums"] == [y * 1000 * warp + warp * (warp - 1) / 2 for y in range(4)]
+        assert out["after_error"] == 3000 * warp + warp * (warp - 1) / 2
+
+
+@pytest.mark.parametrize("warp", [32, 64])
+def test_schedule_exposes_a_missing_barrier(programs, warp):
+    forward, reverse, shuffled = (_run(programs[warp], s) for s in (0, 1, 2))
+    expected = [(t + 1) % 64 + 100 for t in range(64)]
+    for out in (forward, reverse, shuffled):
+        assert out["neighbour1"] == expected  # with the barrier: the same in every order
+    # Without it, forward order runs thread t before t + 1 wrote (only thread
+    # 63, reading thread 0, sees a written value); reverse order runs t after
+    # t + 1 (only thread 63 misses).
+    assert forward["neighbour0"][63] == 100 and forward["neighbour0"][:63] != expected[:63]
+    assert reverse["neighbour0"][:63] == expected[:63] and reverse["neighbour0"][63] != 100
+
+
+@pytest.mark.parametrize("warp", [32, 64])
+def test_divergence_is_an_error_not_a_hang(programs, warp):
+    out = _run(programs[warp], 0)
+    assert "deadlock" in out["divergent_barrier"], out["divergent_barrier"]
+    assert "different collectives" in out["divergent_collective"], out["divergent_collective"]
+
+
+def test_async_copies_land_at_the_wait(programs):
+    out = _run(programs[32], 0)
+    assert out["async_before"] == -1
+    assert out["async_after"] == [0, 4]
