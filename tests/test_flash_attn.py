@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import mixkit.ops as ops
+from mixkit import _core
 from mixkit.bench.harness import capture_cuda_graph
-from conftest import DEVICES, on, gpu
+from conftest import DEVICES, on, gpu, EMULATED
 
 NEG_INF = float("-inf")
 
@@ -75,7 +76,10 @@ def _randn(shape, dtype, device, gen):
     return torch.randn(shape, generator=gen).to(dtype).to(on(device))
 
 
-DTYPES = {"cpu": [torch.float32, torch.float16, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
+DTYPES = {"cpu": [torch.float32, torch.float16, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16],
+          "emu": [torch.float16, torch.bfloat16]}
+# The emulated GPU at warp 64 runs the AMD (MFMA) kernels: no sm_80 to force.
+_FORCE_SM80 = {"cpu": False, "cuda": True, "emu": EMULATED and _core.build_info()["warp_size"] == 32}
 
 
 def _dev_dtypes():
@@ -85,7 +89,7 @@ def _dev_dtypes():
         dev = device if isinstance(device, str) else device.values[0]
         marks = () if isinstance(device, str) else device.marks
         for dtype in DTYPES[dev]:
-            for kernel in ("default", "sm80") if gpu(dev) else ("default",):
+            for kernel in ("default", "sm80") if _FORCE_SM80[dev] else ("default",):
                 yield pytest.param(dev, dtype, kernel, marks=marks,
                                    id=f"{dev}-{str(dtype).replace('torch.', '')}-{kernel}")
 
@@ -95,7 +99,7 @@ def select_kernel(monkeypatch):
     def select(device, kernel):
         if kernel == "sm80":
             monkeypatch.setenv("MIXKIT_FORCE_SM80", "1")
-            assert ops.flash_attn_fwd_arch(torch.device(device)) == 80
+            assert ops.flash_attn_fwd_arch(torch.device(on(device))) == 80
     return select
 
 
