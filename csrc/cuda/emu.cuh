@@ -123,7 +123,8 @@ Device& device();
 //   3  ldmatrix.trans: the transpose is dropped
 //   4  cp.async: the zero-fill of src_bytes = 0 copies instead
 //   10 wgmma: descriptors' stride byte offset (SBO) read as half its value
-//   11 wgmma: the transpose-B bit dropped (MN-major B read as K-major)
+//   11 wgmma: MN-major B's 8x8 core matrices read untransposed (n % 8 and
+//      k % 8 exchanged)
 //   12 wgmma: accumulators d[4i + 1] and d[4i + 2] swapped (rows g, g + 8 mixed)
 //   13 wgmma: the 128-byte swizzle not applied to operand addresses
 //   14 wgmma (RS): registers a1 and a2 of A swapped

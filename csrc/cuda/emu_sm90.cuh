@@ -98,6 +98,11 @@ inline uint32_t k_major(const Desc& d, int r, int k) {
   return swizzle128(d.start + uint32_t(r % 8) * 128 + uint32_t(r / 8) * d.sbo + uint32_t(2 * k));
 }
 inline uint32_t mn_major(const Desc& d, int n, int k) {
+  if (mutation() == 11) {  // n % 8 and k % 8 exchanged: each 8x8 core matrix read untransposed
+    const int n8 = n % 8, k8 = k % 8;
+    n += k8 - n8;
+    k += n8 - k8;
+  }
   return swizzle128(d.start + uint32_t(2 * (n % 64)) + uint32_t(n / 64) * d.lbo + uint32_t(k % 8) * 128 +
                     uint32_t(k / 8) * d.sbo);
 }
@@ -201,7 +206,7 @@ inline void perform(const Op& op) {
   const int t = linear_tid() % kWarpgroup;
   const int w = t / 32, g = (t % 32) / 4, c = 2 * (t % 4);
   const Desc db = decode(op.db);
-  const bool mn = op.mn_major_b && mutation() != 11;
+  const bool mn = op.mn_major_b;
   // One bounds check over the furthest byte any operand element can be at.
   uint32_t far = 0;
   auto widest = [&](uint32_t addr) { far = addr > far ? addr : far; };
