@@ -37,7 +37,8 @@ def _attention_ref(q, k, v):
 
 def _errors():
     """Relative max errors of the kernels against float64 references; every
-    shape has partial tiles (70 rows, K = 72) so zero-filled copies matter."""
+    shape has partial tiles (70 rows, K = 72, N = 136) so zero-filled copies
+    matter."""
     g = torch.Generator().manual_seed(0)
     errs = {}
     q, k, v = (torch.randn(1, 70, h, 64, generator=g).bfloat16().requires_grad_() for h in (2, 1, 1))
@@ -52,11 +53,11 @@ def _errors():
         errs[name] = float((got.double() - want).abs().max() / want.abs().max())
     offsets = torch.tensor([0, 37, 37, 70], dtype=torch.int64)
     a = torch.randn(70, 72, generator=g).bfloat16()
-    b = torch.randn(3, 72, 40, generator=g).bfloat16()
+    b = torch.randn(3, 72, 136, generator=g).bfloat16()  # N > 64: MN-major B steps by LBO
     c = ops.grouped_gemm(a, b, offsets)
     want = torch.cat([a[s:e].double() @ b[i].double() for i, (s, e) in enumerate(zip(offsets, offsets[1:]))])
     errs["gemm"] = float((c.double() - want).abs().max() / want.abs().max())
-    dc = torch.randn(70, 40, generator=g).bfloat16()
+    dc = torch.randn(70, 136, generator=g).bfloat16()
     db = ops.grouped_gemm_wgrad(a, dc, offsets)
     want = torch.stack([a[s:e].double().T @ dc[s:e].double() for s, e in zip(offsets, offsets[1:])])
     errs["wgrad"] = float((db.double() - want).abs().max() / want.abs().max())

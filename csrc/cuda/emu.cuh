@@ -66,6 +66,10 @@ const Index3& block_idx();
 const Index3& block_dim();
 const Index3& grid_dim();
 int linear_tid();
+// A number unique to this run of this block (per process): state an
+// instruction model keeps per block (pending wgmma groups) keys on it, so a
+// block aborted mid-kernel leaves nothing a later block could pick up.
+uint64_t block_serial();
 
 // __syncthreads().
 void syncthreads();
@@ -121,7 +125,7 @@ Device& device();
 //   1  mma.m16n8k16: registers a1 and a2 of A swapped
 //   2  ldmatrix: lanes read row l % 8 of the next matrix
 //   3  ldmatrix.trans: the transpose is dropped
-//   4  cp.async: the zero-fill of src_bytes = 0 copies instead
+//   4  cp.async: the zero-fill of src_bytes = 0 is dropped (stale data stays)
 //   10 wgmma: descriptors' stride byte offset (SBO) read as half its value
 //   11 wgmma: MN-major B's 8x8 core matrices read untransposed (n % 8 and
 //      k % 8 exchanged)

@@ -11,6 +11,7 @@
 // permutation drawn from (seed, block, round). Blocks run in parallel on the
 // OpenMP threads, each with its own fibers.
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -68,6 +69,7 @@ struct Block {
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
   std::string error;
+  uint64_t serial = 0;
 };
 
 struct Launch {
@@ -208,8 +210,11 @@ bool release_groups(Block& b, bool& released) {
   return true;
 }
 
+std::atomic<uint64_t> g_block_serial{0};
+
 void run_block(Block& b, uint64_t block_linear) {
   Worker& w = t_worker;
+  b.serial = ++g_block_serial;
   if (!w.scheduler) w.scheduler = co_active();
   while (int(w.fibers.size()) < b.threads) w.fibers.push_back(make_fiber());
   w.block = &b;
@@ -286,6 +291,7 @@ const Index3& block_idx() { return current_block().bid; }
 const Index3& block_dim() { return current_block().bdim; }
 const Index3& grid_dim() { return current_block().gdim; }
 int linear_tid() { return t_worker.current; }
+uint64_t block_serial() { return current_block().serial; }
 
 void syncthreads() { wait(State::barrier, 0, "__syncthreads"); }
 

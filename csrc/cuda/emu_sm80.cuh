@@ -7,7 +7,7 @@
 // answer exactly as it would on the hardware.
 //
 // Included by mma_sm80.cuh and flash_attn_bwd_sm80.cuh in MIXKIT_EMULATE
-// builds, in place of their inline PTX. tests/test_emu_instructions.py checks
+// builds, in place of their inline PTX. tests/test_emu_sm80.py checks
 // each one against a simple model of the instruction.
 #pragma once
 
@@ -31,7 +31,7 @@ inline int lane() { return linear_tid() % kWarp; }
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     fail("cp.async.cg of 16 bytes needs 16-byte aligned addresses");
-  if (mutation() == 4 && src_bytes == 0) src_bytes = 16;
+  if (mutation() == 4 && src_bytes == 0) return;  // the zero-fill is lost: stale data stays
   async_queue().copies.push_back(AsyncCopy{dst, src, src_bytes});
 }
 inline void cp_async_commit() {
