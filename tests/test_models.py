@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import DEVICES, on, gpu
 from mixkit.models import CONFIGS, Transformer, generate, load
 
 transformers = pytest.importorskip("transformers")
@@ -62,7 +62,7 @@ def tol(device):
 
 
 def gpu_dtype(device):
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    return torch.bfloat16 if gpu(device) else torch.float32
 
 
 def assert_within_lowp_rule(got, ref32, ref_lowp, name=""):
@@ -86,18 +86,18 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_hf(checkpoints, family, device):
     hf, path = checkpoints[family]
-    ours = load(path, device=device, dtype=gpu_dtype(device))
-    hf_lowp = copy.deepcopy(hf).to(device, gpu_dtype(device)) if device == "cuda" else None
+    ours = load(path, device=on(device), dtype=gpu_dtype(device))
+    hf_lowp = copy.deepcopy(hf).to(on(device), gpu_dtype(device)) if gpu(device) else None
     # Mistral: sequences of W+1, 2W and more than 2W tokens, all past the window.
     for seqlen in ([WINDOW + 1, 2 * WINDOW, 3 * WINDOW + 5] if family == "mistral" else [2, 3 * WINDOW + 5]):
         tokens = torch.randint(0, VOCAB, (2, seqlen), generator=torch.Generator().manual_seed(seqlen))
         with torch.no_grad():
             ref = hf(tokens).logits
-            got = ours(tokens.to(device)).cpu()
+            got = ours(tokens.to(on(device))).cpu()
             if hf_lowp is None:
                 torch.testing.assert_close(got, ref, atol=tol(device), rtol=0)
             else:
-                assert_within_lowp_rule(got, ref, hf_lowp(tokens.to(device)).logits, f"{family} S={seqlen}")
+                assert_within_lowp_rule(got, ref, hf_lowp(tokens.to(on(device))).logits, f"{family} S={seqlen}")
 
 
 def test_olmo_clip_qkv_is_active(checkpoints):
@@ -119,7 +119,7 @@ def test_greedy_matches_hf(checkpoints, family):
 
 
 def _tiny(name, seed=0, device="cpu"):
-    return Transformer(CONFIGS[name]).init_weights(seed, std=0.1).to(device, gpu_dtype(device)).eval()
+    return Transformer(CONFIGS[name]).init_weights(seed, std=0.1).to(on(device), gpu_dtype(device)).eval()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -130,7 +130,7 @@ def test_prefill_decode_matches_full_forward(name, device):
     model = _tiny(name, device=device)
     window = model.args.sliding_window or 16
     total, prompt = 4 * window + 3, window + 5
-    tokens = torch.randint(0, 256, (2, total), generator=torch.Generator().manual_seed(1)).to(device)
+    tokens = torch.randint(0, 256, (2, total), generator=torch.Generator().manual_seed(1)).to(on(device))
     with torch.no_grad():
         full = model(tokens)
         model.setup_caches(2, max_seq_len=total)
@@ -138,7 +138,7 @@ def test_prefill_decode_matches_full_forward(name, device):
         for start in range(0, prompt, window):
             end = min(start + window, prompt)
             chunks.append(model(tokens[:, start:end], start_pos=start))
-        steps = [model.decode_step(tokens[:, p], torch.full((2,), p, dtype=torch.int32, device=device))
+        steps = [model.decode_step(tokens[:, p], torch.full((2,), p, dtype=torch.int32, device=on(device)))
                  for p in range(prompt, total)]
         model.clear_caches()
     if device == "cpu":
