@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     q = sub.add_parser("quickstart", help="train a BPE and a small Mistral-style model on the stdlib sources (no "
                                           "download); held-out bits per byte against gzip -9 and xz -9e, a sample")
-    q.add_argument("--steps", type=int, help="default 900 on the CPU (about four minutes on 2 cores), 3000 on a GPU")
+    q.add_argument("--steps", type=int, help="default 900 on the CPU (about five minutes on 2 cores), 3000 on a GPU")
     q.add_argument("--tokenizer", help="BPE vocabulary size, or 'byte' (default: a 2048-token BPE)")
     q.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     q.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")

@@ -12,9 +12,9 @@ summary.json and model/ (weights, config.json and the tokenizer, so that
 other flag).
 
 The shapes and schedule come from `quickstart_config()`, which the CPU
-training benchmark uses too. They are sized for about 4 minutes of wall time
+training benchmark uses too. They are sized for about 5 minutes of wall time
 on 2 idle CPU cores, evaluation included (the goal is at most 6): 1.84M
-training tokens at the ~9k tokens/s such a model trains at there.
+training tokens at the 7.5-8k tokens/s such a model trains at there.
 
 Why the earlier quick start (byte-level, 8 x 256-byte batches, peak lr 3e-3)
 spiked at step 178, from 2.1 to 5.5 nats: packed sequences were read in
@@ -59,7 +59,7 @@ def quickstart_config(device: str = "cpu") -> tuple[TrainConfig, DataConfig]:
     """The quickstart's model, optimizer, schedule and data settings, as a
     `mixkit train` run would take them (the stdlib as its one component).
 
-    CPU: sized for about 4 minutes on 2 cores, evaluation included. GPU:
+    CPU: sized for about 5 minutes on 2 cores, evaluation included. GPU:
     the same model, more steps, bf16. The peak learning rate, warmup, batch
     and shuffled sequence order follow from the spike investigation (module
     docstring)."""
