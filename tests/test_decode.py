@@ -181,9 +181,10 @@ def test_cache_starts_on_a_head_major_cache(window, device):
     out = ops.decode_attn(q, k, v, seqlens.to(on(device)), window=window, cache_starts=starts.to(on(device)))
     torch.testing.assert_close(out.cpu(), expect, rtol=1e-5, atol=1e-5)
     # Without starts the padding is read: the argument is what keeps it out.
-    # (Finite padding: the GPU kernels give a NaN score zero weight, the CPU
-    # propagates it, so NaN would show the difference on the CPU only.)
+    # A NaN that is read reaches the output on every backend (the GPU kernel
+    # once dropped it: fmaxf skips NaN and a NaN sum took the "no key" branch).
     if window is None:
+        assert torch.isnan(ops.decode_attn(q, k, v, seqlens.to(on(device))).cpu()[1:]).any()
         padded = ops.decode_attn(q, k.nan_to_num(5.0), v.nan_to_num(5.0), seqlens.to(on(device))).cpu()
         assert not torch.allclose(padded[1:], expect[1:], rtol=1e-2, atol=1e-2)
     torch.library.opcheck(torch.ops.mixkit.decode_attn,

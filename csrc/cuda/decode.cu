@@ -205,8 +205,11 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
       sum += sm_l[r][g] * w;
       o += sm_acc[r][g][dd] * w;
     }
-    o = sum > 0.f ? o / sum : 0.f;
-    const float lse = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+    // sum == 0: no visible key (zeros, lse -inf). A NaN score (a NaN in the
+    // cache) is skipped by fmaxf but makes sum NaN, and must reach the
+    // output as on the CPU, not vanish into the zero case.
+    o = sum != 0.f ? o / sum : 0.f;
+    const float lse = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
     const int64_t row = row0 + g;
     if (a.splits == 1) {
       static_cast<T*>(a.out)[row * D + dd] = from_f32<T>(o);
@@ -232,14 +235,14 @@ __global__ void __launch_bounds__(256) decode_combine_kernel(DecodeArgs a) {
   const float mref = mx == -INFINITY ? 0.f : mx;
   float sum = 0.f;
   for (int64_t s = 0; s < splits; ++s) sum += expf(lse[s] - mref);
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = sum != 0.f ? 1.f / sum : 0.f;  // NaN propagates, as in decode_attn_kernel
   const float* part = a.ws_out + row * splits * d;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     float o = 0.f;
     for (int64_t s = 0; s < splits; ++s) o += expf(lse[s] - mref) * part[s * d + i];
     static_cast<T*>(a.out)[row * d + i] = from_f32<T>(o * inv);
   }
-  if (threadIdx.x == 0) a.lse[row] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+  if (threadIdx.x == 0) a.lse[row] = sum != 0.f ? mx + logf(sum) : -INFINITY;
 }
 
 // ============================== launchers ====================================
