@@ -112,6 +112,10 @@ def assert_fa_rule(out, q, k_cache, v_cache, seqlens, window, scale=None, name="
 def test_decode_attn_matches_reference(case, dtype, device):
     b, h, hkv, d, c, window, lens = case
     _skip_gpu_head_dim(device, d)
+    if device == "emu" and max(lens) > 4096 and dtype != torch.bfloat16:
+        # About 40 s a case under ASan; bf16 runs the same split-KV plan, and
+        # the other dtypes run every kernel path at the smaller caches.
+        pytest.skip("emulated GPU: the 8k-token case runs in bfloat16 only")
     k_cache, v_cache = make_caches(b, c, hkv, d, lens, window, dtype, device)
     q = torch.randn(b, h, d, generator=torch.Generator().manual_seed(1)).to(dtype).to(on(device))
     seqlens = torch.tensor(lens, dtype=torch.int32, device=on(device))
