@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# Compiling the programs against the HIP CPU runtime takes about a minute.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 HIP_CPU = Path(os.environ.get("MIXKIT_HIP_CPU_DIR", ROOT.parent / "shared" / "third_party" / "HIP-CPU"))
 
