@@ -121,7 +121,7 @@ const Index3& block_dim() { return g_block->bdim; }
 const Index3& grid_dim() { return g_block->gdim; }
 int linear_tid() { return g_current; }
 void syncthreads() { arrive(g_block->threads, "__syncthreads"); }
-void group_sync(int group, const char* tag) {
+void group_sync(int group, const char* tag, int) {
   if (group > 1) arrive(group, tag);
 }
 unsigned char* group_scratch(int group) {

@@ -74,7 +74,7 @@ Index3 g_bdim{};
 const Index3& thread_idx() { return t_idx; }
 const Index3& block_dim() { return g_bdim; }
 int linear_tid() { return t_linear; }
-void group_sync(int group, const char* tag) {
+void group_sync(int group, const char* tag, int) {
   std::unique_lock<std::mutex> lock(g_mu);
   const int first = t_linear / group * group;
   const int members = std::min(g_threads, first + group) - first;

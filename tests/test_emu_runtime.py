@@ -52,8 +52,13 @@ __global__ void neighbour(int* out) {
   s[threadIdx.x] = -1;  // stale values for the next launch
 }
 
+// Half of each warp waits at the barrier, the other half at a shuffle that
+// needs the first half: neither can complete. (Threads that return count as
+// arrived at a barrier, as on the hardware, so the divergence has to hold
+// threads that are still running.)
 __global__ void divergent_barrier(int*) {
-  if (threadIdx.x < 32) __syncthreads();
+  if (threadIdx.x % 32 < 16) __syncthreads();
+  else shfl_xor(1.f, 1);
 }
 
 __global__ void divergent_collective(float* out) {

@@ -68,21 +68,26 @@ namespace mixkit {
 constexpr int kWarpSize = MIXKIT_WARP_SIZE;
 
 // Butterfly exchange within a warp/wavefront; every lane must take part.
-__device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
 #if defined(MIXKIT_EMULATE)
+// (The emulator also checks that every lane calls it from the same line.)
+inline float shfl_xor(float v, int lane_mask, int site = __builtin_LINE()) {
   float* slot = reinterpret_cast<float*>(emu::group_scratch(kWarpSize));
   const int lane = emu::linear_tid() % kWarpSize;
   slot[lane * (emu::kScratchBytes / 4)] = v;
-  emu::group_sync(kWarpSize, "shfl_xor");
+  emu::group_sync(kWarpSize, "shfl_xor", site);
   const float r = slot[(lane ^ lane_mask) * (emu::kScratchBytes / 4)];
-  emu::group_sync(kWarpSize, "shfl_xor");
+  emu::group_sync(kWarpSize, "shfl_xor", site);
   return r;
-#elif defined(__HIPCC__)
+}
+#else
+__device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
+#if defined(__HIPCC__)
   return __shfl_xor(v, lane_mask);
 #else
   return __shfl_xor_sync(0xffffffffu, v, lane_mask);
 #endif
 }
+#endif  // MIXKIT_EMULATE
 
 inline void gpu_check(gpuError_t err, const char* what) {
   if (err != gpuSuccess)

@@ -76,7 +76,9 @@ void syncthreads();
 // A collective point of the `group` consecutive block-linear threads this
 // thread belongs to (a warp, or a Hopper warpgroup): returns once every
 // running thread of the group has arrived at a point with the same tag.
-void group_sync(int group, const char* tag);
+// `site` tells apart calls of one collective from different places (a
+// shuffle's caller line): lanes at different sites are an error too.
+void group_sync(int group, const char* tag, int site = 0);
 // This thread's group's exchange area: `group` slots of kScratchBytes, slot
 // i for the group's i-th thread. Lanes of exited threads read as 0xff bytes.
 constexpr int kScratchBytes = 512;

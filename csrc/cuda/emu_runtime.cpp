@@ -58,6 +58,7 @@ struct Fiber {
   State state = State::ready;
   int group = 0;
   const char* tag = nullptr;
+  int site = 0;
   AsyncQueue async;
 };
 
@@ -194,7 +195,7 @@ bool release_groups(Block& b, bool& released) {
         complete = false;
         continue;
       }
-      if (o.group != g || std::strcmp(o.tag, f.tag) != 0) {
+      if (o.group != g || o.site != f.site || std::strcmp(o.tag, f.tag) != 0) {
         b.error = describe(b, "lanes of one group wait at different collectives");
         return false;
       }
@@ -276,11 +277,12 @@ Block& current_block() {
   return *t_worker.block;
 }
 
-void wait(State s, int group, const char* tag) {
+void wait(State s, int group, const char* tag, int site = 0) {
   Fiber& f = self();
   f.state = s;
   f.group = group;
   f.tag = tag;
+  f.site = site;
   yield_to_scheduler();
 }
 
@@ -295,9 +297,9 @@ uint64_t block_serial() { return current_block().serial; }
 
 void syncthreads() { wait(State::barrier, 0, "__syncthreads"); }
 
-void group_sync(int group, const char* tag) {
+void group_sync(int group, const char* tag, int site) {
   if (group <= 1) return;
-  wait(State::group, group, tag);
+  wait(State::group, group, tag, site);
 }
 
 unsigned char* group_scratch(int group) {
