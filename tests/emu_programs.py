@@ -14,12 +14,12 @@ reads its input file, sets emu::mutation() and the thread order, and writes its 
 file (exit status 3 with emu::fail's message on stderr when the launch failed).
 """
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+from test_mfma_layout import _compiler  # the host C++ compiler, not hipcc/nvcc
 
 SRC = Path(os.environ.get("MIXKIT_SOURCE_DIR", Path(__file__).resolve().parents[1])) / "csrc"
 
@@ -237,13 +237,6 @@ int main(int argc, char** argv) {
   return 0;
 }
 """
-
-
-def _compiler():
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name) and "hipcc" not in name and "nvcc" not in name:
-            return shutil.which(name)
-    return None
 
 
 _BUILT = {}

@@ -18,12 +18,12 @@ MFMA kernels use: the product must be A @ B + C, so those functions agree with t
 ISA model. The runtime mutation codes 20-22 must each change the answer.
 """
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_mfma_layout import _compiler  # the host C++ compiler, not hipcc/nvcc
 
 SRC = Path(os.environ.get("MIXKIT_SOURCE_DIR", Path(__file__).resolve().parents[1])) / "csrc"
 
@@ -213,13 +213,6 @@ int main(int argc, char** argv) {
   return 0;
 }
 """
-
-
-def _compiler():
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name) and "hipcc" not in name and "nvcc" not in name:
-            return shutil.which(name)
-    return None
 
 
 @pytest.fixture(scope="module")

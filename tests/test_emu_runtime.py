@@ -12,11 +12,12 @@ only at the wait that covers them.
 """
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from test_mfma_layout import _compiler  # the host C++ compiler, not hipcc/nvcc
 
 # Compiling the programs against the HIP CPU runtime takes about a minute.
 pytestmark = pytest.mark.slow
@@ -129,7 +130,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    cxx = _compiler()
     if not cxx:
         pytest.skip("no host C++ compiler")
     if not (HIP_CPU / "include" / "hip" / "hip_runtime.h").exists():
