@@ -12,6 +12,7 @@ import torch
 
 import mixkit.ops as ops
 from conftest import EMULATED, emu_configure
+from test_flash_attn import attention_ref
 from mixkit import _core
 from mixkit._backend import emulate
 
@@ -25,16 +26,6 @@ MFMA = [(20, 90), (21, 90), (22, 90)]
 MUTATIONS = (SM80 + SM90) if WARP == 32 else MFMA
 
 
-def _attention_ref(q, k, v):
-    """Causal attention in float64, the query rows the last of the keys."""
-    s, h, hkv = q.shape[1], q.shape[2], k.shape[2]
-    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
-    kd, vd = kd.repeat_interleave(h // hkv, 1), vd.repeat_interleave(h // hkv, 1)
-    scores = qd @ kd.transpose(-1, -2) / q.shape[-1] ** 0.5
-    mask = torch.ones(s, k.shape[1], dtype=torch.bool).tril(k.shape[1] - s)
-    return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vd).transpose(1, 2)
-
-
 def _errors():
     """Relative max errors of the kernels against float64 references; every
     shape has partial tiles (70 rows, K = 72, N = 136) so zero-filled copies
@@ -46,7 +37,7 @@ def _errors():
     dout = torch.randn(out.shape, generator=g).bfloat16()
     out.backward(dout)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = _attention_ref(qr, kr, vr)
+    ref = attention_ref(qr, kr, vr, causal=True)[0]
     ref.backward(dout.double())
     for name, got, want in (("attn", out, ref), ("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad),
                             ("dv", v.grad, vr.grad)):
