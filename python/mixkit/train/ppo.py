@@ -768,12 +768,18 @@ def run_ppo(config: str | None, overrides: Sequence[str] = (), device: str | Non
     torchrun (FSDP2). Writes out_dir/log.jsonl (one line per iteration),
     checkpoints (ppo.checkpoint_every, default directory out_dir/checkpoints;
     a run resumes from the latest) and the policy as out_dir/model."""
-    from .. import models
-    from .reward import Llama2Reward, load_reward_model
-    from .run import _init_distributed, _tokenizer
+    from .run import distributed
 
     run, cfg = load_ppo_run(config, overrides)
-    rank, world, dev = _init_distributed(device)
+    with distributed(device) as (rank, world, dev):
+        return _run_ppo(run, cfg, rank, world, dev)
+
+
+def _run_ppo(run: dict, cfg: PPOConfig, rank: int, world: int, dev: torch.device) -> int:
+    from .. import models
+    from .reward import Llama2Reward, load_reward_model
+    from .run import _tokenizer
+
     out = Path(run["out_dir"])
     if not cfg.checkpoint_dir:
         cfg = cfg.replace(checkpoint_dir=str(out / "checkpoints"))

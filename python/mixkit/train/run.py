@@ -31,6 +31,7 @@ from the newest complete checkpoint (checkpoint.py has the rule).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -205,16 +206,21 @@ def train(config: str | None, overrides: Sequence[str] = (), device: str | None 
     """Returns 0, or interrupt.EXIT_INTERRUPTED after a SIGINT / SIGTERM stop
     (checkpoint saved). resume: "auto" (the newest complete checkpoint in
     checkpoint_dir, if any), "never" or a checkpoint path; see checkpoint.py."""
+    tcfg, dcfg = load_run_config(config, overrides)
+    if not tcfg.checkpoint_dir:  # checkpoints live in the run directory unless told otherwise
+        tcfg = tcfg.replace(checkpoint_dir=dcfg.out_dir)
+    with distributed(device) as (rank, world, dev):
+        return _train(tcfg, dcfg, rank, world, dev, quiet, resume)
+
+
+def _train(tcfg: TrainConfig, dcfg: DataConfig, rank: int, world: int, dev: torch.device, quiet: bool,
+           resume: str) -> int:
     from .. import models
     from ..data import Component, MixtureLoader, tokenize_files, tokenize_texts
     from .checkpoint import resume as resume_from
     from .interrupt import EXIT_INTERRUPTED, GracefulStop
     from .trainer import Trainer
 
-    tcfg, dcfg = load_run_config(config, overrides)
-    if not tcfg.checkpoint_dir:  # checkpoints live in the run directory unless told otherwise
-        tcfg = tcfg.replace(checkpoint_dir=dcfg.out_dir)
-    rank, world, dev = _init_distributed(device)
     quiet = quiet or rank != 0
     run_dir = Path(dcfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +332,30 @@ def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), world, dev
+
+
+@contextlib.contextmanager
+def distributed(device: str | None):
+    """`with distributed(device) as (rank, world, dev)`: _init_distributed, and
+    on the way out, if it joined the process group, a barrier (no rank closes
+    its connections while another is still in a collective, e.g. rank 0
+    gathering the model; gloo aborts the process then) and
+    destroy_process_group. After an exception there is no barrier: the other
+    ranks may never reach it."""
+    import torch.distributed as dist
+
+    joined = not dist.is_available() or not dist.is_initialized()
+    rank, world, dev = _init_distributed(device)
+    joined = joined and world > 1 and dist.is_initialized()
+    finished = False
+    try:
+        yield rank, world, dev
+        finished = True
+    finally:
+        if joined:
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def _read(path: str, field_name: str) -> list[str]:
