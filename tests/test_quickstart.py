@@ -274,7 +274,7 @@ def test_quickstart_keeps_heldout_text_from_the_tokenizer_and_saves_it(tmp_path,
     heldout = {d.text for d in stdlib_documents("heldout", max_bytes=None)}
     assert seen and not heldout.intersection(seen)
     out = capsys.readouterr().out
-    assert "gzip -9" in out and "xz -9e" in out and "sample:\nimport os" in out
+    assert "gzip -9" in out and "xz -9e" in out and "sample:\nclass Stack:\n    def __init__(self):\n" in out
     assert summary["gzip_bpb"] > 0 and summary["spikes"] == [] and math.isfinite(summary["bpb_after"])
     tok = load_tokenizer(tmp_path / "model")
     assert 258 < tok.vocab_size <= 400 and tok.decode(tok.encode("import os\n")) == "import os\n"

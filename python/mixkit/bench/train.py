@@ -86,10 +86,13 @@ transformers on the CPU":
   document masking to do, mixkit no boundary to skip work at). mixkit gets
   the rows packed into one sequence with cu_seqlens, as its data loader
   gives them to the Trainer; transformers gets (rows, seq_len).
-- Both use the quick start's TrainConfig: float32 everywhere (its CPU
-  precision), its AdamW (build_optimizer), clipping, learning-rate schedule
-  and loss chunking (mixkit); transformers' MistralForCausalLM with
-  attn_implementation="sdpa" and its own loss, from the same weights.
+- Both use the quick start's TrainConfig: its CPU precision (bf16 compute
+  over float32 master weights on a CPU with native bf16: mixkit's bf16
+  parameter casts, transformers under torch.autocast(bf16); else float32;
+  without --quick the float32 shape as well), its AdamW (build_optimizer),
+  clipping, learning-rate schedule and loss chunking (mixkit);
+  transformers' MistralForCausalLM with attn_implementation="sdpa" and its
+  own loss, from the same weights.
 - Timing is interleaved: one optimizer step of each in turn (the order
   alternating), so both see the same machine load; tokens/s from the median
   step, `mixkit_speedup` the median of the per-pair ratios (transformers'
@@ -166,7 +169,8 @@ def plan(device: str, quick: bool, steps: int | None = None, seq_len: int | None
 def cpu_speed_models(quick: bool) -> list[dict]:
     """The CPU comparison's models: the quick start's (model, rows x seq_len,
     micro-batches and TrainConfig from quickstart_config), and without
-    `quick` two longer shapes."""
+    `quick` two longer shapes and, where the quick start computes in bf16
+    (a CPU with native bf16), its shape in float32 as well."""
     from mixkit.train.run import quickstart_config
 
     tcfg, dcfg = quickstart_config("cpu")
@@ -174,6 +178,8 @@ def cpu_speed_models(quick: bool) -> list[dict]:
     out = [qs]
     if not quick:
         tokens = dcfg.seq_len * dcfg.batch_size
+        if tcfg.precision != "fp32":
+            out.append({**qs, "name": "quickstart-fp32", "cfg": tcfg.replace(precision="fp32")})
         out.append({**qs, "name": "quickstart-s1024", "seq_len": 1024, "rows": max(1, tokens // 1024)})
         d64 = {**tcfg.model, "dim": 256, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64, "hidden_dim": 768,
                "sliding_window": None}
