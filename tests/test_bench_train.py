@@ -71,7 +71,7 @@ def _check_rows(meta, rows, impls):
             assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["median_s"])
             # the same FLOP count for every implementation, from the documents' lengths
             assert r["flops_per_step"] == pytest.approx(flops)
-            assert r["mfu"] == pytest.approx(r["tflops"] / meta["matmul_tflops"])
+            assert r["mfu"] == pytest.approx(r["tflops"] / meta["matmul_tflops_by_dtype"][r["dtype"]])
             assert r["activation_checkpointing"] is False
             assert len(r["losses"]) == p["warmup"] + p["steps"]
             if impl != "mixkit":

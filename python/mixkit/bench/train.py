@@ -371,6 +371,9 @@ class Bench:
         self.device, self.p, self.log = device, p, log
         self.cuda = torch.device(device).type == "cuda"
         self.peak_tflops = harness.matmul_tflops(device)
+        # per row dtype: on the CPU a bf16 row's ceiling is the bf16 matmul's
+        self.peaks = {"fp32": harness.matmul_tflops(device, torch.float32) if self.cuda else self.peak_tflops,
+                      "bf16": harness.matmul_tflops(device, torch.bfloat16)}
         self.rows: list[dict] = []
 
     def row(self, name: str, args: ModelArgs, impl: str, **extra) -> dict:
@@ -415,7 +418,7 @@ class Bench:
                 flops = step_flops(args, steps[0])
                 r.update(flops_per_step=flops, tokens_per_s=r["tokens_per_step"] / r["median_s"],
                          tflops=flops / r["median_s"] / 1e12)
-                r["mfu"] = r["tflops"] / self.peak_tflops
+                r["mfu"] = r["tflops"] / self.peaks[r["dtype"]]
                 if self.cuda:
                     r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 return
@@ -517,7 +520,7 @@ class Bench:
                      method="wall time per optimizer step, steps of the two interleaved",
                      activation_checkpointing=False, flops_per_step=flops)
             r.update(tokens_per_s=r["tokens_per_step"] / r["median_s"], tflops=flops / r["median_s"] / 1e12)
-            r["mfu"] = r["tflops"] / self.peak_tflops
+            r["mfu"] = r["tflops"] / self.peaks[r["dtype"]]
         mine, peer = rs
         if "error" not in mine and "error" not in peer:
             ratios = [b / a for a, b in zip(wall[0][warm:], wall[1][warm:])]
@@ -581,14 +584,14 @@ def run(device: str | None = None, quick: bool = False, steps: int | None = None
     torch.manual_seed(0)
     meta = harness.collect_metadata(device)
     bench = Bench(device, p, log)
-    meta.update(matmul_tflops=bench.peak_tflops, quick=quick, tiny=tiny, transformers=transformers.__version__,
+    meta.update(matmul_tflops=bench.peak_tflops, matmul_tflops_by_dtype=bench.peaks, quick=quick, tiny=tiny, transformers=transformers.__version__,
                 seq_len=p["seq_len"], grad_accum=p["grad_accum"], tokens_per_step=p["seq_len"] * p["grad_accum"],
                 warmup_steps=p["warmup"], timed_steps=p["steps"], train=TRAIN,
                 models={n: dataclasses.asdict(a) for n, a in p["models"]},
                 timing="synchronised wall time per optimizer step" if cuda else "perf_counter per step",
                 compile_mode=("default" if cuda else "backend=eager") if p["compile"] else None,
                 flops="batch_flops: 6*N_active*tokens + 12*L*H*D*visible_pairs per document; "
-                      "MFU = FLOP/s / matmul_tflops")
+                      "MFU = FLOP/s / matmul_tflops_by_dtype[the row's dtype]")
     if p.get("cpu_speed"):
         meta.update(cpu_speed_models={m["name"]: dict(model=m["cfg"].model, rows=m["rows"], seq_len=m["seq_len"],
                                                       grad_accum=m["grad_accum"], precision=m["cfg"].precision)
