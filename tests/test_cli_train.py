@@ -86,10 +86,15 @@ def test_ctrl_c_finishes_the_step_and_saves(tmp_path, monkeypatch, capsys):
         return real(self, batches)
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", ctrl_c_during_step_3)
-    assert main(["train", "--config", str(cfg), "--quiet"]) == EXIT_INTERRUPTED
+    # Python's own handler, as in a terminal (pytest run as a background job starts with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["train", "--config", str(cfg), "--quiet"]) == EXIT_INTERRUPTED
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert (tmp_path / "run" / "step_00000003" / "COMPLETE").exists()
     assert "stopped by SIGINT after step 3" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
 
 
 def test_run_file_errors(tmp_path):

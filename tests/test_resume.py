@@ -77,9 +77,15 @@ def _env() -> dict:
                 PYTHONPATH=os.pathsep.join([str(Path(mixkit.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A child inherits an ignored SIGINT (pytest run as a background job),
+    # and mixkit leaves an ignored signal ignored; a terminal's command has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launch(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
 
 
 def _train_cmd(cfg: Path, *extra: str) -> list[str]:
@@ -390,7 +396,15 @@ def test_log_keeps_each_step_once(tmp_path):
     assert truncate_log(log, 0) == [] and log.read_text() == ""
 
 
-def test_second_signal_exits_at_once(monkeypatch):
+@pytest.fixture
+def terminal_sigint():
+    """Python's own SIGINT handler for the test, as in a terminal."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_second_signal_exits_at_once(monkeypatch, terminal_sigint):
     from mixkit.train import interrupt
 
     exits = []
@@ -407,6 +421,19 @@ def test_second_signal_exits_at_once(monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == signal.SIGINT and not exits
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_ignored_signal_stays_ignored(terminal_sigint):
+    """nohup, or a background job's SIGINT: what the process was started to
+    ignore, GracefulStop leaves ignored (as Python does); SIGTERM still stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with GracefulStop(under_torchrun=False) as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_checkpoint_every_needs_a_directory():

@@ -44,7 +44,10 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
+                # A signal the process was started to ignore (nohup, a
+                # background job's SIGINT) stays ignored, as Python leaves it.
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -826,7 +826,7 @@ def _run_ppo(run: dict, cfg: PPOConfig, rank: int, world: int, dev: torch.device
 
     stop: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         trainer.fit(prompts, tags, should_stop=lambda: bool(stop))
     finally:
