@@ -186,8 +186,8 @@ def _quickstart(args: argparse.Namespace) -> int:
         return 2
     tokenizer = int(args.tokenizer) if args.tokenizer not in (None, "byte") else args.tokenizer
     try:
-        kw = {"precision": args.precision} if args.precision else {}
-        quickstart(steps=args.steps, device=args.device, out_dir=args.out, quiet=args.quiet, tokenizer=tokenizer, **kw)
+        quickstart(steps=args.steps, device=args.device, out_dir=args.out, quiet=args.quiet, tokenizer=tokenizer,
+                   precision=args.precision)
     except ValueError as exc:  # a BPE vocabulary below 258
         print(f"mixkit quickstart: error: {exc}", file=sys.stderr)
         return 2

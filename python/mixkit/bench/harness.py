@@ -195,13 +195,14 @@ def _copy_bandwidth_gbps(device: str) -> float:
 def matmul_tflops(device: str | torch.device, dtype: torch.dtype | None = None) -> float:
     """Dense matmul peak (bf16 8192^3 on GPU, fp32 1024^3 on CPU unless
     `dtype` says otherwise), the ceiling for compute-bound ops."""
-    return _matmul_tflops(_device_key(device), dtype)
+    key = _device_key(device)
+    cuda = key.startswith("cuda")
+    return _matmul_tflops(key, dtype or (torch.bfloat16 if cuda else torch.float32))
 
 
 @functools.cache
-def _matmul_tflops(device: str, dtype: torch.dtype | None) -> float:
-    cuda = device.startswith("cuda")
-    n, dtype = (8192 if cuda else 1024), dtype or (torch.bfloat16 if cuda else torch.float32)
+def _matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    n = 8192 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, dtype=dtype, device=device)  # random, not zeros: zeros run faster
     b = torch.randn(n, n, dtype=dtype, device=device)
     t = time_fn(lambda: a @ b, device, flush_l2=False, budget_s=0.5)

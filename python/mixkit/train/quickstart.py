@@ -141,8 +141,8 @@ def quickstart(steps: int | None = None, device: str | None = None, out_dir: str
     tcfg, dcfg = quickstart_config(dev.type, overrides.pop("precision", None))
     seq_len = overrides.pop("seq_len", dcfg.seq_len)
     batch = overrides.pop("batch_size", dcfg.batch_size)
-    overrides_data = {"shuffle_sequences": overrides.pop("shuffle_sequences", dcfg.shuffle_sequences),
-                      "eval_seq_len": overrides.pop("eval_seq_len", dcfg.eval_seq_len)}
+    shuffle = overrides.pop("shuffle_sequences", dcfg.shuffle_sequences)
+    eval_seq_len = overrides.pop("eval_seq_len", dcfg.eval_seq_len) or seq_len
     model_over = {**tcfg.model, **overrides.pop("model", {})}
     steps = steps or tcfg.max_steps
     if steps != tcfg.max_steps:  # the schedule scales with the run
@@ -183,9 +183,7 @@ def quickstart(steps: int | None = None, device: str | None = None, out_dir: str
     model = models.Transformer(args).init_weights(seed).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     loader = MixtureLoader([Component("stdlib", docs, weight=1.0)], seq_len, batch, seed=seed, bos_id=tok.bos_id,
-                           eos_id=tok.eos_id, shuffle_sequences=overrides_data.get("shuffle_sequences",
-                                                                                   dcfg.shuffle_sequences))
-    eval_seq_len = overrides_data["eval_seq_len"] or seq_len
+                           eos_id=tok.eos_id, shuffle_sequences=shuffle)
     held = {"stdlib": heldout_texts}
 
     def eval_fn(trainer) -> dict:

@@ -344,9 +344,9 @@ def distributed(device: str | None):
     ranks may never reach it."""
     import torch.distributed as dist
 
-    joined = not dist.is_available() or not dist.is_initialized()
+    already = dist.is_available() and dist.is_initialized()
     rank, world, dev = _init_distributed(device)
-    joined = joined and world > 1 and dist.is_initialized()
+    joined = not already and world > 1  # _init_distributed made the process group
     finished = False
     try:
         yield rank, world, dev
