@@ -279,3 +279,19 @@ def test_quickstart_keeps_heldout_text_from_the_tokenizer_and_saves_it(tmp_path,
     tok = load_tokenizer(tmp_path / "model")
     assert 258 < tok.vocab_size <= 400 and tok.decode(tok.encode("import os\n")) == "import os\n"
     assert (tmp_path / "loss.png").exists() and (tmp_path / "summary.json").exists()
+
+
+def test_quickstart_precision_follows_the_cpu(monkeypatch):
+    """bf16 (2000 steps) where the CPU multiplies bf16 natively, else float32
+    (900 steps); --precision chooses; anything else is a clear error."""
+    from mixkit.train import quickstart as qs
+    from mixkit.train.config import ConfigError
+
+    for native, precision, steps in ((True, "bf16", 2000), (False, "fp32", 900)):
+        monkeypatch.setattr(qs, "cpu_has_native_bf16", lambda native=native: native)
+        tcfg, _ = qs.quickstart_config("cpu")
+        assert (tcfg.precision, tcfg.max_steps, tcfg.eval_every) == (precision, steps, steps)
+    assert qs.quickstart_config("cpu", "bf16")[0].max_steps == 2000
+    assert qs.quickstart_config("cuda")[0].precision == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        qs.quickstart_config("cpu", "fp16")
