@@ -298,10 +298,9 @@ class Build:
 
     def prepare(self) -> None:
         self.src.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / "CMakeLists.txt", self.src / "CMakeLists.txt")
         # Only files whose content changed are copied, so ninja rebuilds
         # only what the tree has changed since the last sweep.
-        for p in (ROOT / "csrc").rglob("*"):
+        for p in [ROOT / "CMakeLists.txt", *(ROOT / "csrc").rglob("*")]:
             if p.is_file():
                 dst = self.src / p.relative_to(ROOT)
                 if not dst.exists() or dst.read_bytes() != p.read_bytes():
@@ -334,9 +333,13 @@ class Build:
             path.write_text(text)
             self.mutated = None
 
-    def build(self, timeout: float) -> tuple[bool, str]:
-        r = subprocess.run(["cmake", "--build", str(self.out), "--", f"-j{self.jobs}"], capture_output=True,
-                           text=True, timeout=timeout)
+    def build(self, timeout: float | None) -> tuple[bool, str]:
+        """Builds the copy; a build that times out counts as failed."""
+        try:
+            r = subprocess.run(["cmake", "--build", str(self.out), "--", f"-j{self.jobs}"], capture_output=True,
+                               text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"the build took over {timeout:.0f} s"
         return r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
     def core(self) -> str:
@@ -404,6 +407,8 @@ def sweep(args) -> int:
             if not _claim(m.key):
                 continue
             try:
+                if m.key in _load() and not args.rerun:  # another sweep finished it meanwhile
+                    continue
                 rec = _record(m)
                 kernel = tiles.KERNELS[m.file]
                 for warp in kernel.warps:
@@ -412,13 +417,21 @@ def sweep(args) -> int:
                         b = builds[warp] = Build(args.worker, warp, args.jobs)
                         b.prepare()
                     if (m.file, warp) not in baseline_ok:
-                        ok, log = b.build(args.build_timeout)
-                        outcome, test, secs = run_tests(b, kernel.tests, args.schedules.split(",")[0],
-                                                        args.timeout) if ok else ("fail", log, 0)
-                        baseline_ok[(m.file, warp)] = outcome == "pass"
-                        print(f"baseline {m.file} warp {warp}: {outcome} {test} ({secs:.0f} s)", flush=True)
-                        if outcome != "pass":
-                            raise SystemExit(f"the unmutated build fails {m.file}'s tests at warp {warp}: {test}")
+                        # The unmutated sources must pass the tests, or every
+                        # mutant would count as caught; a pass is recorded
+                        # against the sources' and tests' hash and reused.
+                        bkey = _baseline_key(m.file, warp, kernel.tests)
+                        if done.get(bkey, {}).get("outcome") != "pass":
+                            ok, log = b.build(None)  # the first build of a copy is a full one
+                            outcome, test, secs = run_tests(b, kernel.tests, args.schedules.split(",")[0],
+                                                            args.timeout) if ok else ("fail", log, 0)
+                            print(f"baseline {m.file} warp {warp}: {outcome} {test} ({secs:.0f} s)", flush=True)
+                            if outcome != "pass":
+                                raise SystemExit(f"the unmutated build fails {m.file}'s tests at warp {warp}: {test}")
+                            done[bkey] = dict(key=bkey, file=m.file, kind="baseline", warp=warp, outcome="pass",
+                                              seconds=round(secs), date=time.strftime("%Y-%m-%d %H:%M"))
+                            _append(done[bkey])
+                        baseline_ok[(m.file, warp)] = True
                     b.apply(m)
                     try:
                         ok, log = b.build(args.build_timeout)
@@ -453,8 +466,28 @@ def sweep(args) -> int:
     return 130 if interrupted else 0
 
 
+def _baseline_key(relpath: str, warp: int, tests: tuple) -> str:
+    h = hashlib.sha1(f"baseline\0{relpath}\0{warp}\0{tests}".encode())
+    files = {t.split("::")[0] for t in tests if t.startswith("tests/")}
+    files |= {"tests/conftest.py", "tests/tiles.py", "tests/reference.py"}
+    for p in sorted((ROOT / "csrc").rglob("*")) + sorted(ROOT / f for f in files):
+        if p.is_file():
+            h.update(p.read_bytes())
+    return "baseline-" + h.hexdigest()[:16]
+
+
+def _emulator() -> str:
+    """The emulator's version: a hash of csrc/cuda/emu* (a mutant survives
+    or not against one emulator; the race checker changes the answer)."""
+    h = hashlib.sha1()
+    for p in sorted((ROOT / "csrc/cuda").glob("emu*")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def _record(m: Mutant) -> dict:
-    return dict(key=m.key, file=m.file, line=m.line, kind=m.kind, note=m.note, mutated=m.after.strip())
+    return dict(key=m.key, file=m.file, line=m.line, kind=m.kind, note=m.note, mutated=m.after.strip(),
+                emulator=_emulator())
 
 
 def _first_error(log: str) -> str:
@@ -468,16 +501,15 @@ def _first_error(log: str) -> str:
 
 def report() -> str:
     recs = _load()
-    files = {}
+    files, keys = {}, {}
     for r in recs.values():
-        # A record is current only if the line still reads as it did.
-        lines = (ROOT / "csrc" / r["file"]).read_text().split("\n")
-        current = any(_record(m)["key"] == r["key"] for m in mutants(r["file"])) if r["file"] in tiles.KERNELS \
-            else False
-        if not current:
+        if r["kind"] == "baseline" or r["file"] not in tiles.KERNELS:
             continue
-        files.setdefault(r["file"], []).append(r)
-        del lines
+        # A record counts while its line still reads as it did.
+        if r["file"] not in keys:
+            keys[r["file"]] = {m.key for m in mutants(r["file"])}
+        if r["key"] in keys[r["file"]]:
+            files.setdefault(r["file"], []).append(r)
     out = ["# Mutation sweep of the GPU kernels", "",
            "Written by `tools/mutation_sweep.py --report` from `mutation_sweep.jsonl` (see the tool for the",
            "mutation operators). Caught: a test of the file's mapping in tests/tiles.py failed (or the run",
@@ -485,7 +517,7 @@ def report() -> str:
            "neither. Score = (caught + equivalent) / (mutants that compile). Comparison and swap mutants",
            "are a seeded sample where the file has more than the sweep's --sample.", "",
            "| kernel file | barriers: caught / equivalent / survived | comparisons + swaps: caught / equivalent / "
-           "survived | score |", "|---|---|---|---|"]
+           "survived (run of the file's) | score |", "|---|---|---|---|"]
     survivors = []
     for f in sorted(files):
         rs = files[f]
@@ -494,25 +526,35 @@ def report() -> str:
                        (outcome == "caught" and r["outcome"] == "timeout")))
         b = [count({"barrier"}, o) for o in ("caught", "equivalent", "survived")]
         c = [count({"flip", "bound", "swap"}, o) for o in ("caught", "equivalent", "survived")]
+        in_file = sum(1 for m in mutants(f) if m.kind != "barrier")
+        ran = sum(1 for r in rs if r["kind"] != "barrier")
         total = sum(b) + sum(c)
         score = f"{100 * (b[0] + b[1] + c[0] + c[1]) / total:.0f} % of {total}" if total else "-"
-        out.append(f"| {f} | {' / '.join(map(str, b))} | {' / '.join(map(str, c))} | {score} |")
+        out.append(f"| {f} | {' / '.join(map(str, b))} | {' / '.join(map(str, c))} ({ran} of {in_file}) | {score} |")
         survivors += [r for r in rs if r["outcome"] in ("survived", "equivalent")]
-    out += ["", "## Survivors and equivalent mutants", ""]
+    emus = sorted({r.get("emulator", "?") for rs in files.values() for r in rs if r["outcome"] != "equivalent"})
+    out += ["", f"Emulator versions (a hash of csrc/cuda/emu*) the mutants ran against: {', '.join(emus) or '-'}; "
+            f"this tree's: {_emulator()}.", "", "## Survivors and equivalent mutants", ""]
     for r in sorted(survivors, key=lambda r: (r["file"], r["line"], r["kind"])):
         why = r.get("reason") or "survived (no test catches it yet)"
         out.append(f"- `{r['file']}:{r['line']}` {r['kind']} ({r['note']}): {r['outcome']}. {why}")
     return "\n".join(out) + "\n"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a one-line message and exit code 2, no usage dump
+        print(f"mutation_sweep: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--files", nargs="*", help="kernel files (csrc/cuda/NAME); default: every kernel file")
     p.add_argument("--kinds", default=",".join(KINDS), help="mutation kinds (default: all)")
     p.add_argument("--sample", type=int, default=0,
                    help="at most this many comparison and swap mutants a file, a seeded sample (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedules", default="random:1,reverse",
+    p.add_argument("--schedules", default="random:1",
                    help="emulated thread orders to try, in turn, until one catches the mutant")
     p.add_argument("--timeout", type=float, default=1800, help="seconds for one mutant's tests")
     p.add_argument("--build-timeout", type=float, default=1800)
