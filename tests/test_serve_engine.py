@@ -42,8 +42,8 @@ def run_arrivals(engine, requests, every=2):
 
 @pytest.mark.parametrize("name,pages,page_size,chunk", [
     ("tiny-mistral", 14, 4, 8),    # window 16: prompts up to 4 windows, chunks smaller than the window
-    ("tiny-mistral", 20, 8, 24),   # chunks longer than the window
-    ("tiny-mixtral", 30, 8, 16),   # full attention, MoE
+    pytest.param("tiny-mistral", 20, 8, 24, marks=pytest.mark.slow),  # chunks longer than the window
+    pytest.param("tiny-mixtral", 30, 8, 16, marks=pytest.mark.slow),  # full attention, MoE
 ])
 def test_greedy_equals_generate_alone_under_interleaving(name, pages, page_size, chunk):
     """32 requests of mixed lengths arriving over time in a pool small enough

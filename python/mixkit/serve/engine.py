@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self.states: dict = {}
         self._arrivals = itertools.count()
+        self._seeds = random.Random(0)
         # counters for /metrics and the benchmark
         self.generated_tokens = 0
         self.prompt_tokens_computed = 0
@@ -99,25 +101,35 @@ class Engine:
         """The most tokens (prompt plus output) one request can have."""
         return int(min(self.max_model_len, self.blocks.max_request_tokens(self.chunk)))
 
-    def add(self, prompt: list[int], params: SamplingParams, rid=None) -> object:
-        """Queue a request; returns its id. Raises ValueError for bad sampling
-        settings and PromptTooLong when it cannot fit."""
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raises ValueError for bad sampling settings or token ids and
+        PromptTooLong when the request cannot fit; changes nothing."""
         params.validate()
         if not prompt:
             raise ValueError("the prompt must have at least one token")
         vocab = self.model.args.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         limit = self.context_limit()
         if len(prompt) >= limit:
             raise PromptTooLong(f"this model's maximum context length is {limit} tokens, but the prompt has "
                                 f"{len(prompt)} tokens (and at least one more is to be generated)")
+
+    def next_seed(self) -> int:
+        """A seed for a request that gives none: from the engine's own
+        sequence, so tensor-parallel ranks fed the same requests agree."""
+        return self._seeds.randrange(2 ** 62)
+
+    def add(self, prompt: list[int], params: SamplingParams, rid=None) -> object:
+        """Queue a request (see check for what it raises); returns its id."""
+        self.check(prompt, params)
         rid = next(self._arrivals) if rid is None else rid
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
-        req = Request(rid, list(prompt), next(self._arrivals), min(limit, len(prompt) + params.max_tokens))
-        device = self.runner.device
-        self.states[rid] = _State(req, params, make_generator(params.seed, device),
+        req = Request(rid, list(prompt), next(self._arrivals),
+                      min(self.context_limit(), len(prompt) + params.max_tokens))
+        seed = params.seed if params.seed is not None else self.next_seed()
+        self.states[rid] = _State(req, params, make_generator(seed, self.runner.device),
                                   Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None,
                                   time.perf_counter())
         self.scheduler.add(req)

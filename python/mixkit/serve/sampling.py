@@ -73,10 +73,8 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
-def make_generator(seed: int | None, device) -> torch.Generator:
-    """The request's own generator: seeded, or from a random seed."""
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+def make_generator(seed: int, device) -> torch.Generator:
+    """The request's own generator."""
     return torch.Generator(device=device).manual_seed(seed)
 
 
