@@ -26,9 +26,6 @@ from collections import deque
 from .engine import Engine, PromptTooLong
 from .sampling import SamplingParams
 
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
 class EngineLoop:
     """The engine's thread: applies queued adds and aborts between steps, steps
     while there is work and delivers each request's outputs to its asyncio
@@ -322,14 +319,20 @@ def create_app(engine: Engine, model_name: str, chat_style: str = "mistral", fol
                   f"mixkit_generation_tokens_per_second {loop.tokens_per_second() if loop else 0.0:.3f}",
                   "# HELP mixkit_preemptions_total Requests preempted for pages.",
                   "# TYPE mixkit_preemptions_total counter", f"mixkit_preemptions_total {s['preemptions']}",
-                  "# HELP mixkit_time_to_first_token_seconds Time from arrival to the first token.",
+                  "# HELP mixkit_steps_total Engine steps.", "# TYPE mixkit_steps_total counter",
+                  f"mixkit_steps_total {s['steps']}",
+                  "# HELP mixkit_step_seconds_total Engine time per phase of a step: schedule, prepare (host "
+                  "inputs), forward, sample, detokenize (and stop strings).",
+                  "# TYPE mixkit_step_seconds_total counter"]
+        lines += [f'mixkit_step_seconds_total{{phase="{k}"}} {v:.6f}' for k, v in engine.step_times.items()]
+        lines += ["# HELP mixkit_time_to_first_token_seconds Time from arrival to the first token.",
                   "# TYPE mixkit_time_to_first_token_seconds histogram"]
-        ttfts = list(engine.ttfts)
-        for le in TTFT_BUCKETS:
-            lines.append(f'mixkit_time_to_first_token_seconds_bucket{{le="{le}"}} {sum(t <= le for t in ttfts)}')
-        lines += [f'mixkit_time_to_first_token_seconds_bucket{{le="+Inf"}} {len(ttfts)}',
-                  f"mixkit_time_to_first_token_seconds_sum {sum(ttfts):.6f}",
-                  f"mixkit_time_to_first_token_seconds_count {len(ttfts)}"]
+        h = engine.ttft
+        for le, n in zip(h.BOUNDS, h.counts):
+            lines.append(f'mixkit_time_to_first_token_seconds_bucket{{le="{le}"}} {n}')
+        lines += [f'mixkit_time_to_first_token_seconds_bucket{{le="+Inf"}} {h.count}',
+                  f"mixkit_time_to_first_token_seconds_sum {h.sum:.6f}",
+                  f"mixkit_time_to_first_token_seconds_count {h.count}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def encode_prompt(prompt) -> list[int]:
