@@ -52,8 +52,11 @@ void decode_attn(const DecodeArgs& a) {
     require(a.seqlens[b] <= a.capacity, "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(a.seqlens[b]) +
                                             " exceeds the block table's max_pages * page_size = " +
                                             std::to_string(a.capacity));
-    const int64_t used = (a.seqlens[b] + a.page_size - 1) / a.page_size;
-    for (int64_t i = 0; i < used; ++i) {
+    // Only the pages that hold a visible key: an engine may have freed and
+    // reused the pages behind the window.
+    const int64_t seen = a.seqlens[b];
+    const int64_t first = first_visible(a, b, seen, a.window > 0 ? std::min(a.window, a.capacity) : a.capacity);
+    for (int64_t i = first / a.page_size; first < seen && i <= (seen - 1) / a.page_size; ++i) {
       const int32_t page = a.block_table[b * a.max_pages + i];
       require(page >= 0 && page < a.num_pages, "block_table[" + std::to_string(b) + ", " + std::to_string(i) +
                                                    "] = " + std::to_string(page) + " is not a page index in [0, " +

@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", help="also write the results here")
     e.set_defaults(func=_eval)
 
+    from mixkit.serve.server import add_parser as add_serve
+    add_serve(sub)
+
     i = sub.add_parser("info", help="print build info, torch and device versions")
     i.add_argument("--device", choices=["cpu", "cuda"])
     i.set_defaults(func=_info)
