@@ -1,5 +1,5 @@
 // KV-cache append and decode attention on the CPU: the same semantics as the
-// GPU kernels, in float32, any head dim. Parallel over (batch, KV head) above
+// GPU kernels (softcap and sinks included), in float32, any head dim. Parallel over (batch, KV head) above
 // kCpuParallelGrain, like norm.cpp.
 #include <algorithm>
 #include <cmath>
@@ -95,6 +95,7 @@ void decode_attn(const DecodeArgs& a) {
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
             for (int64_t i = 0; i < d; ++i) s += qg[i] * row[i];
+            if (a.softcap > 0.f) s = a.softcap * std::tanh(s / a.softcap);
             score[g * keys + j] = s;
             m[g] = std::max(m[g], s);
           }
@@ -113,11 +114,23 @@ void decode_attn(const DecodeArgs& a) {
             for (int64_t i = 0; i < d; ++i) ag[i] += p * row[i];
           }
         }
-        // Nothing visible (seqlen 0): zeros and lse = -inf, as on the GPU.
+        // The sink joins the denominator once (the max moves to it when it is
+        // larger). Nothing visible (seqlen 0): zeros, and lse = the sink, or
+        // -inf without one, as on the GPU.
         for (int64_t g = 0; g < group; ++g) {
-          const float inv = n > 0 ? 1.f / l[g] : 0.f;
+          const float sink = a.sinks ? a.sinks[kvh * group + g] : neg_inf;
+          float mg = m[g], lg = l[g], rescale = 1.f;
+          if (sink > mg) {
+            rescale = std::exp(mg - sink);
+            lg = lg * rescale + 1.f;
+            mg = sink;
+          } else if (sink != neg_inf) {
+            lg += std::exp(sink - mg);
+          }
+          const bool any = n > 0 || sink != neg_inf;
+          const float inv = any ? rescale / lg : 0.f;
           for (int64_t i = 0; i < d; ++i) out[(row0 + g) * d + i] = from_f32<T>(acc[g * d + i] * inv);
-          a.lse[row0 + g] = n > 0 ? m[g] + std::log(l[g]) : neg_inf;
+          a.lse[row0 + g] = any ? mg + std::log(lg) : neg_inf;
         }
       }
     }
