@@ -174,6 +174,8 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_attn_kernel(PagedPrefi
           s = 0.f;
 #pragma unroll 8
           for (int e = 0; e < D; ++e) s += qr[e] * to_f32(kr[e]);
+          // The cap acts on the natural-log score: c * tanh(s / c), back in log2 units.
+          if (a.softcap > 0.f) s = kLog2e * a.softcap * tanhf(s * kLn2 / a.softcap);
         }
         const float mx = fmaxf(m[rr], warp_max(s));
         // Until a row sees a key its max is -inf: subtract 0 then, so
@@ -206,13 +208,24 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_attn_kernel(PagedPrefi
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t r = r0 + warp + rr * kWarps;
       if (r >= rows) continue;
-      const int64_t row = (q0 + r / group) * a.heads + kvh * group + r % group;
-      // l == 0: no visible key (zeros, lse -inf); a NaN in the cache makes l
+      const int64_t h = kvh * group + r % group;
+      const int64_t row = (q0 + r / group) * a.heads + h;
+      // The sink (log2 units here) joins the denominator once; l == 0 and no
+      // sink: no visible key (zeros, lse -inf). A NaN in the cache makes l
       // NaN and reaches the output, as on the CPU.
-      const float inv = l[rr] != 0.f ? 1.f / l[rr] : 0.f;
+      const float sink = a.sinks ? a.sinks[h] * kLog2e : -INFINITY;
+      float mx = m[rr], lx = l[rr], rescale = 1.f;
+      if (sink > mx) {
+        rescale = exp2f(mx - sink);
+        lx = lx * rescale + 1.f;
+        mx = sink;
+      } else if (sink != -INFINITY) {
+        lx += exp2f(sink - mx);
+      }
+      const float inv = lx != 0.f ? rescale / lx : 0.f;
 #pragma unroll
       for (int c = 0; c < NO; ++c) static_cast<T*>(a.out)[row * D + c * BN + lane] = from_f32<T>(o[rr][c] * inv);
-      if (lane == 0) a.lse[row] = l[rr] != 0.f ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
+      if (lane == 0) a.lse[row] = lx != 0.f ? (mx + log2f(lx)) * kLn2 : -INFINITY;
     }
   }
 }

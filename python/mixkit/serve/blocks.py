@@ -57,7 +57,11 @@ class BlockManager:
         for g, group in enumerate(self.groups):
             for layer in group.layers:
                 self.layer_group[layer] = g
-        self.tables: dict = {}  # request id -> [block table per group]
+        # request id -> [block table per group]. Entries below freed[rid][g]
+        # are NO_PAGE (behind the window), every entry from there on is a page,
+        # so neither freeing nor allocating rescans a long request's table.
+        self.tables: dict = {}
+        self.freed: dict = {}
         self.hashes: dict = {}  # request id -> hashes of its full pages, in order
         self.peak_held = [0] * len(self.groups)
 
@@ -112,14 +116,16 @@ class BlockManager:
 
     def free_behind_window(self, rid, next_pos: int) -> None:
         """Release the pages no query from position next_pos on can see."""
-        for g, table in zip(self.groups, self.tables.get(rid, [])):
+        freed = self.freed.setdefault(rid, [0] * len(self.groups))
+        for k, (g, table) in enumerate(zip(self.groups, self.tables.get(rid, []))):
             if g.window is None:
                 continue
             first, _ = self.pages_needed(g, next_pos, next_pos + 1)
-            for i in range(min(first, len(table))):
+            for i in range(freed[k], min(first, len(table))):
                 if table[i] != NO_PAGE:
                     self._release(g, table[i])
                     table[i] = NO_PAGE
+            freed[k] = max(freed[k], min(first, len(table)))
 
     def allocate(self, rid, start: int, end: int) -> bool:
         """Make sure positions [start, end) of request rid have pages (after
@@ -130,15 +136,14 @@ class BlockManager:
         want = []
         for g, table in zip(self.groups, tables):
             first, last = self.pages_needed(g, start, end)
-            missing = [i for i in range(first, last) if i >= len(table) or table[i] == NO_PAGE]
+            missing = range(max(first, len(table)), last)  # pages below len(table) exist or lie behind the window
             if len(missing) > g.num_free:
                 return False
             want.append(missing)
         for g, table, missing in zip(self.groups, tables, want):
-            for i in missing:
-                if i >= len(table):
-                    table.extend([NO_PAGE] * (i + 1 - len(table)))
-                table[i] = self._take(g)
+            if len(missing):
+                table.extend([NO_PAGE] * (missing.start - len(table)))
+                table.extend(self._take(g) for _ in missing)
         for k, g in enumerate(self.groups):
             self.peak_held[k] = max(self.peak_held[k], g.num_pages - g.num_free)
         return True
@@ -149,6 +154,7 @@ class BlockManager:
                 if page != NO_PAGE:
                     self._release(g, page)
         self.hashes.pop(rid, None)
+        self.freed.pop(rid, None)
 
     # ---- prefix cache ------------------------------------------------------------
     def register_full_pages(self, rid, tokens: list[int], computed: int) -> None:
