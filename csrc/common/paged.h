@@ -108,9 +108,11 @@ inline void check(const PagedPrefillArgs& a) {
   require(a.total_q == 0 || (a.q && a.k_pages && a.v_pages && a.out && a.lse), "null tensor pointer");
 }
 
-// The keys query position p of a sequence with sk keys sees: [lo, hi).
+// The keys query position p of a sequence with sk keys sees: [lo, hi),
+// empty at 0 for a query before the first key (more queries than keys).
 MIXKIT_HD void visible_keys(int64_t p, int64_t sk, int64_t window, int64_t& lo, int64_t& hi) {
   hi = p + 1 < sk ? p + 1 : sk;
+  if (hi < 0) hi = 0;
   lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
   if (lo > hi) lo = hi;
 }
