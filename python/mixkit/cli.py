@@ -195,6 +195,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:  # the serving benchmark has its own options
+        from mixkit.bench.serve import main as bench_serve
+        return bench_serve(argv[2:])
     from mixkit.bench import CASES
 
     parser = argparse.ArgumentParser(prog="mixkit", description="mixkit kernels: benchmarks, generation and build info")
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", choices=["cpu", "cuda"])
     e.add_argument("--json", help="also write the results here")
     e.set_defaults(func=_eval)
+
+    from mixkit.serve.server import add_parser as add_serve
+    add_serve(sub)
 
     i = sub.add_parser("info", help="print build info, torch and device versions")
     i.add_argument("--device", choices=["cpu", "cuda"])
