@@ -13,14 +13,23 @@ hash of the token prefix it ends, so a later request whose prompt starts
 with the same tokens shares it instead of recomputing it (its count goes up).
 A page whose count drops to 0 keeps its contents and its hash until it is
 needed for something else (least recently freed first); it counts as free.
+The hash is SHA-256 over the previous page's hash and the page's token ids:
+a collision would hand one request another's keys and values, and Python's
+own hash of a tuple of ints can be made to collide.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 NO_PAGE = -1
+
+
+def page_hash(parent: bytes | None, tokens) -> bytes:
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
 @dataclass
@@ -163,7 +172,7 @@ class BlockManager:
         ps = self.page_size
         while (len(hashes) + 1) * ps <= computed:
             i = len(hashes)
-            h = hash((hashes[-1] if hashes else None, tuple(tokens[i * ps:(i + 1) * ps])))
+            h = page_hash(hashes[-1] if hashes else None, tokens[i * ps:(i + 1) * ps])
             hashes.append(h)
             for g, table in zip(self.groups, self.tables[rid]):
                 page = table[i] if i < len(table) else NO_PAGE
@@ -176,7 +185,7 @@ class BlockManager:
         ps, parent, pages = self.page_size, None, []
         hashes = []
         for i in range((len(tokens) - 1) // ps):
-            h = hash((parent, tuple(tokens[i * ps:(i + 1) * ps])))
+            h = page_hash(parent, tokens[i * ps:(i + 1) * ps])
             found = [g.by_hash.get(h) for g in self.groups]
             if any(p is None for p in found):
                 break
