@@ -362,10 +362,10 @@ def test_toml_syntax_and_encoding_errors_name_the_file(tmp_path, content, what):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")
 def test_device_cuda_without_a_gpu_is_one_line_in_every_command(tmp_path):
-    commands = [a for a in _subcommands().values() if any("--device" in x.option_strings for x in a._actions)]
-    assert len(commands) == 7
-    for parser in commands:
-        r = run_cli(parser.prog.split()[1], "--device", "cuda", cwd=tmp_path)
+    commands = [name for name, a in _subcommands().items() if any("--device" in x.option_strings for x in a._actions)]
+    assert {"quickstart", "train", "eval", "generate", "ppo", "bench", "info"} <= set(commands)
+    for name in commands:
+        r = run_cli(*name.split(), "--device", "cuda", cwd=tmp_path)
         assert r.rc == 2 and "--device" in r.error() and "sees no CUDA GPU" in r.error()
 
 
@@ -549,9 +549,12 @@ def test_model_path_is_named(tmp_path):
 # ---- every option of every command, from argparse itself ------------------------------------------------------
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its words ("train", "bench serve")."""
+    from mixkit.bench.serve import build_parser as bench_serve_parser
+
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(sub.choices)
+    return {**sub.choices, "bench serve": bench_serve_parser()}
 
 
 def _bad_inputs(tmp: Path):
@@ -573,7 +576,7 @@ def test_every_option_rejects_bad_values_in_one_line(tmp_path):
     cases = list(_bad_inputs(tmp_path))
     assert len(cases) > 60
     for command, option, value in cases:
-        r = run_cli(command, option, value, cwd=tmp_path)
+        r = run_cli(*command.split(), option, value, cwd=tmp_path)
         assert r.rc == 2, (command, option, value, r.out, r.err)
         line = r.error()
         assert line.startswith(f"mixkit {command}: error: argument {option}"), line
@@ -609,7 +612,7 @@ def test_help_shows_every_option_and_its_default():
             if action.default is not None and action.default is not False:
                 assert "default" in text, f"mixkit {name} {action.option_strings[0]}: its help hides the default"
     top = build_parser().format_help()
-    assert all(name in top for name in parsers)
+    assert all(name.split()[0] in top for name in parsers)
     assert "removing the run's checkpoints past it" in " ".join(parsers["train"].format_help().split())
     assert "about 20 s" in " ".join(parsers["ppo"].format_help().split())
 
@@ -629,13 +632,12 @@ def _commands_in(text: str) -> list[list[str]]:
     found = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" # ")[0].strip()
-            for part in re.split(r"&&|\|", line):
+            for part in re.split(r"&&|\|", line.split(" # ")[0]):
+                if not re.search(r"(^|\s)mixkit\s+[a-z]", part):
+                    continue
                 words = shlex.split(part, comments=True)
-                if "mixkit" in words:
-                    i = words.index("mixkit")
-                    if i + 1 < len(words) and not words[i + 1].startswith("-"):
-                        found.append(words[i + 1:])
+                words = words[words.index("mixkit") + 1:]
+                found.append([" ".join(words[:2]), *words[2:]] if words[:2] == ["bench", "serve"] else words)
     return found
 
 

@@ -1,7 +1,8 @@
 """The `mixkit` command: `quickstart`, `train`, `ppo`, `eval`, `generate`, `bench` and `info`.
 
-Every option's value is checked by its argparse type as the command line is
-read, before anything runs; a user's mistake there or later (a run file, a
+Every option's value is checked by its argparse type (the public ones here
+serve other modules' subcommands too: `mixkit serve`, `mixkit bench serve`)
+as the command line is read, before anything runs; a user's mistake there or later (a run file, a
 checkpoint directory) ends the command with one line,
 `mixkit <command>: error: ...`, and exit code 2, never a traceback. Ctrl-C
 at any point exits quietly with 130 (`mixkit train` and `mixkit ppo` first
@@ -25,7 +26,7 @@ EXIT_CTRL_C = 130  # 128 + SIGINT, what a shell reports for a command stopped by
 
 # ---- option types ---------------------------------------------------------------------------------------------
 
-def _kind(name: str, bad: Callable[[Path], list[str]] | list[str]):
+def option_type(name: str, bad: Callable[[Path], list[str]] | list[str]):
     """Decorate a parser of option values: `name` is how argparse names it,
     `bad(tmp)` values it must reject (tmp: an empty scratch directory)."""
     def wrap(parse):
@@ -35,27 +36,41 @@ def _kind(name: str, bad: Callable[[Path], list[str]] | list[str]):
     return wrap
 
 
-def _integer(low: int | None = None):
-    at_least = f" >= {low}" if low is not None else ""
+def integer(low: int | None = None, high: int | None = None):
+    span = (f" in [{low}, {high}]" if high is not None else f" >= {low}") if low is not None else ""
+    bad = ["abc", "1.5"] + ([str(low - 1)] if low is not None else []) + ([str(high + 1)] if high is not None else [])
 
-    @_kind("integer", ["abc", "1.5"] + ([str(low - 1)] if low is not None else []))
+    @option_type("integer", bad)
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer{at_least}, got {text!r}") from None
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer{at_least}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer{span}, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer{span}, got {value}")
         return value
     return parse
 
 
-def _number(low: float, high: float | None = None, low_open: bool = False):
+def integers(low: int):
+    """A comma-separated list of integers >= low."""
+    one = integer(low)
+
+    @option_type("integers", ["a,b", str(low - 1), "1,,2", ""])
+    def parse(text: str) -> list[int]:
+        try:
+            return [one(x) for x in text.split(",")]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {low}, got {text!r}") from None
+    return parse
+
+
+def number(low: float, high: float | None = None, low_open: bool = False):
     """A finite float in [low, high] ((low, high] with low_open)."""
     span = f"in ({low:g}, {high:g}]" if low_open else f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
     bad = ["abc", "nan", "inf", str(low) if low_open else str(low - 1)] + ([str(high + 1)] if high is not None else [])
 
-    @_kind("number", bad)
+    @option_type("number", bad)
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -73,8 +88,8 @@ def _cuda_bad(_tmp: Path) -> list[str]:
     return ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"])
 
 
-@_kind("device", _cuda_bad)
-def _device(text: str) -> str:
+@option_type("device", _cuda_bad)
+def device(text: str) -> str:
     import torch
 
     if text not in ("cpu", "cuda"):
@@ -85,8 +100,9 @@ def _device(text: str) -> str:
     return text
 
 
-@_kind("text", ["\udcff\udcfe"])  # bytes 0xff 0xfe as Python decodes a non-UTF-8 argv
-def _text(text: str) -> str:
+@option_type("text", ["\udcff\udcfe"])  # bytes 0xff 0xfe as Python decodes a non-UTF-8 argv
+def utf8_text(text: str) -> str:
+    """Any text that is valid UTF-8 (on Linux, argv bytes that are not come as lone surrogates)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -105,8 +121,8 @@ def _a_file(tmp: Path) -> str:
     return str(tmp / "a-file")
 
 
-@_kind("file", lambda tmp: [_missing(tmp), str(tmp)])
-def _existing_file(text: str) -> str:
+@option_type("file", lambda tmp: [_missing(tmp), str(tmp)])
+def existing_file(text: str) -> str:
     p = Path(text)
     if not p.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
@@ -115,8 +131,8 @@ def _existing_file(text: str) -> str:
     return text
 
 
-@_kind("directory", lambda tmp: [_missing(tmp), _a_file(tmp)])
-def _existing_dir(text: str) -> str:
+@option_type("directory", lambda tmp: [_missing(tmp), _a_file(tmp)])
+def existing_dir(text: str) -> str:
     p = Path(text)
     if not p.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such directory")
@@ -131,7 +147,7 @@ def _tiny_models() -> list[str]:
     return [n for n in models.CONFIGS if n.startswith("tiny-")]
 
 
-@_kind("model", lambda tmp: [_missing(tmp), "tiny-nope", _a_file(tmp)])
+@option_type("model", lambda tmp: [_missing(tmp), "tiny-nope", _a_file(tmp)])
 def _model(text: str) -> str:
     if Path(text).is_dir() or text in _tiny_models():
         return text
@@ -145,7 +161,7 @@ def _empty_dir(tmp: Path) -> str:
     return str(tmp / "empty")
 
 
-@_kind("tokenizer", lambda tmp: [_missing(tmp), _empty_dir(tmp)])
+@option_type("tokenizer", lambda tmp: [_missing(tmp), _empty_dir(tmp)])
 def _tokenizer(text: str) -> str:
     if text == "byte":
         return text
@@ -157,7 +173,7 @@ def _tokenizer(text: str) -> str:
     return text
 
 
-@_kind("vocabulary", ["abc", "257", "0"])
+@option_type("vocabulary", ["abc", "257", "0"])
 def _vocabulary(text: str) -> str | int:
     if text == "byte":
         return text
@@ -181,29 +197,29 @@ def _check_writable_under(text: str) -> None:
         raise argparse.ArgumentTypeError(f"{text}: cannot be created, {base} is not writable")
 
 
-@_kind("output file", lambda tmp: [str(tmp), _a_file(tmp) + "/out.json"])
-def _output_file(text: str) -> str:
+@option_type("output file", lambda tmp: [str(tmp), _a_file(tmp) + "/out.json"])
+def output_file(text: str) -> str:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
     _check_writable_under(text)
     return text
 
 
-@_kind("output path", lambda tmp: [_a_file(tmp) + "/results/"])
-def _output_path(text: str) -> str:
+@option_type("output path", lambda tmp: [_a_file(tmp) + "/results/"])
+def output_path(text: str) -> str:
     _check_writable_under(text)
     return text
 
 
-@_kind("output directory", lambda tmp: [_a_file(tmp), _a_file(tmp) + "/run"])
-def _output_dir(text: str) -> str:
+@option_type("output directory", lambda tmp: [_a_file(tmp), _a_file(tmp) + "/run"])
+def output_dir(text: str) -> str:
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text}: a file, not a directory")
     _check_writable_under(text)
     return text
 
 
-@_kind("resume", lambda tmp: ["sometimes", _missing(tmp), _a_file(tmp)])
+@option_type("resume", lambda tmp: ["sometimes", _missing(tmp), _a_file(tmp)])
 def _resume(text: str) -> str:
     if text in ("auto", "never") or Path(text).is_dir():
         return text
@@ -211,7 +227,7 @@ def _resume(text: str) -> str:
                                      + (" (a file)" if Path(text).exists() else " (no such directory)"))
 
 
-@_kind("KEY=VALUE", ["novalue", "=3"])
+@option_type("KEY=VALUE", ["novalue", "=3"])
 def _override(text: str) -> str:
     key, sep, _ = text.partition("=")
     if not sep or not key.strip():
@@ -219,7 +235,7 @@ def _override(text: str) -> str:
     return text
 
 
-@_kind("ops", ["nope", "rms_norm,nope"])
+@option_type("ops", ["nope", "rms_norm,nope"])
 def _ops(text: str) -> list[str]:
     from mixkit.bench import CASES
 
@@ -421,7 +437,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """mixkit's argument parser: defaults in --help, one-line errors (exit 2)."""
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
@@ -436,34 +454,34 @@ EPILOG = "`mixkit COMMAND --help` shows a command's options and their defaults."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mixkit", description=DESCRIPTION, epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser,
+    parser = Parser(prog="mixkit", description=DESCRIPTION, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser,
                                 title="commands")
     device_help = "cpu or cuda (default: cuda if torch sees a GPU, else cpu)"
 
     q = sub.add_parser("quickstart", help="train a BPE and a small Mistral-style model on the stdlib sources (no "
                                           "download); held-out bits per byte against gzip -9 and xz -9e, a sample")
-    q.add_argument("--steps", type=_integer(1), metavar="N", help="training steps (default on the CPU, about 4.5 minutes on 2 "
+    q.add_argument("--steps", type=integer(1), metavar="N", help="training steps (default on the CPU, about 4.5 minutes on 2 "
                    "cores: 2000 with bf16, 900 with fp32; 3000 on a GPU)")
     q.add_argument("--precision", choices=["bf16", "fp32"], help="bf16: bf16 compute over float32 master weights "
                    "(default on a GPU and on a CPU with native bf16: AVX512-BF16 or AMX); fp32 otherwise")
     q.add_argument("--tokenizer", type=_vocabulary, metavar="N|byte", help="BPE vocabulary size (>= 258), or 'byte' (default: a "
                    "2048-token BPE)")
-    q.add_argument("--device", type=_device, metavar="{cpu,cuda}", help=device_help)
-    q.add_argument("--out", type=_output_dir, metavar="DIR", default="runs/quickstart", help="run directory")
+    q.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
+    q.add_argument("--out", type=output_dir, metavar="DIR", default="runs/quickstart", help="run directory")
     q.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out "
                    "(without it, such a directory stops the command)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_quickstart)
 
     t = sub.add_parser("train", help="train from a run file (TrainConfig TOML plus a [data] table)")
-    t.add_argument("--config", type=_existing_file, metavar="FILE", required=True,
+    t.add_argument("--config", type=existing_file, metavar="FILE", required=True,
                    help="run file (.toml): TrainConfig keys, [model] and [data] tables (README: Training); "
                         "relative paths in it are relative to the file")
     t.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
                    help="override a key (model.<field>=, data.<field>= for the tables); repeatable; a relative "
                         "path given here is relative to the current directory")
-    t.add_argument("--device", type=_device, metavar="{cpu,cuda}", help=device_help)
+    t.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--resume", type=_resume, default="auto", metavar="auto|never|PATH",
                    help="auto (default): continue from the newest complete checkpoint in checkpoint_dir, if any; "
@@ -476,46 +494,46 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on .jsonl files")
-    e.add_argument("--model", type=_existing_dir, metavar="DIR", required=True,
+    e.add_argument("--model", type=existing_dir, metavar="DIR", required=True,
                    help="checkpoint directory (Hugging Face or Mistral native)")
-    e.add_argument("--data", type=_existing_file, metavar="FILE", nargs="+", required=True,
+    e.add_argument("--data", type=existing_file, metavar="FILE", nargs="+", required=True,
                    help=".jsonl / .jsonl.gz / .jsonl.zst files ({\"text\": ...} per line), one component each")
     e.add_argument("--tokenizer", type=_tokenizer, metavar="DIR|byte",
                    help="'byte' or a directory with tokenizer.json/tokenizer.model (default: --model)")
-    e.add_argument("--seq-len", type=_integer(2), metavar="N", help="tokens per evaluation window (default: the model's "
+    e.add_argument("--seq-len", type=integer(2), metavar="N", help="tokens per evaluation window (default: the model's "
                    "max_seq_len, at most 1024)")
-    e.add_argument("--stride", type=_integer(1), metavar="N", help="scored tokens per window after the first (default seq_len / 2)")
-    e.add_argument("--device", type=_device, metavar="{cpu,cuda}", help=device_help)
-    e.add_argument("--json", type=_output_file, metavar="FILE", help="also write the results to this file")
+    e.add_argument("--stride", type=integer(1), metavar="N", help="scored tokens per window after the first (default seq_len / 2)")
+    e.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
+    e.add_argument("--json", type=output_file, metavar="FILE", help="also write the results to this file")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="generate text with a checkpoint directory or a tiny random model")
     g.add_argument("--model", type=_model, metavar="DIR|NAME", default="tiny-mistral",
                    help="checkpoint directory (Hugging Face or Mistral native), or a tiny random model: "
                         + ", ".join(_tiny_models()))
-    g.add_argument("--checkpoint", type=_existing_dir, metavar="DIR", help="same as --model DIR")
+    g.add_argument("--checkpoint", type=existing_dir, metavar="DIR", help="same as --model DIR")
     g.add_argument("--tokenizer", type=_tokenizer, metavar="DIR|byte", help="'byte' or a directory with tokenizer.json/tokenizer.model "
                    "(default: the model directory's; byte for a tiny model)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a Mistral/Llama chat turn ([INST] ... [/INST])")
-    g.add_argument("--prompt", type=_text, metavar="TEXT", default="Hello", help="prompt text (UTF-8)")
-    g.add_argument("--max-new-tokens", type=_integer(1), metavar="N", default=32, help="tokens to generate at most")
-    g.add_argument("--temperature", type=_number(0.0), metavar="T", default=0.0, help="sampling temperature; 0: greedy")
-    g.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), metavar="P", default=1.0,
+    g.add_argument("--prompt", type=utf8_text, metavar="TEXT", default="Hello", help="prompt text (UTF-8)")
+    g.add_argument("--max-new-tokens", type=integer(1), metavar="N", default=32, help="tokens to generate at most")
+    g.add_argument("--temperature", type=number(0.0), metavar="T", default=0.0, help="sampling temperature; 0: greedy")
+    g.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), metavar="P", default=1.0,
                    help="sample from the smallest set of tokens whose probability reaches this")
-    g.add_argument("--top-k", type=_integer(1), metavar="K", help="sample from the k most likely tokens (default: all)")
-    g.add_argument("--seed", type=_integer(), metavar="N", default=0, help="sampling seed (and a tiny model's weights)")
-    g.add_argument("--device", type=_device, metavar="{cpu,cuda}", help=device_help)
-    g.add_argument("--tp", type=_integer(1), metavar="N", help="tensor-parallel ranks, under torchrun --nproc_per_node N "
+    g.add_argument("--top-k", type=integer(1), metavar="K", help="sample from the k most likely tokens (default: all)")
+    g.add_argument("--seed", type=integer(), metavar="N", default=0, help="sampling seed (and a tiny model's weights)")
+    g.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
+    g.add_argument("--tp", type=integer(1), metavar="N", help="tensor-parallel ranks, under torchrun --nproc_per_node N "
                    "(gloo on the CPU, NCCL on GPUs); default: torchrun's process count, else 1")
     g.set_defaults(func=_generate)
 
     p = sub.add_parser("ppo", help="Llama 2-Chat's PPO from a run file (policy, reward models, prompts .jsonl), "
                                    "or --demo: a tiny policy raising a rule-based reward on the CPU")
-    p.add_argument("--config", type=_existing_file, metavar="FILE", help="run file (.toml): policy, prompts, [reward], [ppo] "
+    p.add_argument("--config", type=existing_file, metavar="FILE", help="run file (.toml): policy, prompts, [reward], [ppo] "
                    "(README: RLHF); relative paths in it are relative to the file")
     p.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
                    help="override a key (ppo.<field>=, reward.<key>= for the tables); repeatable")
-    p.add_argument("--device", type=_device, metavar="{cpu,cuda}", help=device_help)
+    p.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
     p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds another run's "
                    "outputs and no checkpoint, replacing them")
     p.add_argument("--demo", action="store_true", help="self-contained CPU demonstration (about 20 s on 2 cores)")
@@ -523,17 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time mixkit ops against torch eager, torch.compile and Liger")
     b.add_argument("--quick", action="store_true", help="fewer token counts and shorter timing")
-    b.add_argument("--device", type=_device, metavar="{cpu,cuda}", help=device_help)
+    b.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
     b.add_argument("--ops", type=_ops, metavar="OP,...", help="comma-separated op names (default: all; a wrong name lists them)")
-    b.add_argument("--out", type=_output_path, metavar="PATH", help="results JSON path, with a .md table (and a .png) beside it; "
+    b.add_argument("--out", type=output_path, metavar="PATH", help="results JSON path, with a .md table (and a .png) beside it; "
                    "a directory gets <date>_<device>_<commit>.json. Written after every case")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     b.add_argument("--graph", action="store_true", help="time CUDA-graph replays (removes launch overhead; cuda only)")
     b.add_argument("--no-plot", action="store_true", help="no .png even if matplotlib is installed")
     b.set_defaults(func=_bench)
 
+    from mixkit.serve.server import add_parser as add_serve
+    add_serve(sub)
+
     i = sub.add_parser("info", help="print build info, torch and device versions (JSON)")
-    i.add_argument("--device", type=_device, metavar="{cpu,cuda}", help=device_help)
+    i.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
     i.set_defaults(func=_info)
     return parser
 
@@ -544,9 +565,14 @@ def _say_error(command: str, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     command = "?"
     try:
         try:
+            if argv[:2] == ["bench", "serve"]:  # the serving benchmark has its own options
+                from mixkit.bench.serve import main as bench_serve
+                command = "bench serve"
+                return bench_serve(argv[2:])
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help, or a bad option (its one line is printed): a code, for callers of main
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
