@@ -252,6 +252,46 @@ def mixkit_offline(model_dir, prompts, out_tokens, max_batch) -> dict:
     return {"wall_s": wall, "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall}
 
 
+# ---- KV memory of one long request -----------------------------------------------------------
+
+def kv_memory(config: str = "mistral-7b-v0.1", lengths=(4096, 16384, 32768, 131072), page_size: int = 16,
+              chunk: int = 512, prompt: int = 2048) -> list[dict]:
+    """Peak KV bytes of one request of each length on a named config (bf16),
+    with window-aware freeing and with every page kept: the block manager
+    itself, driven through chunked prefill of `prompt` tokens and then one
+    token a step (no model runs; pages are what it would allocate)."""
+    from mixkit.models import CONFIGS
+    from mixkit.serve.blocks import BlockManager
+
+    args = CONFIGS[config]
+    page_bytes = page_size * 2 * args.n_kv_heads * args.head_dim * 2  # K and V, bf16, one layer
+    rows = []
+    for n in lengths:
+        peak = {}
+        for label, window in (("freeing", args.sliding_window), ("kept", None)):
+            bm = BlockManager(n // page_size + 2, page_size, [window])
+            top, at = 0, 0
+            while at < n:
+                step = min(chunk, prompt - at) if at < prompt else 1
+                assert bm.allocate("r", at, at + step)
+                at += step
+                top = max(top, bm.num_pages - bm.num_free()[0])  # the only request: its pages
+            peak[label] = top
+        rows.append({"config": config, "tokens": n, "pages_freeing": peak["freeing"], "pages_kept": peak["kept"],
+                     "gib_freeing": peak["freeing"] * page_bytes * args.n_layers / 2 ** 30,
+                     "gib_kept": peak["kept"] * page_bytes * args.n_layers / 2 ** 30})
+    return rows
+
+
+def render_kv(rows) -> str:
+    lines = ["| tokens | pages per layer, freeing / kept | KV GiB (all layers, bf16), freeing / kept |",
+             "|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['pages_freeing']} / {r['pages_kept']} | "
+                     f"{r['gib_freeing']:.2f} / {r['gib_kept']:.2f} |")
+    return "\n".join(lines)
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 def workload(tokenizer, n_clients, per_client, lengths, seed=0) -> list[list[list[int]]]:
@@ -383,7 +423,9 @@ def main(argv: list[str]) -> int:
     if not args.no_mixtral:
         models["tiny-mixtral"] = tiny_mixtral(tmp / "mixtral")
     results = run(models, clients, args.requests, lengths, args.output_tokens, peers=not args.no_peers)
-    table = render(results)
+    results["kv_memory"] = kv_memory()
+    table = render(results) + "\n\nKV memory of one Mistral 7B request (window 4096, pages of 16, chunks of 512):\n\n" \
+        + render_kv(results["kv_memory"])
     print()
     print(table)
     print(f"\nload average {results['meta']['load_average']} -> {results['meta']['load_average_end']} "

@@ -54,7 +54,7 @@ class EngineLoop:
             params = params.replace(seed=self.engine.next_seed())
         q: asyncio.Queue = asyncio.Queue()
         self.sinks[rid] = (loop, q)
-        self.commands.put(("add", rid, list(prompt), params))
+        self.commands.put(("add", rid, list(prompt), params, time.perf_counter()))
         self.wake.set()
         return rid, q
 
@@ -84,9 +84,9 @@ class EngineLoop:
                 return done
             done.append(cmd)
             if cmd[0] == "add":
-                _, rid, prompt, params = cmd
+                _, rid, prompt, params, arrived = cmd
                 try:
-                    self.engine.add(prompt, params, rid=rid)
+                    self.engine.add(prompt, params, rid=rid, arrived=arrived)
                 except ValueError as exc:  # checked already; only a changed limit gets here
                     self._deliver(rid, exc)
             else:
