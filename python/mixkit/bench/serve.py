@@ -390,36 +390,32 @@ def render(results) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mixkit bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (default runs/quickstart/model if present, else a model of the "
-                                   "quick start's shape with random weights)")
+def build_parser() -> argparse.ArgumentParser:
+    from mixkit.cli import Parser, existing_dir, integer, integers, output_file
+
+    p = Parser(prog="mixkit bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=existing_dir, metavar="DIR", help="model directory (default runs/quickstart/model "
+                   "if present, else a model of the quick start's shape with random weights)")
     p.add_argument("--no-mixtral", action="store_true", help="skip the tiny Mixtral")
-    p.add_argument("--clients", default="1,8,32,64", help="concurrent clients, comma-separated (default 1,8,32,64)")
-    p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
-    p.add_argument("--prompt-lengths", default="32,128,512", help="prompt lengths in tokens, cycled (default 32,128,512)")
-    p.add_argument("--output-tokens", type=int, default=32, help="tokens each request generates (default 32)")
+    p.add_argument("--clients", type=integers(1), default="1,8,32,64", help="concurrent clients, comma-separated")
+    p.add_argument("--requests", type=integer(1), default=2, help="requests per client")
+    p.add_argument("--prompt-lengths", type=integers(1), default="32,128,512",
+                   help="prompt lengths in tokens, comma-separated, cycled")
+    p.add_argument("--output-tokens", type=integer(1), default=32, help="tokens each request generates")
     p.add_argument("--no-peers", action="store_true", help="skip transformers")
     p.add_argument("--quick", action="store_true", help="N = 1, 8; prompts 16,64; 8 output tokens")
-    p.add_argument("--out", help="write the results as JSON, and a .md table beside it")
-    args = p.parse_args(argv)
-    try:
-        clients = [int(c) for c in args.clients.split(",")]
-        lengths = [int(c) for c in args.prompt_lengths.split(",")]
-    except ValueError:
-        print("mixkit bench serve: error: --clients and --prompt-lengths are comma-separated integers", file=sys.stderr)
-        return 2
+    p.add_argument("--out", type=output_file, metavar="FILE", help="write the results as JSON, and a .md table beside it")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    clients, lengths = args.clients, args.prompt_lengths
     if args.quick:
         clients, lengths, args.output_tokens, args.requests = [1, 8], [16, 64], 8, 1
-    if min(clients) < 1 or min(lengths) < 1 or args.output_tokens < 1 or args.requests < 1:
-        print("mixkit bench serve: error: counts and lengths must be >= 1", file=sys.stderr)
-        return 2
     tmp = Path(tempfile.mkdtemp(prefix="mixkit-bench-serve-"))
     models = {}
     if args.model:
-        if not Path(args.model).is_dir():
-            print(f"mixkit bench serve: error: --model {args.model} is not a directory", file=sys.stderr)
-            return 2
         models["quickstart"] = Path(args.model)
     elif Path("runs/quickstart/model").is_dir():
         models["quickstart"] = Path("runs/quickstart/model")
