@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- running the command --------------------------------------------------------------------------------------
 
 _PRELOAD = ["mixkit", "mixkit.cli", "mixkit.train.run", "mixkit.train.ppo", "mixkit.train.trainer", "mixkit.data",
-            "mixkit.evaluation", "mixkit.tokenizer", "mixkit.bench", "test_cli"]
+            "mixkit.evaluation", "mixkit.tokenizer", "mixkit.bench", "mixkit.bench.serve", "mixkit.serve.server",
+            "test_cli"]
 _server = None
 
 
@@ -390,6 +391,16 @@ def test_ctrl_c_while_generating_exits_quietly_with_130(tmp_path):
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
     assert [x for x in err.decode().splitlines() if x.strip() and not x.startswith("note:")] == []
     assert (shown + out).startswith(b"Hello") and len(shown + out) > len(b"Hello")  # what was printed stays
+
+
+def test_a_closed_pipe_stops_quietly(tmp_path):
+    """`mixkit generate | head -c 5`: the reader goes away mid-stream."""
+    proc = _python_mixkit("generate", "--device", "cpu", "--max-new-tokens", "400", "--temperature", "1",
+                          cwd=tmp_path)
+    _wait_for_output(proc, proc.stdout, b"Hello")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
 def test_ctrl_c_during_start_up_exits_quietly_with_130(tmp_path, run_file):
