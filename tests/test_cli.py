@@ -420,6 +420,22 @@ def test_ctrl_c_during_start_up_exits_quietly_with_130(tmp_path, run_file):
     assert not (cfg / "run" / "log.jsonl").exists()
 
 
+def test_ctrl_c_while_the_console_script_imports_exits_quietly_with_130(tmp_path):
+    """Ctrl-C while `mixkit` (the console script: python/mixkit_command.py)
+    is still importing torch, before any of mixkit.cli runs."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from mixkit_command import main; sys.exit(main())",
+                             "info"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_terminal_sigint)
+    maps, end = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text():  # inside `import torch`
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err and out == b"", err.decode()
+
+
 # ---- 6. sampling settings, on the command line and in the library ---------------------------------------------
 
 @pytest.mark.parametrize("option, value", [("--top-p", "0"), ("--top-k", "0"), ("--temperature", "-1"),
