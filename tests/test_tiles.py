@@ -133,3 +133,14 @@ def test_norm_design_covers_each_layout():
             widths = {hi for cfg, (lo, hi) in layouts.items() if cfg[3] == rpb}
             rows = [{"rows": r} for dt, r, cols in design if dt == dtype and cols in widths]
             assert not tiles.missing(rows, {"rows": [rpb, "+"]}), (dtype, rpb)
+
+
+def test_paged_design_covers_both_warp_widths():
+    for h, hkv, d, ps, w, seqs in tiles.paged_design():
+        shapes = [{"rows": sq * (h // hkv), "sk": sk, "off": sk - sq, "page": sk} for sq, sk in seqs]
+        for warp in tiles.WARPS:
+            t = tiles.paged_tiles(warp, ps)
+            if (h // hkv) % 2 == 0:
+                del t["rows"]
+            assert not tiles.missing(shapes, t), (h, hkv, d, ps, w, warp)
+    assert {d for _, _, d, *_ in tiles.paged_design()} == {64, 128, 256}

@@ -878,6 +878,7 @@ KERNELS = {
     "cuda/moe_route.cu": Kernel((32, 64), *_ROUTE, "-k", "emu"),
     "cuda/norm.cu": Kernel((32, 64), "tests/test_norms.py", "-k", "emu"),
     "cuda/rope.cu": Kernel((32, 64), "tests/test_rope.py", "-k", "emu"),
+    "cuda/paged.cu": Kernel((32, 64), "tests/test_paged.py", "-k", "emu"),
 }
 # Not kernels: the emulator (tests/test_emu*.py), the portability layer and
 # the instruction wrappers, each held to an independent model of its
@@ -896,3 +897,44 @@ def prefill_design() -> tuple:
     return ((1, 2, 1, 64, rows - 1, rows - 1, 2 * (rows - 1) + 2, 2 * (rows - 1) + 5),
             (1, 2, 1, 128, rows + 1, rows + 33, 2 * rows + 4, 2 * rows + 7),
             (1, 3, 1, 64, None, rows + 72, rows + 2, rows + 5))
+
+
+PAGED = "cuda/paged.cu"
+
+
+def paged_tiles(warp: int, page_size: int) -> dict[str, list]:
+    """paged_prefill_attn_kernel: R query rows (query x head of the GQA group)
+    a block, dealt to the warps in turn; keys in tiles of BN = one a lane
+    (the warp width), from the first row's window start; positions reach
+    their page through the block table in pages of page_size."""
+    c = functools.partial(constant, PAGED, kWarpSize=warp)
+    return {"rows": [c("R"), "+"], "sk": [c("BN"), "+"], "off": [c("BN"), "-"], "page": [page_size]}
+
+
+@functools.lru_cache(maxsize=None)
+def paged_design() -> tuple:
+    """paged_prefill_attn cases (H, Hkv, D, page_size, window, ((Sq, Sk), ...)):
+    every GPU head dim, GQA groups 1, 3 and 4, with and without a window;
+    each case's sequences hit the classes of the rows a block (odd groups:
+    rows = Sq x group), of Sk and Sk - Sq against the key tile of both warp
+    widths, and of Sk against the page size."""
+    cases = [(4, 4, 64, 16, None), (6, 2, 128, 5, 40), (8, 2, 256, 8, None), (3, 1, 64, 3, 33),
+             (4, 1, 128, 16, 70)]
+    cands = []
+    tiles_of = {}
+    for i, (h, hkv, d, ps, w) in enumerate(cases):
+        group = h // hkv
+        t = merge(*(paged_tiles(w_, ps) for w_ in WARPS))
+        if group % 2 == 0:  # rows = Sq x group: an even group reaches only even residues
+            del t["rows"]
+        tiles_of[i] = t
+        for sq in range(1, 40):
+            for sk in range(1, 200):
+                if sq * group <= 3 * constant(PAGED, "R", kWarpSize=32) + 3:
+                    cands.append({"case": i, "rows": sq * group, "sk": sk, "off": sk - sq, "page": sk, "sq": sq})
+    chosen = []
+    for i in range(len(cases)):
+        mine = [v for v in cands if v["case"] == i]
+        chosen += cover(tiles_of[i], mine, seed=i, cost=lambda v: (1 + v["rows"] // 16) * (1 + v["sk"] // 32))
+    return tuple((h, hkv, d, ps, w, tuple((v["sq"], v["sk"]) for v in chosen if v["case"] == i) + ((0, 5),))
+                 for i, (h, hkv, d, ps, w) in enumerate(cases))
