@@ -312,14 +312,19 @@ def _check_mlp(x, router_weight, w13, w2, top_k):
 
 
 def moe_mlp(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int = 2,
-            return_router_logits: bool = False, fused_swiglu: bool = False):
-    """Mixtral's sparse MoE block: `y[t] = sum_j w_j * w2_e(silu(w1_e x) * w3_e x)`
+            return_router_logits: bool = False, fused_swiglu: bool = False, *, renormalize: bool = True,
+            router_bias: torch.Tensor | None = None, activation="silu"):
+    """The sparse MoE block: `y[t] = sum_j w_j * w2_e(act(w1_e x) * w3_e x)`
     over the top_k experts e of token t (CONVENTIONS.md router rules).
 
     x: (T, H); router_weight: (E, H); w13: (E, 2F, H), gate rows first, then
     up; w2: (E, H, F). Returns y (T, H), and the router logits (T, E) when
     return_router_logits (for moe_aux_loss). Differentiable in x,
-    router_weight, w13 and w2.
+    router_weight, w13 and w2 (and router_bias).
+
+    renormalize: moe_route's option (False: OLMoE's weights, the full
+    softmax's top k). router_bias: (E,), added to the router logits.
+    activation: as in moe_experts.
 
     fused_swiglu: apply the SwiGLU in the first grouped GEMM's epilogue
     (`grouped_swiglu`) instead of a separate torch elementwise op. One
@@ -330,26 +335,84 @@ def moe_mlp(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2:
     """
     experts, ffn = _check_mlp(x, router_weight, w13, w2, top_k)
     x = x.contiguous()
-    logits = torch.matmul(x, router_weight.t())
-    weights, ids = moe_route(logits, top_k)
-    y = _experts(x, ids, weights, w13, w2, experts, ffn, fused_swiglu)
+    if router_bias is not None:
+        _checks.tensor("moe_mlp", "router_bias", router_bias)
+        _checks.same_dtype("moe_mlp", "x", x, "router_bias", router_bias)
+        _checks.same_device("moe_mlp", "x", x, "router_bias", router_bias)
+        if tuple(router_bias.shape) != (experts,):
+            raise ValueError(f"moe_mlp: router_bias must have shape (experts,) = ({experts},), "
+                             f"got {tuple(router_bias.shape)}")
+    logits = F_.linear(x, router_weight, router_bias)
+    weights, ids = moe_route(logits, top_k, renormalize=renormalize)
+    glu = None if activation == "silu" else _glu("moe_mlp", activation, 1.702, 7.0)
+    y = _experts(x, ids, weights, w13, w2, experts, ffn, fused_swiglu, glu)
     return (y, logits) if return_router_logits else y
 
 
-def _experts(x, ids, weights, w13, w2, experts, ffn, fused_swiglu):
+def swiglu_oss(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU, exactly as transformers' GptOssExperts
+    computes it: gate clamped from above at limit, up to [-limit, limit],
+    `(up + 1) * gate * sigmoid(alpha * gate)`. torch.clamp passes the
+    gradient where the input lies within the bounds, ends included, and
+    propagates NaN."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+_GATES = {"silu": F_.silu, "gelu_tanh": lambda t: F_.gelu(t, approximate="tanh")}
+ACTIVATIONS = (*_GATES, "swiglu_oss")
+
+
+def _glu(op, activation, alpha, limit):
+    """act(gate, up) for the experts' gated unit: a named activation, or any
+    elementwise callable applied to the gate."""
+    if callable(activation):
+        return lambda g, u: activation(g) * u
+    if activation == "swiglu_oss":
+        _checks.finite_float(op, "swiglu_alpha", alpha)
+        _checks.finite_float(op, "swiglu_limit", limit, positive=True)
+        return lambda g, u: swiglu_oss(g, u, alpha, limit)
+    if activation not in _GATES:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS} or a callable, got {activation!r}")
+    gate = _GATES[activation]
+    return lambda g, u: gate(g) * u
+
+
+def _row_bias(bias, offsets, rows):
+    """bias[e] for every permuted row of expert e (rows from offsets[E] on, the
+    GPU permute's bad-id bucket, take the last expert's and are dropped by
+    moe_unpermute anyway); the expert of each row comes from the device-side
+    offsets, so nothing syncs."""
+    row = torch.arange(rows, device=offsets.device)
+    expert = torch.searchsorted(offsets[1:], row, right=True).clamp_(max=bias.shape[0] - 1)
+    return bias[expert]
+
+
+def _experts(x, ids, weights, w13, w2, experts, ffn, fused_swiglu, glu=None, *, w13_bias=None, w2_bias=None,
+             transposed=False, interleaved=False):
     x_perm, offsets, row_map = moe_permute(x, ids, experts)
     w13 = w13.contiguous()
-    if fused_swiglu:
+    plain = glu is None and w13_bias is None and not transposed and not interleaved
+    if fused_swiglu and plain:
         store_h = torch.is_grad_enabled() and (x_perm.requires_grad or w13.requires_grad)
         act, _h = grouped_swiglu(x_perm, w13, offsets, store_h=store_h)
     else:
-        h = grouped_gemm(x_perm, w13, offsets, trans_b=True)
-        act = F_.silu(h[:, :ffn]) * h[:, ffn:]
-    return moe_unpermute(grouped_gemm(act, w2.contiguous(), offsets, trans_b=True), row_map, weights)
+        h = grouped_gemm(x_perm, w13, offsets, trans_b=not transposed)
+        if w13_bias is not None:
+            h = h + _row_bias(w13_bias, offsets, h.shape[0])
+        gate, up = (h[:, 0::2], h[:, 1::2]) if interleaved else (h[:, :ffn], h[:, ffn:])
+        act = F_.silu(gate) * up if glu is None else glu(gate, up)
+    y = grouped_gemm(act.contiguous(), w2.contiguous(), offsets, trans_b=not transposed)
+    if w2_bias is not None:
+        y = y + _row_bias(w2_bias, offsets, y.shape[0])
+    return moe_unpermute(y, row_map, weights)
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor, fused_swiglu: bool = False) -> torch.Tensor:
+                w2: torch.Tensor, fused_swiglu: bool = False, *, activation="silu",
+                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None, transposed: bool = False,
+                interleaved: bool = False, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> torch.Tensor:
     """The expert half of `moe_mlp`, for a router that lives elsewhere (a
     Hugging Face `MixtralTopKRouter`, whose logits then still feed
     `output_router_logits` and the aux loss).
@@ -358,9 +421,22 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     (T, k), any float dtype (used in float32); w13: (E, 2F, H), gate rows
     first; w2: (E, H, F). Those are Hugging Face's `gate_up_proj` and
     `down_proj` layouts, so a Mixtral experts module passes its parameters
-    as they are. Returns `sum_j topk_weights[t, j] * w2_e(silu(w1_e x) * w3_e x)`
+    as they are. Returns `sum_j topk_weights[t, j] * w2_e(act(w1_e x) * w3_e x)`
     (T, H) in x's dtype, through moe_permute, the grouped GEMMs and
     moe_unpermute; differentiable in x, topk_weights, w13 and w2.
+
+    activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU), "swiglu_oss"
+    (gpt-oss's clamped SwiGLU with swiglu_alpha and swiglu_limit, see
+    `swiglu_oss`) or any elementwise callable applied to the gate (a Hugging
+    Face expert module's act_fn), between the two grouped GEMMs
+    (fused_swiglu applies to the plain SwiGLU layout).
+
+    gpt-oss's layout, served on its own tensors without copies:
+    transposed: w13 (E, H, 2F) and w2 (E, F, H) (inputs first, Hugging
+    Face's is_transposed); interleaved: gate and up alternate in w13's 2F
+    outputs (gate, up, gate, up, ...); w13_bias (E, 2F) in w13's output
+    order and w2_bias (E, H), added to each expert's rows. Differentiable in
+    the biases too.
     """
     op = "moe_experts"
     _checks.tensor(op, "x", x, min_dim=2)
@@ -380,15 +456,28 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
         _checks.same_device(op, "x", x, name, t)
     hidden = x.shape[1]
-    if w13.dim() != 3 or w13.shape[2] != hidden or w13.shape[1] % 2 or w13.shape[1] == 0:
-        raise ValueError(f"{op}: w13 must have shape (experts, 2 * ffn, hidden = {hidden}), got {tuple(w13.shape)}")
-    experts, ffn = w13.shape[0], w13.shape[1] // 2
-    if tuple(w2.shape) != (experts, hidden, ffn):
-        raise ValueError(f"{op}: w2 must have shape (experts, hidden, ffn) = ({experts}, {hidden}, {ffn}), "
-                         f"got {tuple(w2.shape)}")
+    w13_in, w13_out = (1, 2) if transposed else (2, 1)
+    if w13.dim() != 3 or w13.shape[w13_in] != hidden or w13.shape[w13_out] % 2 or w13.shape[w13_out] == 0:
+        layout = "(experts, hidden, 2 * ffn)" if transposed else "(experts, 2 * ffn, hidden)"
+        raise ValueError(f"{op}: w13 must have shape {layout} with hidden = {hidden}, got {tuple(w13.shape)}")
+    experts, ffn = w13.shape[0], w13.shape[w13_out] // 2
+    w2_shape = (experts, ffn, hidden) if transposed else (experts, hidden, ffn)
+    if tuple(w2.shape) != w2_shape:
+        layout = "(experts, ffn, hidden)" if transposed else "(experts, hidden, ffn)"
+        raise ValueError(f"{op}: w2 must have shape {layout} = {w2_shape}, got {tuple(w2.shape)}")
+    for name, b, shape in (("w13_bias", w13_bias, (experts, 2 * ffn)), ("w2_bias", w2_bias, (experts, hidden))):
+        if b is None:
+            continue
+        _checks.tensor(op, name, b, min_dim=2)
+        _checks.same_dtype(op, "x", x, name, b)
+        _checks.same_device(op, "x", x, name, b)
+        if tuple(b.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(b.shape)}")
+    glu = None if activation == "silu" else _glu(op, activation, swiglu_alpha, swiglu_limit)
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
-    return _experts(x.contiguous(), ids, weights, w13, w2, experts, ffn, fused_swiglu)
+    return _experts(x.contiguous(), ids, weights, w13, w2, experts, ffn, fused_swiglu, glu, w13_bias=w13_bias,
+                    w2_bias=w2_bias, transposed=bool(transposed), interleaved=bool(interleaved))
 
 
 def moe_aux_loss(router_logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
