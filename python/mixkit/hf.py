@@ -28,11 +28,18 @@ when starts[b] <= j < end; the queries are the `Sq` positions ending at
 HF's sliding window W counts the query itself, as mixkit's does, so W passes
 through unchanged (tests/test_hf.py shows W - 1 and W + 1 both fail).
 
+Attention sinks (gpt-oss's `sinks`, which HF passes as `s_aux`), logit
+softcapping (Gemma 2's `attn_logit_softcapping`, passed as `softcap`) and
+each layer's own sliding window (HF passes `sliding_window=None` for full
+layers) go to the ops as they are; the sinks as float32, through a
+differentiable cast of the parameter.
+
 Where mixkit has no kernel the call goes to HF's own sdpa (eager when
-attention weights are requested) and `counters` records why:
-user-supplied 4D masks, custom mask functions (or_mask/and_mask), padding
-masks with holes, output_attentions, attention dropout in training,
-softcapping, non-causal attention, and dtype/head dims the GPU kernels lack.
+attention weights are requested, or when the layer has sinks or a softcap,
+which sdpa lacks) and `counters` records why: user-supplied 4D masks, custom
+mask functions (or_mask/and_mask), padding masks with holes,
+output_attentions, attention dropout in training, non-causal attention, and
+dtypes, head dims or features the GPU kernels lack.
 `patch(model, strict=True)` makes those raise instead. Holes in a padding
 mask are detected in prefill only (one host sync per forward, as HF's
 FlashAttention path has); a decode step trusts the mask, so generating after
@@ -41,24 +48,33 @@ a right-padded prompt (which HF warns against) would read the padding.
 from __future__ import annotations
 
 import collections
+import importlib
 import sys
 import weakref
 
 import torch
 
-import transformers
-from packaging.version import Version
-
 from . import ops
+from .ops import decode as _decode_op
 
-MIN_TRANSFORMERS = "5.0.0"
+_flash_op = importlib.import_module("mixkit.ops.flash_attn")  # the module (ops.flash_attn is the function)
+
+MIN_TRANSFORMERS = "5.0.0"  # pyproject.toml's `hf` extra pins the same
+
+try:
+    import transformers
+    from packaging.version import Version
+except ImportError as exc:
+    raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS} ({exc}): pip install 'mixkit[hf]'"
+                      ) from exc
 
 
 def check_transformers_version(version: str) -> None:
     """ImportError naming the minimum for a transformers older than 5.0 (the
     attention/mask interfaces and cache layers this module relies on)."""
     if Version(version) < Version(MIN_TRANSFORMERS):
-        raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS}, found {version}")
+        raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS}, found {version}: pip install "
+                          "'mixkit[hf]'")
 
 
 check_transformers_version(transformers.__version__)
@@ -79,7 +95,6 @@ SUPPORTED = ("mistral", "mixtral", "llama", "olmo", "olmo2", "olmoe", "qwen3_moe
              "gpt_oss")
 # Gemma 3's multimodal classes carry a vision tower mixkit does not patch.
 _UNSUPPORTED_CLASSES = ("Gemma3ForConditionalGeneration", "Gemma3Model", "Gemma3ForSequenceClassification")
-GPU_HEAD_DIMS = (64, 128)
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 
 # What ran: "flash_attn", "flash_attn_varlen", "decode_attn", "rms_norm",
@@ -189,7 +204,7 @@ def _output_attentions_requested() -> bool:
     return collected is not None and "attentions" in collected
 
 
-def _fallback_reason(module, query, attention_mask, dropout, softcap, kwargs):
+def _fallback_reason(module, query, attention_mask, dropout, softcap, sinks, kwargs):
     if _output_attentions_requested() or kwargs.get("output_attentions"):
         return "output_attentions"
     if attention_mask is not None and not isinstance(attention_mask, MixkitMask):
@@ -198,33 +213,36 @@ def _fallback_reason(module, query, attention_mask, dropout, softcap, kwargs):
         return attention_mask.fallback
     if dropout and module.training:
         return "attention dropout in training"
-    if softcap is not None:
-        return "softcapping"
-    if kwargs.get("s_aux") is not None:
-        return "attention sinks"
     if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         return "non-causal attention"
     if query.device.type == "cuda":
-        if query.dtype not in GPU_DTYPES and query.shape[2] > 1:
+        decode = query.shape[2] == 1
+        if query.dtype not in GPU_DTYPES and not decode:
             return f"{query.dtype} on the GPU (flash_attn: bfloat16/float16)"
-        if query.shape[-1] not in GPU_HEAD_DIMS:
-            return f"head_dim {query.shape[-1]} on the GPU (kernels: 64, 128)"
+        op = _decode_op if decode else _flash_op
+        if query.shape[-1] not in op.GPU_HEAD_DIMS:
+            return f"head_dim {query.shape[-1]} on the GPU (kernels: {', '.join(map(str, op.GPU_HEAD_DIMS))})"
+        for name, given in (("sinks", sinks is not None), ("softcap", softcap is not None)):
+            if given and name not in op.GPU_FEATURES:
+                return f"{name} on the GPU (not in the kernels yet)"
     return None
 
 
-def _hf_attention(reason, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+def _hf_attention(reason, module, query, key, value, attention_mask, dropout, scaling, softcap, kwargs):
     if getattr(module, "mixkit_strict", False):
         raise MixkitFallback(f"mixkit.hf: no mixkit kernel for this call ({reason}); strict=True")
     _count(f"fallback: {reason}")
     mask = attention_mask.hf_mask() if isinstance(attention_mask, MixkitMask) else attention_mask
-    # sdpa has no softcap and no sinks: those calls go to the family's eager
-    # attention, as do requests for the attention weights.
-    if reason in ("output_attentions", "softcapping", "attention sinks"):
+    # sdpa has neither sinks nor a softcap: those layers take the model's own
+    # eager function, which reads them (gpt-oss its module.sinks).
+    if reason == "output_attentions" or softcap is not None or "s_aux" in kwargs:
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        if softcap is not None:
+            kwargs = {**kwargs, "softcap": softcap}
         return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("softcap", "sliding_window")}
+    kwargs = {k: v for k, v in kwargs.items() if k != "sliding_window"}
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -256,9 +274,9 @@ def _packed_cu_seqlens(position_ids, batch, seqlen):
     return result
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scaling):
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scaling, extra):
     out = ops.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window=window,
-                                softmax_scale=scaling)
+                                softmax_scale=scaling, **extra)
     _count("flash_attn_varlen")
     return out
 
@@ -266,11 +284,13 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scaling):
 def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      softcap=None, **kwargs):
     """`AttentionInterface` entry: returns (output (B, Sq, H, D), None)."""
-    reason = _fallback_reason(module, query, attention_mask, dropout, softcap, kwargs)
+    s_aux = kwargs.get("s_aux")
+    reason = _fallback_reason(module, query, attention_mask, dropout, softcap, s_aux, kwargs)
     if reason is not None:
-        if softcap is not None:
-            kwargs = {**kwargs, "softcap": softcap}
-        return _hf_attention(reason, module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        return _hf_attention(reason, module, query, key, value, attention_mask, dropout, scaling, softcap, kwargs)
+    # Sinks and softcap, for every op below; the sinks cast keeps the
+    # parameter's gradient.
+    extra = dict(sinks=s_aux.float() if s_aux is not None else None, softcap=softcap)
     b, h, sq, d = query.shape
     sk = key.shape[2]
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -283,7 +303,8 @@ def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dr
     if sq == 1:
         seqlens = (end.reshape(1).to(torch.int32).expand(b).contiguous() if isinstance(end, torch.Tensor)
                    else torch.full((b,), end, dtype=torch.int32, device=q.device))
-        out = ops.decode_attn(q[:, 0], k, v, seqlens, window=window, softmax_scale=scaling, cache_starts=starts)
+        out = ops.decode_attn(q[:, 0], k, v, seqlens, window=window, softmax_scale=scaling, cache_starts=starts,
+                              **extra)
         _count("decode_attn")
         return out[:, None], None
 
@@ -291,7 +312,8 @@ def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu_q is not None and cu_k is not None and b == 1:
         # Packed rows given as FlashAttention kwargs (DataCollatorWithFlattening).
         out = _varlen(q[0], k[0], v[0], cu_q.to(torch.int32), cu_k.to(torch.int32),
-                      int(kwargs.get("max_length_q") or sq), int(kwargs.get("max_length_k") or sk), window, scaling)
+                      int(kwargs.get("max_length_q") or sq), int(kwargs.get("max_length_k") or sk), window, scaling,
+                      extra)
         return out[None], None
 
     position_ids = kwargs.get("position_ids")
@@ -299,11 +321,11 @@ def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dr
         cu, max_len, n_docs = _packed_cu_seqlens(position_ids, b, sq)
         if n_docs is None or n_docs > b:
             out = _varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d), v.reshape(b * sk, -1, d), cu, cu,
-                          max_len, max_len, window, scaling)
+                          max_len, max_len, window, scaling, extra)
             return out.view(b, sq, h, d), None
 
     if starts is None and not static:
-        out = ops.flash_attn(q, k, v, causal=True, window=window, softmax_scale=scaling)
+        out = ops.flash_attn(q, k, v, causal=True, window=window, softmax_scale=scaling, **extra)
         _count("flash_attn")
         return out, None
 
@@ -323,7 +345,7 @@ def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dr
     cu_q = torch.cat([first, q_lens.cumsum(0).to(torch.int32)])
     cu_k = torch.cat([first, k_lens.cumsum(0).to(torch.int32)])
     out = _varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d), v.reshape(b * sk, -1, d), cu_q, cu_k,
-                  sq, sk, window, scaling)
+                  sq, sk, window, scaling, extra)
     return out.view(b, sq, h, d), None
 
 
@@ -636,8 +658,8 @@ FALLBACKS = (
     "custom mask functions (or_mask/and_mask) and padding masks with holes",
     "output_attentions (eager, which computes the weights)",
     "attention dropout in training",
-    "softcapping and non-causal attention",
-    "GPU: dtypes other than bfloat16/float16 for prefill, head dims other than 64/128",
+    "non-causal attention",
+    "GPU: dtypes other than bfloat16/float16 for prefill; head dims and features the kernels lack",
 )
 
 
