@@ -58,11 +58,18 @@ def _configs():
         "gemma3": (t.Gemma3ForCausalLM, t.Gemma3TextConfig(**COMMON, intermediate_size=44, sliding_window=W,
                                                            layer_types=LAYERS, query_pre_attn_scalar=24,
                                                            final_logit_softcapping=None)),
+        # Softcaps low enough to bite on these logits (Gemma 2's are 50 and 30).
+        "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config(**COMMON, intermediate_size=44, sliding_window=W,
+                                                       layer_types=LAYERS, query_pre_attn_scalar=24,
+                                                       attn_logit_softcapping=2.0, final_logit_softcapping=1.5)),
+        "gpt_oss": (t.GptOssForCausalLM, t.GptOssConfig(**{**COMMON, "intermediate_size": 24}, sliding_window=W,
+                                                        layer_types=LAYERS, num_local_experts=8,
+                                                        num_experts_per_tok=4, router_aux_loss_coef=0.01)),
     }
 
 
 FAMILIES = list(_configs())
-MOE = ("olmoe", "qwen3_moe")
+MOE = ("olmoe", "qwen3_moe", "gpt_oss")
 
 
 def hf_model(family, seed=0):
@@ -76,6 +83,12 @@ def hf_model(family, seed=0):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn(p.shape) * 0.2)
+            elif name.endswith(("_bias", "router.bias", "sinks")):  # gpt-oss starts its biases at 0
+                p.normal_(0, 0.5)
+            elif name.endswith("gate_up_proj"):  # gate and up values beyond the clamp at +-7
+                p.mul_(150)
+            elif family == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8)  # attention scores beyond Gemma 2's softcap
     return model
 
 
@@ -222,3 +235,22 @@ def test_config_values_mixkit_does_not_implement_raise():
         from_hf_config({**base, "quantization_config": {"quant_method": "mxfp4"}})
     with pytest.raises(ValueError, match="longrope"):
         from_hf_config({**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}})
+
+
+def test_the_caps_and_clamps_bite(checkpoints):
+    """The tiny models exercise what they test: gpt-oss's gate/up values pass
+    the clamp at +-7, and Gemma 2's softcaps change the logits."""
+    hf, path = checkpoints["gpt_oss"]
+    layer = hf.model.layers[0]
+    with torch.no_grad():
+        x = layer.post_attention_layernorm(hf.model.embed_tokens(_tokens(2, 9)))
+        gate_up = x.reshape(-1, x.shape[-1]) @ layer.mlp.experts.gate_up_proj[0]
+    assert (gate_up.abs() > 7).float().mean() > 0.1
+    ours = load(checkpoints["gemma2"][1])
+    tokens = _tokens(2, 3 * W, 4)
+    with torch.no_grad():
+        capped = ours(tokens)
+        for layer in ours.layers:
+            layer.attention.softcap = None
+        assert (ours(tokens) - capped).abs().max() > 1e-2
+        assert capped.abs().max() <= 1.5 and ours.args.final_softcap == 1.5

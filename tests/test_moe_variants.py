@@ -29,6 +29,15 @@ def _dtypes(device):
     return [torch.float32, torch.bfloat16] if device == "cpu" else [torch.float16, torch.bfloat16]
 
 
+def _randn(shape, g, dtype, device, scale=1.0):
+    """N(0, scale^2) with no float16 subnormals: MI200's MFMA flushes
+    subnormal 16-bit inputs to zero (modelled by the emulated GPU at warp
+    64, csrc/cuda/emu_mfma.cuh), which the float32 reference would not."""
+    x = torch.randn(shape, generator=g) * scale
+    x = torch.where(x.abs() < 2 ** -13, torch.full_like(x, 2 ** -13), x)
+    return x.to(dtype).to(on(device))
+
+
 def _offsets(counts, device):
     return torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int64, device=on(device))
 
@@ -70,16 +79,15 @@ def test_grouped_gemm_bias_forward_and_gradients(device, trans_b):
         for i, (k, n, counts, rows) in enumerate(CASES):
             g = torch.Generator().manual_seed(i)
             e = len(counts)
-            a = torch.randn(rows, k, generator=g).to(dtype).to(on(device)).requires_grad_(True)
-            b = (torch.randn((e, n, k) if trans_b else (e, k, n), generator=g) / k ** 0.5).to(dtype).to(on(device))
-            b.requires_grad_(True)
-            bias = torch.randn(e, n, generator=g).to(dtype).to(on(device)).requires_grad_(True)
+            a = _randn((rows, k), g, dtype, device).requires_grad_(True)
+            b = _randn((e, n, k) if trans_b else (e, k, n), g, dtype, device, k ** -0.5).requires_grad_(True)
+            bias = _randn((e, n), g, dtype, device).requires_grad_(True)
             off = _offsets(counts, device)
             c = mm.grouped_gemm(a, b, off, trans_b=trans_b, bias=bias)
             expected = gemm_bias_ref(a.detach(), b.detach(), bias.detach(), off, trans_b)
             ref.assert_close(c.detach().cpu(), expected, dtype, f"{dtype} case {i}")
             assert not c[off[-1]:].any(), "rows after offsets[E] must be zero"
-            grad = torch.randn(rows, n, generator=g).to(dtype).to(on(device))
+            grad = _randn((rows, n), g, dtype, device)
             c.backward(grad)
             a32, b32, bias32 = (t.detach().float().cpu().requires_grad_(True) for t in (a, b, bias))
             out = torch.zeros(rows, n)
@@ -100,7 +108,7 @@ def test_grouped_bias_grad_sums_each_experts_rows(device):
     not summed; 300 columns: more than one 256-column block, with a tail."""
     for dtype in _dtypes(device):
         g = torch.Generator().manual_seed(1)
-        dy = torch.randn(40, 300, generator=g).to(dtype).to(on(device))
+        dy = _randn((40, 300), g, dtype, device)
         off = _offsets([7, 0, 30], device)  # rows 37..39 are past offsets[E]
         db = torch.ops.mixkit.grouped_bias_grad(dy, off, 3)
         want = torch.stack([dy[_rows_of(off, e)].float().cpu().sum(0) for e in range(3)])
@@ -133,10 +141,10 @@ def test_grouped_swiglu_layouts_forward_and_gradients(device, trans_b, interleav
     e = len(counts)
     for dtype in _dtypes(device):
         g = torch.Generator().manual_seed(7)
-        x = torch.randn(rows, k, generator=g).to(dtype).to(on(device)).requires_grad_(True)
+        x = _randn((rows, k), g, dtype, device).requires_grad_(True)
         shape = (e, 2 * ffn, k) if trans_b else (e, k, 2 * ffn)
-        w13 = (torch.randn(shape, generator=g) * (5.0 / k ** 0.5)).to(dtype).to(on(device)).requires_grad_(True)
-        bias = torch.randn(e, 2 * ffn, generator=g).to(dtype).to(on(device)).requires_grad_(True)
+        w13 = _randn(shape, g, dtype, device, 5.0 / k ** 0.5).requires_grad_(True)
+        bias = _randn((e, 2 * ffn), g, dtype, device).requires_grad_(True)
         off = _offsets(counts, device)
         act, h = mm.grouped_swiglu(x, w13, off, store_h=True, trans_b=trans_b, interleaved=interleaved,
                                    activation=activation, bias=bias)
@@ -149,7 +157,7 @@ def test_grouped_swiglu_layouts_forward_and_gradients(device, trans_b, interleav
                          scale=(h_ref.abs().max().item() + 1) ** 2)
         assert not act[off[-1]:].any() and not h[off[-1]:].any(), "rows after offsets[E] must be zero"
 
-        grad = torch.randn(rows, ffn, generator=g).to(dtype).to(on(device))
+        grad = _randn((rows, ffn), g, dtype, device)
         act.backward(grad)
         # Reference gradient: autograd through the rounded h (what the op
         # stores and differentiates from), transformers' gate in float32.
@@ -246,7 +254,7 @@ def test_moe_experts_serves_gpt_oss_layout(device, fused):
     tokens, hidden, ffn, experts, top_k = 37, 32, 40, 8, 4
     for dtype in _dtypes(device):
         g = torch.Generator().manual_seed(3)
-        x = torch.randn(tokens, hidden, generator=g).to(dtype).to(on(device))
+        x = _randn((tokens, hidden), g, dtype, device)
         logits = torch.randn(tokens, experts, generator=g)
         weights, ids = torch.topk(logits, top_k, dim=-1)
         weights = torch.softmax(weights, -1)

@@ -355,10 +355,12 @@ def _expert_gate(module):
     """How the experts gate: ("swiglu_oss", None) for gpt-oss's clamped
     SwiGLU, ("act", act_fn) for transformers' default act_fn(gate) * up, or
     (None, reason) for a gate mixkit does not know."""
-    from transformers.integrations.moe import _default_apply_gate
-
-    gate = getattr(type(module), "_apply_gate", _default_apply_gate)
-    if gate is _default_apply_gate:
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover - transformers versions before custom gates
+        _default_apply_gate = None
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is None or gate is _default_apply_gate:
         return "act", getattr(module, "act_fn", None)
     if type(module).__name__ == "GptOssExperts" and hasattr(module, "alpha") and hasattr(module, "limit"):
         return "swiglu_oss", None
@@ -387,10 +389,12 @@ def mixkit_experts(module, hidden_states, top_k_index, top_k_weights):
     if reason is None and hidden_states.dtype != module.gate_up_proj.dtype:
         reason = "hidden states and expert weights differ in dtype"
     if reason is not None:
-        from transformers.integrations.moe import grouped_mm_experts_forward
-
+        try:
+            from transformers.integrations.moe import grouped_mm_experts_forward as hf_experts
+        except ImportError:  # pragma: no cover - a transformers version without grouped_mm experts
+            hf_experts = type(module).forward.__wrapped__
         _count(f"fallback: {reason}")
-        return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+        return hf_experts(module, hidden_states, top_k_index, top_k_weights)
     kind, act = _expert_gate(module)
     kw = dict(transposed=bool(getattr(module, "is_transposed", False)),
               interleaved=not getattr(module, "is_concatenated", True))

@@ -80,6 +80,9 @@ class ModelArgs:
     moe_swiglu_alpha: float = 1.702
     moe_swiglu_limit: float = 7.0
     moe_dense_layers: tuple[int, ...] = ()  # layers with a dense FFN in an MoE model
+    # The family's load-balancing loss weight (HF router_aux_loss_coef: OLMoE
+    # 0.01); mixkit.train uses it unless the run sets moe_aux_loss_coef.
+    moe_aux_loss_coef: float | None = None
     # The Hugging Face model_type to save as; None: inferred (Mistral, Mixtral, Llama, OLMo).
     family: str | None = None
 
@@ -199,6 +202,9 @@ CONFIGS: dict[str, ModelArgs] = {
 # a short demo already wraps the rolling cache.
 _TINY = dict(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=64, hidden_dim=256, vocab_size=256,
              max_seq_len=512)
+_SFS = ("sliding_attention", "full_attention", "sliding_attention")
+_GEMMA = dict(norm_placement="sandwich", norm_unit_offset=True, embed_scale=128 ** 0.5, activation="gelu_tanh",
+              tie_embeddings=True)
 CONFIGS.update({
     "tiny-mistral": ModelArgs(**_TINY, sliding_window=16),
     "tiny-mixtral": ModelArgs(**_TINY, rope_theta=1e6, moe_num_experts=4, moe_top_k=2),
@@ -209,13 +215,22 @@ CONFIGS.update({
     "tiny-olmo2": ModelArgs(**{**_TINY, "n_layers": 3}, norm_eps=1e-6, norm_placement="post", qk_norm="proj",
                             family="olmo2"),
     "tiny-olmoe": ModelArgs(**{**_TINY, "n_layers": 3, "hidden_dim": 64}, qk_norm="proj", moe_num_experts=8,
-                            moe_top_k=4, moe_renormalize=False, clip_qkv=8.0, family="olmoe"),
+                            moe_top_k=4, moe_renormalize=False, clip_qkv=8.0, moe_aux_loss_coef=0.01,
+                            family="olmoe"),
     "tiny-qwen3-moe": ModelArgs(**{**_TINY, "n_layers": 3}, moe_hidden_dim=64, qk_norm="head", moe_num_experts=8,
                                 moe_top_k=4, moe_renormalize=True, moe_dense_layers=(1,), rope_theta=1e6,
                                 family="qwen3_moe"),
-    "tiny-ministral": ModelArgs(**{**_TINY, "n_layers": 3}, sliding_window=16,
-                                layer_types=("sliding_attention", "full_attention", "sliding_attention"),
-                                family="ministral"),
+    "tiny-ministral": ModelArgs(**{**_TINY, "n_layers": 3}, sliding_window=16, layer_types=_SFS, family="ministral"),
+    "tiny-gemma2": ModelArgs(**{**_TINY, "n_layers": 3}, sliding_window=16, layer_types=_SFS, **_GEMMA,
+                             attn_softcap=50.0, final_softcap=30.0, family="gemma2"),
+    "tiny-gemma3": ModelArgs(**{**_TINY, "n_layers": 3}, sliding_window=16, layer_types=_SFS, **_GEMMA,
+                             qk_norm="head", rope_theta=1e6, rope_local_theta=1e4, family="gemma3_text"),
+    "tiny-gpt-oss": ModelArgs(**{**_TINY, "n_layers": 3, "hidden_dim": 64}, sliding_window=16, layer_types=_SFS,
+                              bias=True, attn_sinks=True, rope_theta=150000.0,
+                              rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                                            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+                              moe_num_experts=8, moe_top_k=4, moe_router_bias=True, moe_expert_bias=True,
+                              moe_activation="swiglu_oss", moe_aux_loss_coef=0.01, family="gpt_oss"),
 })
 
 _CAUSAL_LM = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM", "llama": "LlamaForCausalLM",
@@ -412,6 +427,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
             only = set(cfg.get("mlp_only_layers") or [])
             kw["moe_dense_layers"] = tuple(i for i in range(kw["n_layers"])
                                            if i in only or experts == 0 or (i + 1) % step)
+        if cfg.get("router_aux_loss_coef") is not None and family != "mixtral":
+            kw["moe_aux_loss_coef"] = float(cfg["router_aux_loss_coef"])
         if family == "gpt_oss":
             kw.update(moe_router_bias=True, moe_expert_bias=True, moe_activation="swiglu_oss",
                       moe_swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),

@@ -391,6 +391,8 @@ def _family_config(args: ModelArgs) -> dict:
                    mlp_only_layers=list(args.moe_dense_layers))
     if fam == "gpt_oss":
         cfg.update(swiglu_alpha=args.moe_swiglu_alpha, swiglu_limit=args.moe_swiglu_limit)
+    if args.moe_aux_loss_coef is not None:
+        cfg["router_aux_loss_coef"] = args.moe_aux_loss_coef
     return cfg
 
 
