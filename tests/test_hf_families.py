@@ -274,3 +274,23 @@ def test_rope_kinds_mixkit_lacks_are_left_alone():
     assert "rope" not in report["patched"] and "dynamic" in report["left_alone"]["rope"]
     with pytest.raises(mh.MixkitFallback, match="RoPE left alone"):
         mh.patch(model, strict=True)
+
+
+@pytest.mark.slow
+def test_non_silu_experts_compile_fullgraph():
+    """transformers' per-expert loop breaks torch.compile(fullgraph=True) on a
+    data-dependent shape; mixkit's experts with a GELU between the grouped
+    GEMMs trace as one graph (aot_eager: the fake registrations and AOT
+    autograd, no C++ build) and give eager's logits."""
+    from test_hf import _recording
+
+    model = make("olmoe", hidden_act="gelu_pytorch_tanh", num_hidden_layers=1)
+    ids, _ = _inputs(pad=(0, 0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        mh.patch(model)
+        torch._dynamo.reset()
+        seen = set()
+        out = torch.compile(model, fullgraph=True, backend=_recording(seen))(ids).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+    assert {"mixkit.grouped_gemm", "mixkit.moe_permute"} <= seen, seen

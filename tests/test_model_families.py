@@ -254,3 +254,21 @@ def test_the_caps_and_clamps_bite(checkpoints):
             layer.attention.softcap = None
         assert (ours(tokens) - capped).abs().max() > 1e-2
         assert capped.abs().max() <= 1.5 and ours.args.final_softcap == 1.5
+
+
+def test_parallel_layouts_refuse_what_they_do_not_split():
+    """Tensor and expert parallelism name the features their layouts do not
+    cover instead of computing something else."""
+    from mixkit.models import CONFIGS
+    from mixkit.parallel.layout import check_ep, check_tp, tp_splits
+
+    with pytest.raises(ValueError, match="qk_norm 'proj'"):
+        check_tp(CONFIGS["tiny-olmo2"].replace(n_kv_heads=2), 2)
+    with pytest.raises(ValueError, match="expert biases"):
+        check_tp(CONFIGS["tiny-gpt-oss"].replace(n_kv_heads=2), 2)
+    with pytest.raises(ValueError, match="expert biases"):
+        check_ep(CONFIGS["tiny-gpt-oss"], 2)
+    qwen = CONFIGS["tiny-qwen3-moe"].replace(n_kv_heads=2)
+    splits = tp_splits(qwen, 0, 2)  # the experts split by their own width, the dense layer by hidden_dim
+    assert splits["layers.0.feed_forward.w2"].segments == (0, qwen.expert_dim)
+    assert splits["layers.1.feed_forward.w2.weight"].segments == (0, qwen.hidden_dim)

@@ -250,6 +250,7 @@ _METADATA = frozenset({
     "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
     "max_position_embeddings", "tie_word_embeddings", "cache_implementation", "initial_context_length",
     "_sliding_window_pattern", "sliding_window_pattern", "attn_implementation",
+    "num_labels", "mixkit_reward_head",  # a reward model's head (mixkit.train.reward), not the LM's
 })
 # Fields with the one value mixkit implements (others raise, naming the field).
 _MUST_BE = {
