@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- running the command --------------------------------------------------------------------------------------
 
 _PRELOAD = ["mixkit", "mixkit.cli", "mixkit.train.run", "mixkit.train.ppo", "mixkit.train.trainer", "mixkit.data",
-            "mixkit.evaluation", "mixkit.tokenizer", "mixkit.bench", "test_cli"]
+            "mixkit.evaluation", "mixkit.tokenizer", "mixkit.bench", "mixkit.bench.serve", "mixkit.serve.server",
+            "test_cli"]
 _server = None
 
 
@@ -392,6 +393,16 @@ def test_ctrl_c_while_generating_exits_quietly_with_130(tmp_path):
     assert (shown + out).startswith(b"Hello") and len(shown + out) > len(b"Hello")  # what was printed stays
 
 
+def test_a_closed_pipe_stops_quietly(tmp_path):
+    """`mixkit generate | head -c 5`: the reader goes away mid-stream."""
+    proc = _python_mixkit("generate", "--device", "cpu", "--max-new-tokens", "400", "--temperature", "1",
+                          cwd=tmp_path)
+    _wait_for_output(proc, proc.stdout, b"Hello")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 def test_ctrl_c_during_start_up_exits_quietly_with_130(tmp_path, run_file):
     """Ctrl-C to the whole process group (as a terminal sends it) while
     `mixkit train` tokenizes its files in worker processes."""
@@ -407,6 +418,22 @@ def test_ctrl_c_during_start_up_exits_quietly_with_130(tmp_path, run_file):
     assert proc.returncode == 130, err.decode()[-3000:]
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()[-3000:]
     assert not (cfg / "run" / "log.jsonl").exists()
+
+
+def test_ctrl_c_while_the_console_script_imports_exits_quietly_with_130(tmp_path):
+    """Ctrl-C while `mixkit` (the console script: python/mixkit_command.py)
+    is still importing torch, before any of mixkit.cli runs."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from mixkit_command import main; sys.exit(main())",
+                             "info"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_terminal_sigint)
+    maps, end = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text():  # inside `import torch`
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err and out == b"", err.decode()
 
 
 # ---- 6. sampling settings, on the command line and in the library ---------------------------------------------

@@ -135,14 +135,8 @@ void paged_prefill_attn(const PagedPrefillArgs& a) {
           for (int64_t g = 0; g < group; ++g) {
             const int64_t r = t * a.heads + kvh * group + g;
             const float sink = a.sinks ? a.sinks[kvh * group + g] : neg_inf;
-            float mg = m[g], lg = l[g], rescale = 1.f;
-            if (sink > mg) {
-              rescale = std::exp(mg - sink);
-              lg = lg * rescale + 1.f;
-              mg = sink;
-            } else if (sink != neg_inf) {
-              lg += std::exp(sink - mg);
-            }
+            float mg = m[g], lg = l[g];
+            const float rescale = add_sink<false>(sink, mg, lg);
             const bool any = n > 0 || sink != neg_inf;
             const float inv = any ? rescale / lg : 0.f;
             for (int64_t e = 0; e < d; ++e) out[r * d + e] = from_f32<T>(acc[g * d + e] * inv);

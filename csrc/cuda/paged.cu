@@ -219,14 +219,8 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_attn_kernel(PagedPr
       // sink: no visible key (zeros, lse -inf). A NaN in the cache makes l
       // NaN and reaches the output, as on the CPU.
       const float sink = a.sinks ? a.sinks[h] * kLog2e : -INFINITY;
-      float mx = m[rr], lx = l[rr], rescale = 1.f;
-      if (sink > mx) {
-        rescale = exp2f(mx - sink);
-        lx = lx * rescale + 1.f;
-        mx = sink;
-      } else if (sink != -INFINITY) {
-        lx += exp2f(sink - mx);
-      }
+      float mx = m[rr], lx = l[rr];
+      const float rescale = add_sink<true>(sink, mx, lx);
       const float inv = lx != 0.f ? rescale / lx : 0.f;
 #pragma unroll
       for (int c = 0; c < NO; ++c) static_cast<T*>(a.out)[row * D + c * BN + lane] = from_f32<T>(o[rr][c] * inv);

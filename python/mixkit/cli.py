@@ -5,9 +5,10 @@ serve other modules' subcommands too: `mixkit serve`, `mixkit bench serve`)
 as the command line is read, before anything runs; a user's mistake there or later (a run file, a
 checkpoint directory) ends the command with one line,
 `mixkit <command>: error: ...`, and exit code 2, never a traceback. Ctrl-C
-at any point exits quietly with 130 (`mixkit train` and `mixkit ppo` first
-save a checkpoint: train/interrupt.py). Each type carries `bad`, values it
-must reject, so that tests/test_cli.py checks every option of every command.
+exits quietly with 130 (while training, `mixkit train` first saves a
+checkpoint and exits with 75: train/interrupt.py), a closed output pipe with
+141. Each type carries `bad`, values it must reject, so that
+tests/test_cli.py checks every option of every command.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Callable
 
 EXIT_USAGE = 2
 EXIT_CTRL_C = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as for a command whose reader closed the pipe
 
 
 # ---- option types ---------------------------------------------------------------------------------------------
@@ -581,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)  # after the terminal's ^C; what was printed stays
         return EXIT_CTRL_C
+    except BrokenPipeError:  # the reader went away (`mixkit generate | head`): stop as a pipeline expects
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return EXIT_BROKEN_PIPE
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError) as exc:
         # A user's mistake, or bad input reaching the library (its message

@@ -135,8 +135,10 @@ async def _client(url, requests, out_tokens, stats, t_start):
 
     async with httpx.AsyncClient(timeout=600) as http:
         for prompt in requests:
+            # logprobs: one event per token, even while the text of a partial
+            # UTF-8 character is held back, so the gaps are per token
             body = {"model": "bench", "prompt": prompt, "max_tokens": out_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True}
+                    "ignore_eos": True, "logprobs": 0}
             sent = time.perf_counter()
             times = []
             async with http.stream("POST", url + "/v1/completions", json=body) as r:

@@ -537,6 +537,10 @@ def main(args) -> int:
     if mesh is not None:
         from .parallel import Follower, Leader
         if mesh.get_local_rank() != 0:
+            # torchrun passes SIGTERM to every rank: the followers keep stepping
+            # until rank 0 has drained and broadcasts the stop.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
             Follower(engine, mesh).run()
             return 0
         follow = Leader(mesh)
