@@ -1,7 +1,8 @@
 """Model-level (end-to-end) benchmarks: Mistral 7B decode and prefill, and a
 Mixtral 8x7B layer stack, against Hugging Face transformers on the same GPU.
 
-    python -m mixkit.bench.models [--device cuda|cpu] [--quick] [--out FILE.json]
+    mixkit bench models [--device cuda|cpu] [--quick] [--sections families,hf] [--out FILE.json]
+    python -m mixkit.bench.models ...            (the same)
 
 Random weights at the real shapes, built straight on the device in the
 benchmark dtype (meta init, to_empty, normal_ on the device: no float32 copy
@@ -810,7 +811,7 @@ def write_results(path: str | Path, meta: dict, rows: list[dict]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixkit.bench.models", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="mixkit bench models", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     ap.add_argument("--quick", action="store_true", help="few timed steps; on the GPU compile batch 1 decode only")
     ap.add_argument("--out", help="results JSON (a .md table is written beside it); a directory picks the name")

@@ -14,6 +14,14 @@ buffer of max_seq_len slots; in both the token at absolute position p lives
 in slot p % C (CONVENTIONS.md), so one rule serves both. `cache_layout`
 lists the capacities, and `layers[i].attention.cache` holds layer i's
 `KVCache` (k and v, (B, C_i, Hkv, D)).
+
+An engine with caches of its own (paged) runs the blocks with its own
+attention function, as `forward` does: `embed(tokens)`, then each
+`layer(x, residual, attend)` where `attend(attention, y)` computes
+`attention._qkv(y, positions)` and calls the attention ops with the layer's
+`window` and `attention_kwargs()`, then `logits(final_hidden(x, residual))`.
+Those three hooks carry the family's embedding scale, softmax scale,
+softcaps and sinks.
 """
 from __future__ import annotations
 
@@ -92,9 +100,11 @@ class Attention(nn.Module):
         # reproducible training on the GPU, at some speed; set by the trainer.
         self.deterministic = False
 
-    def _extra(self) -> dict:
-        """The attention ops' arguments beyond the window: the softmax scale,
-        the logit softcap and the sinks, passed only when the family has them."""
+    def attention_kwargs(self) -> dict:
+        """The attention ops' arguments beyond the window (`self.window`): the
+        softmax scale, the logit softcap and the sinks, present only where the
+        family has them. An engine calling the attention ops itself (paged
+        caches) passes these, as this module's forward and decode do."""
         kw = {}
         if self.scale is not None:
             kw["softmax_scale"] = self.scale
@@ -134,16 +144,16 @@ class Attention(nn.Module):
         if docs is not None:
             cu, max_len = docs
             out = ops.flash_attn_varlen(q[0], k[0], v[0], cu, cu, max_len, max_len, window=self.window,
-                                        deterministic=self.deterministic, **self._extra())[None]
+                                        deterministic=self.deterministic, **self.attention_kwargs())[None]
             return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
         if self.cache is not None:
             # Chunked prefill: the cached tail plus this chunk, then the chunk
             # is appended (mixkit.ops.prefill_attn).
             out = ops.prefill_attn(q, k, v, self.cache.k[rows or slice(None)], self.cache.v[rows or slice(None)],
-                                   tail or 0, window=self.window, **self._extra())
+                                   tail or 0, window=self.window, **self.attention_kwargs())
             return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
         out = ops.flash_attn(q, k, v, causal=True, window=self.window, deterministic=self.deterministic,
-                             **self._extra())
+                             **self.attention_kwargs())
         return self.wo(out.reshape(x.shape[0], x.shape[1], -1))
 
     def decode(self, x, positions):
@@ -153,7 +163,7 @@ class Attention(nn.Module):
         ops.kv_cache_append(k, v, self.cache.k, self.cache.v, positions)
         seqlens = (positions[:, 0] + 1).to(torch.int32)  # tokens seen, the current one included
         out = ops.decode_attn(q.view(b, self.n_heads, self.head_dim), self.cache.k, self.cache.v, seqlens,
-                              self.window, **self._extra())
+                              self.window, **self.attention_kwargs())
         return self.wo(out.view(b, 1, -1))
 
 
@@ -329,7 +339,8 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos or 0, (start_pos or 0) + s, device=tokens.device)
         return positions.expand(b, s) if positions.dim() == 1 else positions
 
-    def _embed(self, tokens):
+    def embed(self, tokens):
+        """Token embeddings, scaled where the family scales them (Gemma)."""
         x = self.tok_embeddings(tokens)
         if self.args.embed_scale is not None:  # in the embeddings' dtype, as Hugging Face's Gemma
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
@@ -377,7 +388,7 @@ class Transformer(nn.Module):
             raise ValueError("forward: a prefill chunk into the caches needs start_pos, the position of its first "
                              "token (it says how many cached tokens the chunk attends to)")
         positions = self._positions(tokens, positions, start_pos)
-        x, residual = self._embed(tokens), None
+        x, residual = self.embed(tokens), None
         attend = lambda attn, y: attn(y, positions, rows, start_pos, docs)  # noqa: E731
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -393,7 +404,7 @@ class Transformer(nn.Module):
         Returns logits (B, vocab). No host sync."""
         b = token.shape[0]
         positions = cache_seqlens.view(b, 1).to(torch.int64)
-        x, residual = self._embed(token.view(b, 1)), None
+        x, residual = self.embed(token.view(b, 1)), None
         attend = lambda attn, y: attn.decode(y, positions)  # noqa: E731
         for layer in self.layers:
             x, residual = layer(x, residual, attend)
