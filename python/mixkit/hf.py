@@ -54,22 +54,27 @@ import weakref
 
 import torch
 
-import transformers
-from packaging.version import Version
-
 from . import ops
 from .ops import decode as _decode_op
 
 _flash_op = importlib.import_module("mixkit.ops.flash_attn")  # the module (ops.flash_attn is the function)
 
-MIN_TRANSFORMERS = "5.0.0"
+MIN_TRANSFORMERS = "5.0.0"  # pyproject.toml's `hf` extra pins the same
+
+try:
+    import transformers
+    from packaging.version import Version
+except ImportError as exc:
+    raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS} ({exc}): pip install 'mixkit[hf]'"
+                      ) from exc
 
 
 def check_transformers_version(version: str) -> None:
     """ImportError naming the minimum for a transformers older than 5.0 (the
     attention/mask interfaces and cache layers this module relies on)."""
     if Version(version) < Version(MIN_TRANSFORMERS):
-        raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS}, found {version}")
+        raise ImportError(f"mixkit.hf needs transformers >= {MIN_TRANSFORMERS}, found {version}: pip install "
+                          "'mixkit[hf]'")
 
 
 check_transformers_version(transformers.__version__)

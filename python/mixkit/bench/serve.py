@@ -135,8 +135,10 @@ async def _client(url, requests, out_tokens, stats, t_start):
 
     async with httpx.AsyncClient(timeout=600) as http:
         for prompt in requests:
+            # logprobs: one event per token, even while the text of a partial
+            # UTF-8 character is held back, so the gaps are per token
             body = {"model": "bench", "prompt": prompt, "max_tokens": out_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True}
+                    "ignore_eos": True, "logprobs": 0}
             sent = time.perf_counter()
             times = []
             async with http.stream("POST", url + "/v1/completions", json=body) as r:
@@ -252,6 +254,46 @@ def mixkit_offline(model_dir, prompts, out_tokens, max_batch) -> dict:
     return {"wall_s": wall, "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall}
 
 
+# ---- KV memory of one long request -----------------------------------------------------------
+
+def kv_memory(config: str = "mistral-7b-v0.1", lengths=(4096, 16384, 32768, 131072), page_size: int = 16,
+              chunk: int = 512, prompt: int = 2048) -> list[dict]:
+    """Peak KV bytes of one request of each length on a named config (bf16),
+    with window-aware freeing and with every page kept: the block manager
+    itself, driven through chunked prefill of `prompt` tokens and then one
+    token a step (no model runs; pages are what it would allocate)."""
+    from mixkit.models import CONFIGS
+    from mixkit.serve.blocks import BlockManager
+
+    args = CONFIGS[config]
+    page_bytes = page_size * 2 * args.n_kv_heads * args.head_dim * 2  # K and V, bf16, one layer
+    rows = []
+    for n in lengths:
+        peak = {}
+        for label, window in (("freeing", args.sliding_window), ("kept", None)):
+            bm = BlockManager(n // page_size + 2, page_size, [window])
+            top, at = 0, 0
+            while at < n:
+                step = min(chunk, prompt - at) if at < prompt else 1
+                assert bm.allocate("r", at, at + step)
+                at += step
+                top = max(top, bm.num_pages - bm.num_free()[0])  # the only request: its pages
+            peak[label] = top
+        rows.append({"config": config, "tokens": n, "pages_freeing": peak["freeing"], "pages_kept": peak["kept"],
+                     "gib_freeing": peak["freeing"] * page_bytes * args.n_layers / 2 ** 30,
+                     "gib_kept": peak["kept"] * page_bytes * args.n_layers / 2 ** 30})
+    return rows
+
+
+def render_kv(rows) -> str:
+    lines = ["| tokens | pages per layer, freeing / kept | KV GiB (all layers, bf16), freeing / kept |",
+             "|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['pages_freeing']} / {r['pages_kept']} | "
+                     f"{r['gib_freeing']:.2f} / {r['gib_kept']:.2f} |")
+    return "\n".join(lines)
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 def workload(tokenizer, n_clients, per_client, lengths, seed=0) -> list[list[list[int]]]:
@@ -348,36 +390,32 @@ def render(results) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mixkit bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (default runs/quickstart/model if present, else a model of the "
-                                   "quick start's shape with random weights)")
+def build_parser() -> argparse.ArgumentParser:
+    from mixkit.cli import Parser, existing_dir, integer, integers, output_file
+
+    p = Parser(prog="mixkit bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=existing_dir, metavar="DIR", help="model directory (default runs/quickstart/model "
+                   "if present, else a model of the quick start's shape with random weights)")
     p.add_argument("--no-mixtral", action="store_true", help="skip the tiny Mixtral")
-    p.add_argument("--clients", default="1,8,32,64", help="concurrent clients, comma-separated (default 1,8,32,64)")
-    p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
-    p.add_argument("--prompt-lengths", default="32,128,512", help="prompt lengths in tokens, cycled (default 32,128,512)")
-    p.add_argument("--output-tokens", type=int, default=32, help="tokens each request generates (default 32)")
+    p.add_argument("--clients", type=integers(1), default="1,8,32,64", help="concurrent clients, comma-separated")
+    p.add_argument("--requests", type=integer(1), default=2, help="requests per client")
+    p.add_argument("--prompt-lengths", type=integers(1), default="32,128,512",
+                   help="prompt lengths in tokens, comma-separated, cycled")
+    p.add_argument("--output-tokens", type=integer(1), default=32, help="tokens each request generates")
     p.add_argument("--no-peers", action="store_true", help="skip transformers")
     p.add_argument("--quick", action="store_true", help="N = 1, 8; prompts 16,64; 8 output tokens")
-    p.add_argument("--out", help="write the results as JSON, and a .md table beside it")
-    args = p.parse_args(argv)
-    try:
-        clients = [int(c) for c in args.clients.split(",")]
-        lengths = [int(c) for c in args.prompt_lengths.split(",")]
-    except ValueError:
-        print("mixkit bench serve: error: --clients and --prompt-lengths are comma-separated integers", file=sys.stderr)
-        return 2
+    p.add_argument("--out", type=output_file, metavar="FILE", help="write the results as JSON, and a .md table beside it")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    clients, lengths = args.clients, args.prompt_lengths
     if args.quick:
         clients, lengths, args.output_tokens, args.requests = [1, 8], [16, 64], 8, 1
-    if min(clients) < 1 or min(lengths) < 1 or args.output_tokens < 1 or args.requests < 1:
-        print("mixkit bench serve: error: counts and lengths must be >= 1", file=sys.stderr)
-        return 2
     tmp = Path(tempfile.mkdtemp(prefix="mixkit-bench-serve-"))
     models = {}
     if args.model:
-        if not Path(args.model).is_dir():
-            print(f"mixkit bench serve: error: --model {args.model} is not a directory", file=sys.stderr)
-            return 2
         models["quickstart"] = Path(args.model)
     elif Path("runs/quickstart/model").is_dir():
         models["quickstart"] = Path("runs/quickstart/model")
@@ -387,7 +425,9 @@ def main(argv: list[str]) -> int:
     if not args.no_mixtral:
         models["tiny-mixtral"] = tiny_mixtral(tmp / "mixtral")
     results = run(models, clients, args.requests, lengths, args.output_tokens, peers=not args.no_peers)
-    table = render(results)
+    results["kv_memory"] = kv_memory()
+    table = render(results) + "\n\nKV memory of one Mistral 7B request (window 4096, pages of 16, chunks of 512):\n\n" \
+        + render_kv(results["kv_memory"])
     print()
     print(table)
     print(f"\nload average {results['meta']['load_average']} -> {results['meta']['load_average_end']} "

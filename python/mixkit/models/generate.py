@@ -3,6 +3,8 @@ chunks of at most the window (into its own cache row), then all sequences
 decode together with `Transformer.decode_step` (mixkit.ops.decode_attn)."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -10,11 +12,25 @@ import torch
 from .model import Transformer
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int | None, where: str = "sample") -> None:
+    """ValueError naming the argument for sampling settings that select no
+    token or mean nothing (top_p 0 or top_k 0 would leave no token to draw)."""
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{where}: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise ValueError(f"{where}: top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ValueError(f"{where}: top_k must be an integer >= 1 or None, got {top_k!r}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, vocab): greedy at temperature 0,
     else softmax(logits / T) restricted to the top_k tokens and to the
-    smallest set whose probability reaches top_p."""
+    smallest set whose probability reaches top_p. Settings that leave no
+    token (top_p 0, top_k 0) raise ValueError (check_sampling)."""
+    check_sampling(temperature, top_p, top_k)
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(-1)
@@ -50,6 +66,10 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
     op dispatch) disappears; the decode path has fixed shapes and no host
     sync, which is what makes it capturable.
     """
+    check_sampling(temperature, top_p, top_k, "generate")
+    if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
+            and max_new_tokens >= 0):
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.view(-1, prompts.shape[-1]).tolist()
     elif len(prompts) and isinstance(prompts[0], int):

@@ -139,8 +139,9 @@ class Engine:
         sequence, so tensor-parallel ranks fed the same requests agree."""
         return self._seeds.randrange(2 ** 62)
 
-    def add(self, prompt: list[int], params: SamplingParams, rid=None) -> object:
-        """Queue a request (see check for what it raises); returns its id."""
+    def add(self, prompt: list[int], params: SamplingParams, rid=None, arrived: float | None = None) -> object:
+        """Queue a request (see check for what it raises); returns its id.
+        arrived: its arrival time (time.perf_counter), for TTFT; default now."""
         self.check(prompt, params)
         rid = next(self._arrivals) if rid is None else rid
         if rid in self.states:
@@ -150,7 +151,7 @@ class Engine:
         seed = params.seed if params.seed is not None else self.next_seed()
         self.states[rid] = _State(req, params, make_generator(seed, self.runner.device),
                                   Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None,
-                                  time.perf_counter())
+                                  arrived if arrived is not None else time.perf_counter())
         self.scheduler.add(req)
         return rid
 

@@ -14,6 +14,7 @@ graceful shutdown) stops accepting connections, lets running requests
 finish, stops the engine and exits with code 0.
 """
 
+import argparse
 import asyncio
 import json
 import queue
@@ -53,7 +54,7 @@ class EngineLoop:
             params = params.replace(seed=self.engine.next_seed())
         q: asyncio.Queue = asyncio.Queue()
         self.sinks[rid] = (loop, q)
-        self.commands.put(("add", rid, list(prompt), params))
+        self.commands.put(("add", rid, list(prompt), params, time.perf_counter()))
         self.wake.set()
         return rid, q
 
@@ -83,9 +84,9 @@ class EngineLoop:
                 return done
             done.append(cmd)
             if cmd[0] == "add":
-                _, rid, prompt, params = cmd
+                _, rid, prompt, params, arrived = cmd
                 try:
-                    self.engine.add(prompt, params, rid=rid)
+                    self.engine.add(prompt, params, rid=rid, arrived=arrived)
                 except ValueError as exc:  # checked already; only a changed limit gets here
                     self._deliver(rid, exc)
             else:
@@ -455,22 +456,32 @@ def create_app(engine: Engine, model_name: str, chat_style: str = "mistral", fol
 # ---- the command ----------------------------------------------------------------------
 
 def add_parser(sub) -> None:
-    """Register `mixkit serve` on the CLI's subparsers."""
+    """Register `mixkit serve` on the CLI's subparsers (with mixkit.cli's checked option types)."""
+    from ..cli import device, existing_dir, integer, option_type, utf8_text
+
+    @option_type("host", ["", "a host"])
+    def host(text: str) -> str:
+        if not text or any(c.isspace() for c in text):
+            raise argparse.ArgumentTypeError(f"expected a host name or address, got {text!r}")
+        return text
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching over paged KV)")
-    s.add_argument("--model", required=True, help="model directory (weights, config.json and tokenizer)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=64, help="most requests computed together (default 64)")
-    s.add_argument("--kv-pages", type=int, help="KV pages per layer (default: max-batch requests of 256 tokens, "
-                                                "at least one of the model's full context)")
-    s.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
-    s.add_argument("--token-budget", type=int, help="tokens per step (default max(512, max-batch))")
-    s.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
+    s.add_argument("--model", type=existing_dir, metavar="DIR", required=True,
+                   help="model directory (weights, config.json and tokenizer)")
+    s.add_argument("--host", type=host, default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=integer(1, 65535), default=8000, help="port to listen on")
+    s.add_argument("--max-batch", type=integer(1), metavar="N", default=64, help="most requests computed together")
+    s.add_argument("--kv-pages", type=integer(1), metavar="N", help="KV pages per layer (default: max-batch requests "
+                   "of 256 tokens, at least one of the model's full context)")
+    s.add_argument("--page-size", type=integer(1), metavar="N", default=16, help="tokens per KV page")
+    s.add_argument("--token-budget", type=integer(1), metavar="N", help="tokens per step (default max(512, max-batch))")
+    s.add_argument("--served-model-name", type=utf8_text, metavar="NAME",
+                   help="the model's name in the API (default: the directory's name)")
     s.add_argument("--chat-style", choices=["mistral", "llama2"], default="mistral",
-                   help="chat template of /v1/chat/completions (default mistral)")
-    s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+                   help="chat template of /v1/chat/completions")
+    s.add_argument("--device", type=device, metavar="{cpu,cuda}", help="default: cuda if available, else cpu")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; run under torchrun "
+    s.add_argument("--tp", type=integer(1), metavar="N", default=1, help="tensor-parallel ranks; run under torchrun "
                    "--nproc_per_node N with --tp N (rank 0 serves HTTP)")
     s.set_defaults(func=main)
 
@@ -526,6 +537,10 @@ def main(args) -> int:
     if mesh is not None:
         from .parallel import Follower, Leader
         if mesh.get_local_rank() != 0:
+            # torchrun passes SIGTERM to every rank: the followers keep stepping
+            # until rank 0 has drained and broadcasts the stop.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
             Follower(engine, mesh).run()
             return 0
         follow = Leader(mesh)
