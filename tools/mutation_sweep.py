@@ -16,7 +16,11 @@ private copy of the sources, in a build directory of its own, so the tree
 itself is never modified; then it runs the file's tests
 (tests/tiles.py: KERNELS) on that build, stopping at the first failure, and
 records whether the mutant was caught and by which test. A mutant that does
-not compile is recorded as such and scores nothing.
+not compile is recorded as such and scores nothing. A catch counts only if
+the catching test passes on the unmutated sources (run once per test on a
+clean build of its own, and recorded); --baseline full runs all of a file's
+tests on them first instead. A survivor is run again when the emulator
+(csrc/cuda/emu*) has changed since.
 
 A mutant that survives is either given a test that catches it or shown to
 be equivalent by a comment on its line (or the line above) in the source:
@@ -288,13 +292,21 @@ def _release(key: str) -> None:
 
 # ---- building and testing -------------------------------------------------------------
 
+def emu_cxx() -> str:
+    """The emulated GPU's compiler, as .ci/run builds it: clang 15 where the
+    build instruments the kernels for the race checker (MIXKIT_EMU_TRACE),
+    else the default g++."""
+    return "clang++-15" if "MIXKIT_EMU_TRACE" in (ROOT / "CMakeLists.txt").read_text() else "g++"
+
+
 class Build:
     """A private copy of the sources and its emulated-GPU build (warp `warp`)."""
 
-    def __init__(self, worker: int, warp: int, jobs: int):
-        self.dir = WORK / f"w{worker}-emu{warp}"
+    def __init__(self, name: str, warp: int, jobs: int):
+        self.dir = WORK / f"{name}-emu{warp}"
         self.src, self.out, self.warp, self.jobs = self.dir / "src", self.dir / "build", warp, jobs
         self.mutated: tuple[Path, str] | None = None
+        self.cxx = emu_cxx()
 
     def prepare(self) -> None:
         self.src.mkdir(parents=True, exist_ok=True)
@@ -313,10 +325,11 @@ class Build:
             hip = os.environ.get("MIXKIT_HIP_CPU_DIR", str(ROOT.parent / "shared/third_party/HIP-CPU"))
             if not Path(hip, "include/hip/hip_runtime.h").exists():
                 hip = "/work/shared/third_party/HIP-CPU"
+            env = dict(os.environ, CXX=self.cxx, CC=self.cxx.replace("clang++", "clang").replace("g++", "gcc"))
             subprocess.run(["cmake", "-S", str(self.src), "-B", str(self.out), "-G", "Ninja", "-DMIXKIT_EMULATE=ON",
                             f"-DMIXKIT_EMU_WARP={self.warp}", "-DMIXKIT_ASAN=ON", f"-DMIXKIT_HIP_CPU_DIR={hip}",
                             f"-DPython_EXECUTABLE={py}", f"-Dnanobind_DIR={nb}"], check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, env=env)
 
     def apply(self, m: Mutant) -> None:
         path = self.src / "csrc" / m.file
@@ -346,26 +359,41 @@ class Build:
         return str(next(self.out.glob("_core*.so")))
 
 
-def run_tests(build: Build, tests: tuple, schedule: str, timeout: float) -> tuple[str, str, float]:
-    """('pass' | 'fail' | 'timeout', first failing test or output tail, seconds)."""
+def _print_file_name(cxx: str, lib: str) -> str:
+    return subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+
+
+def run_tests(build: Build, tests: tuple, schedule: str, timeout: float) -> tuple[str, str, float, str]:
+    """('pass' | 'fail' | 'timeout', first failing test or output tail,
+    seconds, the node id of the test that failed or was running when the
+    run crashed or timed out ('' if none))."""
+    # The emulated GPU's ASan runtime is its compiler's (as in .ci/run);
+    # libstdc++ preloaded too, so ASan sees its __cxa_throw.
+    asan = _print_file_name(build.cxx, "libclang_rt.asan-x86_64.so" if "clang" in build.cxx else "libasan.so")
     env = dict(os.environ, MIXKIT_CORE=build.core(), MIXKIT_EMU_SCHEDULE=schedule,
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
-               LD_PRELOAD=" ".join(subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True)
-                                   .stdout.strip() for lib in ("libasan.so", "libstdc++.so")))
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+               LD_PRELOAD=f"{asan} {_print_file_name('g++', 'libstdc++.so')}")
+    # -v: each test's node id is printed before it runs, so a crash (an ASan
+    # abort) or a timeout still names the test it happened in.
+    cmd = [sys.executable, "-m", "pytest", "-x", "-v", "-p", "no:cacheprovider", "-rf", *tests]
     t0 = time.time()
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", f"over {timeout:.0f} s", time.time() - t0
-    out = r.stdout + r.stderr
+        out = r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        started = re.findall(r"^(tests/\S+::\S+)", out, re.M)
+        return "timeout", f"over {timeout:.0f} s", time.time() - t0, started[-1] if started else ""
     if r.returncode == 0:
-        return "pass", "", time.time() - t0
+        return "pass", "", time.time() - t0, ""
     failed = re.findall(r"^FAILED (\S+)", out, re.M)
     if failed:
-        return "fail", failed[0], time.time() - t0
-    # A crash (ASan abort, an emulator error outside a test): the last lines.
-    return "fail", "crashed: " + " | ".join(out.strip().splitlines()[-3:])[-400:], time.time() - t0
+        return "fail", failed[0], time.time() - t0, failed[0]
+    # A crash (ASan abort, an emulator error outside a test): the last lines,
+    # and the test that was running.
+    started = re.findall(r"^(tests/\S+::\S+)", out, re.M)
+    return ("fail", "crashed: " + " | ".join(out.strip().splitlines()[-3:])[-400:], time.time() - t0,
+            started[-1] if started else "")
 
 
 # ---- the sweep ------------------------------------------------------------------------
@@ -386,8 +414,11 @@ def sweep(args) -> int:
     files = [f if f.startswith("cuda/") else f"cuda/{f}" for f in args.files] if args.files else list(tiles.KERNELS)
     kinds = set(args.kinds.split(","))
     todo = select(files, kinds, args.sample, args.seed)
+    if args.only:
+        todo = [m for m in todo if m.key in args.only.split(",")]
     done = _load()
     builds: dict[int, Build] = {}
+    clean: dict[int, Build] = {}
     interrupted = False
 
     def stop(*_):
@@ -402,29 +433,29 @@ def sweep(args) -> int:
                 if done.get(m.key, {}).get("outcome") != "equivalent":
                     _append(dict(_record(m), outcome="equivalent", reason=ann[1]))
                 continue
-            if m.key in done and not args.rerun:
+            if _settled(done.get(m.key)) and not args.rerun:
                 continue
             if not _claim(m.key):
                 continue
             try:
-                if m.key in _load() and not args.rerun:  # another sweep finished it meanwhile
+                if _settled(_load().get(m.key)) and not args.rerun:  # another sweep finished it meanwhile
                     continue
                 rec = _record(m)
                 kernel = tiles.KERNELS[m.file]
                 for warp in kernel.warps:
                     b = builds.get(warp)
                     if b is None:
-                        b = builds[warp] = Build(args.worker, warp, args.jobs)
+                        b = builds[warp] = Build(f"w{args.worker}", warp, args.jobs)
                         b.prepare()
-                    if (m.file, warp) not in baseline_ok:
+                    if args.baseline == "full" and (m.file, warp) not in baseline_ok:
                         # The unmutated sources must pass the tests, or every
                         # mutant would count as caught; a pass is recorded
                         # against the sources' and tests' hash and reused.
                         bkey = _baseline_key(m.file, warp, kernel.tests)
                         if done.get(bkey, {}).get("outcome") != "pass":
                             ok, log = b.build(None)  # the first build of a copy is a full one
-                            outcome, test, secs = run_tests(b, kernel.tests, args.schedules.split(",")[0],
-                                                            args.timeout) if ok else ("fail", log, 0)
+                            outcome, test, secs, _ = run_tests(b, kernel.tests, args.schedules.split(",")[0],
+                                                               args.timeout) if ok else ("fail", log, 0, "")
                             print(f"baseline {m.file} warp {warp}: {outcome} {test} ({secs:.0f} s)", flush=True)
                             if outcome != "pass":
                                 raise SystemExit(f"the unmutated build fails {m.file}'s tests at warp {warp}: {test}")
@@ -441,12 +472,22 @@ def sweep(args) -> int:
                         rec.update(outcome="compile-error", detail=_first_error(log), warp=warp)
                         break
                     for sched in args.schedules.split(","):
-                        outcome, test, secs = run_tests(b, kernel.tests, sched, args.timeout)
+                        outcome, test, secs, node = run_tests(b, kernel.tests, sched, args.timeout)
                         rec.setdefault("runs", []).append(dict(warp=warp, schedule=sched, outcome=outcome,
                                                                seconds=round(secs)))
                         if outcome != "pass":
+                            if args.baseline == "catch":
+                                # The test that caught the mutant must pass on
+                                # the unmutated sources (or it caught nothing).
+                                c = clean.get(warp)
+                                if c is None:
+                                    c = clean[warp] = Build("clean", warp, args.jobs)
+                                    c.prepare()
+                                _check_clean(c, m.file, node, sched, args.timeout, done)
                             rec.update(outcome="caught" if outcome == "fail" else "timeout", test=test,
                                        warp=warp, schedule=sched)
+                            if node and node != test:
+                                rec["running"] = node
                             break
                     if rec.get("outcome"):
                         break
@@ -464,6 +505,33 @@ def sweep(args) -> int:
         # The copies' build outputs stay for the next (incremental) sweep;
         # the copies themselves hold the unmutated sources again.
     return 130 if interrupted else 0
+
+
+def _settled(rec: dict | None) -> bool:
+    """Whether a mutant's result stands: a survivor is run again against a
+    changed emulator (a race checker or another scheduler may catch it)."""
+    return rec is not None and not (rec["outcome"] == "survived" and rec.get("emulator") != _emulator())
+
+
+def _check_clean(c: Build, relpath: str, node: str, schedule: str, timeout: float, done: dict) -> None:
+    """Raises SystemExit unless test `node` passes on the unmutated build
+    `c`; a pass is recorded against the sources' and tests' hash and reused."""
+    if not node:
+        raise SystemExit(f"a {relpath} mutant failed outside any test: run with --baseline full")
+    bkey = _baseline_key(relpath, c.warp, (node, schedule))
+    if done.get(bkey, {}).get("outcome") == "pass":
+        return
+    c.prepare()  # the tree's current sources (a mutant's are never copied here)
+    ok, log = c.build(None)
+    if not ok:
+        raise SystemExit(f"the unmutated sources do not build: {_first_error(log)}")
+    outcome, test, secs, _ = run_tests(c, (node,), schedule, timeout)
+    print(f"baseline {node} warp {c.warp} {schedule}: {outcome} ({secs:.0f} s)", flush=True)
+    if outcome != "pass":
+        raise SystemExit(f"the unmutated build fails {node} at warp {c.warp} ({schedule}): {test}")
+    done[bkey] = dict(key=bkey, file=relpath, kind="baseline", test=node, schedule=schedule, warp=c.warp,
+                      outcome="pass", seconds=round(secs), date=time.strftime("%Y-%m-%d %H:%M"))
+    _append(done[bkey])
 
 
 def _baseline_key(relpath: str, warp: int, tests: tuple) -> str:
@@ -557,9 +625,14 @@ def main(argv=None) -> int:
     p.add_argument("--schedules", default="random:1",
                    help="emulated thread orders to try, in turn, until one catches the mutant")
     p.add_argument("--timeout", type=float, default=1800, help="seconds for one mutant's tests")
+    p.add_argument("--baseline", choices=("catch", "full"), default="catch",
+                   help="catch: the test that caught a mutant is run on the unmutated sources (a build of\n"
+                        "their own, build/mutation/clean-emuWARP) and must pass; full: every test of a file\n"
+                        "runs on the unmutated sources before its first mutant")
     p.add_argument("--build-timeout", type=float, default=1800)
     p.add_argument("--jobs", type=int, default=2, help="build jobs")
     p.add_argument("--worker", type=int, default=0, help="this sweep's number: its own copy and build directory")
+    p.add_argument("--only", default="", help="comma-separated mutant keys (from --list): just these")
     p.add_argument("--rerun", action="store_true", help="run mutants that already have a result again")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
     p.add_argument("--report", action="store_true", help=f"write {REPORT.relative_to(ROOT)} and exit")
