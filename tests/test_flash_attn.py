@@ -406,7 +406,7 @@ def test_deterministic_backward(device):
 
 # On the emulated GPU (about 100 times slower) the same test at a length
 # that still spans many query and key blocks and several windows.
-_LONG = {"cuda": [(32768, 4096), (8192, None)], "emu": [(2304, 512), (1600, None)]}
+_LONG = {"cuda": [(32768, 4096), (8192, None)], "emu": [(1200, 256), (800, None)]}
 
 
 @pytest.mark.parametrize("s,w,device,kernel", [
