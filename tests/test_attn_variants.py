@@ -24,7 +24,9 @@ import torch
 
 import mixkit.ops as ops
 import mixkit.ops.decode as decode_mod
-from conftest import DEVICES, on, gpu
+from conftest import DEVICES, EMULATED, emu_configure, on, gpu
+from mixkit._backend import emulate
+from mixkit.bench.harness import capture_cuda_graph
 from test_flash_attn import _dev_dtypes, _randn, assert_fa_rule, select_kernel  # noqa: F401 (fixture)
 
 NEG_INF = float("-inf")
@@ -203,6 +205,34 @@ def test_flash_attn_sinks_softcap_match_reference(case, device, dtype, kernel, s
         return ref_attention(q, k, v, window=w, softcap=softcap, sinks=s, dtype=rdtype)
 
     _run_and_check(fn, (q, k, v), sinks, dout, ref, dtype, _case_id(case))
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("device,dtype,kernel", [p for p in _dev_dtypes() if p.values[1] == torch.bfloat16])
+def test_deterministic_backward_with_softcap_and_sinks(d, device, dtype, kernel, select_kernel):
+    """deterministic=True takes the GPU's separate dQ pass (dq_kernel), which
+    recomputes the capped scores and their 1 - tanh^2 on its own: it must
+    match the reference, and bit for bit itself."""
+    select_kernel(device, kernel)
+    g = torch.Generator().manual_seed(d)
+    q = (torch.randn(1, 75, 4, d, generator=g) * 10).to(dtype).to(on(device))
+    k, v = (_randn((1, 75, 2, d), dtype, device, g) for _ in range(2))
+    dout = _randn(q.shape, dtype, device, g)
+    sinks = _sinks("rand", 4, device, g)
+
+    def fn(q, k, v, s):
+        return ops.flash_attn(q, k, v, window=40, softcap=5.0, sinks=s, return_lse=True, deterministic=True)
+
+    def ref(q, k, v, s, rdtype):
+        return ref_attention(q, k, v, window=40, softcap=5.0, sinks=s, dtype=rdtype)
+
+    _run_and_check(fn, (q, k, v), sinks, dout, ref, dtype, f"deterministic d{d}")
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        fn(*leaves, sinks)[0].backward(dout)
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -446,6 +476,11 @@ def test_decode_sinks_softcap_match_reference(case, device, dtype, paged):
         cap = c
     if _raises_if_missing(device, sinks, softcap, decode_mod.GPU_FEATURES, call):
         return
+    _check_decode(case, call, q, hist_k, hist_v, cap, sinks, seqlens, dtype)
+
+
+def _check_decode(case, call, q, hist_k, hist_v, cap, sinks, seqlens, dtype):
+    b, h, hkv, d, c, w, lens, softcap, kind = case
     out, lse = call()
     ref64, lse64 = _decode_ref(q, hist_k, hist_v, cap, w, softcap, sinks.double(), torch.float64)
     lowp, _ = _decode_ref(q, hist_k, hist_v, cap, w, softcap, sinks.double(), dtype)
@@ -561,3 +596,76 @@ def test_bad_softcap_reaches_no_kernel_from_core():
         with pytest.raises(ValueError, match="softcap"):
             _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 0, 8, 8, 1, 4, 2, 64, 16, 0, 1.0, cap, 0, (0, 0), (0, 0, 0),
                               (0, 0, 0), 1, 0, 0, 0, 0, 0, 0)
+
+
+# ---- the GPU paths: split-KV, planted errors, head dims, CUDA graphs ------------------
+
+@pytest.mark.emu
+@pytest.mark.skipif(not EMULATED, reason="needs an emulated build of _core")
+def test_a_sink_dropped_in_the_split_kv_combine_fails_the_decode_test():
+    """The long decode case runs split-KV, whose combine adds each sink once;
+    with that term planted away (emulator mutation 30, csrc/cuda/decode.cu)
+    the reference comparison must fail."""
+    case = (1, 8, 2, 128, 1000, None, [2500], None, "rand")
+    dtype = torch.bfloat16
+    q, hist_k, hist_v, k_cache, v_cache, sinks = _decode_inputs(case, dtype, "emu")
+    sinks = sinks + 8.0  # about log(2500 keys): the sink takes half of each row's mass
+    seqlens = torch.tensor(case[6], dtype=torch.int32)
+
+    def call():
+        return ops.decode_attn(q, k_cache, v_cache, seqlens, sinks=sinks, return_lse=True)
+
+    emu_configure()
+    with emulate():
+        assert decode_mod._splits(3, 0, 2, 1, 8, 2, 128, 1000, 0) > 1, "the case must take the split-KV path"
+        _check_decode(case, call, q, hist_k, hist_v, 1000, sinks, seqlens, dtype)
+        emu_configure(mutation=30)
+        try:
+            with pytest.raises(AssertionError):
+                _check_decode(case, call, q, hist_k, hist_v, 1000, sinks, seqlens, dtype)
+        finally:
+            emu_configure()
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_gpu_paths_reject_an_unsupported_head_dim(device):
+    """Head dims the GPU kernels lack (96, 192, 512) raise a ValueError that
+    names the supported ones, in every op; the CPU takes any."""
+    for d in (96, 192):
+        q = torch.zeros(1, 4, 2, d, dtype=torch.bfloat16, device=on(device))
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU.*64, 128, 256"):
+            ops.flash_attn(q, q, q)
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU.*64, 128, 256"):
+            ops.flash_attn_varlen(q[0], q[0], q[0], *(torch.tensor([0, 4], dtype=torch.int32, device=on(device)),) * 2,
+                                  4, 4)
+        cache = torch.zeros(1, 8, 2, d, dtype=torch.bfloat16, device=on(device))
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU"):
+            ops.decode_attn(q[:, 0], cache, cache, torch.tensor([3], dtype=torch.int32, device=on(device)))
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU"):
+            ops.prefill_attn(q, q, q, cache, cache.clone(), 0, window=4)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_with_sinks_and_softcap():
+    """A captured decode step with sinks and a softcap replays exactly like
+    the eager call, at head dim 256 and on the split-KV path."""
+    b, h, hkv, d, c = 2, 8, 2, 256, 2048
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(b, c, hkv, d, generator=g).bfloat16().cuda()
+    v_cache = torch.randn(b, c, hkv, d, generator=g).bfloat16().cuda()
+    q = torch.randn(b, h, d, generator=g).bfloat16().cuda()
+    sinks = torch.randn(h, generator=g).cuda()
+    seqlens = torch.tensor([7, 2000], dtype=torch.int32, device="cuda")
+
+    def step():
+        return ops.decode_attn(q, k_cache, v_cache, seqlens, window=1024, sinks=sinks, softcap=30.0, return_lse=True)
+
+    graph, (out, lse) = capture_cuda_graph(step)
+    for t in range(3):
+        q.copy_(torch.randn(b, h, d, generator=g))
+        sinks.copy_(torch.randn(h, generator=g))
+        seqlens.copy_(torch.tensor([8 + t, 1990 + t]))
+        graph.replay()
+        want, want_lse = step()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)

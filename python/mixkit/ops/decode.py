@@ -29,10 +29,10 @@ from .flash_attn import gpu_features
 
 # What the GPU decode kernel takes so far ("sinks", "softcap"); the CPU backend
 # takes both.
-GPU_FEATURES = frozenset()
+GPU_FEATURES = frozenset({"sinks", "softcap"})
 
 F32 = torch.float32
-GPU_HEAD_DIMS = (64, 128)
+GPU_HEAD_DIMS = (64, 128, 256)
 MAX_HEAD_DIM = 1024
 
 
@@ -323,7 +323,7 @@ def decode_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     the sink, and a sequence with nothing visible gets zeros and lse = sink.
     With split-KV the sink enters once, in the combine. No gradient (decode is
     inference only).
-    GPU: float32/float16/bfloat16, D in (64, 128). CPU: any D.
+    GPU: float32/float16/bfloat16, D in (64, 128, 256). CPU: any D.
     """
     if isinstance(q, torch.Tensor):
         _checks.sink_softcap_types("decode_attn", sinks, softcap, q)

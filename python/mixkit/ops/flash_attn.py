@@ -36,7 +36,7 @@ from . import _checks
 from ._library import define
 
 F32 = torch.float32
-GPU_HEAD_DIMS = (64, 128)
+GPU_HEAD_DIMS = (64, 128, 256)
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 1024
 INT32_MAX = 2**31 - 1
@@ -44,7 +44,7 @@ INT32_MAX = 2**31 - 1
 
 # What the GPU kernels of each op take so far ("sinks", "softcap"); the CPU
 # backend takes both everywhere.
-GPU_FEATURES = frozenset()
+GPU_FEATURES = frozenset({"sinks", "softcap"})
 
 
 def gpu_features(op, sinks, softcap, have=None):
@@ -370,7 +370,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     value, and the lse includes it (a query that sees no key then outputs
     zeros with lse = sink_h). See the module docstring for the exact rule.
 
-    GPU: bfloat16/float16, D in (64, 128). CPU: float32/float16/bfloat16, any D.
+    GPU: bfloat16/float16, D in (64, 128, 256). CPU: float32/float16/bfloat16, any D.
     """
     _tensor_args("flash_attn", q=q, k=k, v=v)
     _checks.sink_softcap_types("flash_attn", sinks, softcap, q)
