@@ -15,6 +15,7 @@ import torch
 
 import mixkit.ops as ops
 from conftest import DEVICES, gpu, on
+from test_attn_variants import ref_attention
 from test_flash_attn import assert_fa_rule, attention_ref
 
 # (H, Hkv, D, page_size, window, [(queries, keys) per sequence]). Query rows
@@ -102,11 +103,14 @@ def build(case, dtype, device, seed=0):
                 max_q=max(sq for sq, _ in seqs))
 
 
-def reference(x, case, dtype):
+def reference(x, case, dtype, **variant):
     _, _, _, _, window, _ = case
     outs, lses = [], []
     for q, k, v in zip(x["qs"], x["keys"], x["vals"]):
-        o, lse = attention_ref(q[None], k[None], v[None], window=window, dtype=dtype)
+        if variant:
+            o, lse = ref_attention(q[None], k[None], v[None], window=window, dtype=dtype, **variant)
+        else:
+            o, lse = attention_ref(q[None], k[None], v[None], window=window, dtype=dtype)
         outs.append(o[0])
         lses.append(lse[0].t())
     return torch.cat(outs), torch.cat(lses)
@@ -133,6 +137,57 @@ def test_paged_prefill_matches_reference(case, dtype, device):
     seen = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse.cpu()), seen)
     torch.testing.assert_close(lse.cpu()[seen].double(), lse64[seen], rtol=1e-5, atol=1e-5)
+
+
+VARIANT_CASES = [
+    (6, 2, 64, 5, 7, [(4, 31), (3, 1), (9, 40)]),  # rows 0 and 1 of the second sequence see no key
+    (8, 1, 128, 16, None, [(17, 17), (2, 70)]),
+]
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=_case_id)
+@pytest.mark.parametrize("variant", ["sinks", "softcap", "both", "high_sinks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_prefill_sinks_and_softcap(case, variant, dtype, device):
+    """The attention-variants semantics (sinks join each row's denominator
+    once, softcap caps the scaled scores) against the float64 reference."""
+    h = case[0]
+    g = torch.Generator().manual_seed(7)
+    sinks = None
+    if variant in ("sinks", "both"):
+        sinks = torch.randn(h, generator=g) * 2
+    elif variant == "high_sinks":  # far above every score: the rows are almost all sink
+        sinks = torch.full((h,), 40.0)
+    softcap = 5.0 if variant in ("softcap", "both") else None
+    x = build(case, dtype, device)
+    if softcap is not None:
+        x["q"] = x["q"] * 8  # scores well beyond the cap
+        x["qs"] = [q * 8 for q in x["qs"]]
+    out, lse = ops.paged_prefill_attn(x["q"], x["k_pages"], x["v_pages"], x["table"], x["cu"], x["lens"], x["max_q"],
+                                      window=case[4], return_lse=True,
+                                      sinks=None if sinks is None else sinks.to(on(device)), softcap=softcap)
+    ref64, lse64 = reference(x, case, torch.float64, sinks=sinks, softcap=softcap)
+    ref_lowp, _ = reference(x, case, dtype, sinks=sinks, softcap=softcap)
+    assert_fa_rule("out", out.cpu(), ref64, ref_lowp.to(dtype), 2)
+    seen = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse.cpu()), seen)
+    torch.testing.assert_close(lse.cpu()[seen].double(), lse64[seen], rtol=1e-5, atol=1e-5)
+
+
+def test_paged_prefill_rejects_bad_sinks_and_softcap():
+    q = torch.randn(5, 4, 64)
+    pages = torch.randn(6, 4, 2, 64)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    args = (q, pages, pages, table, torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([5, 2], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        ops.paged_prefill_attn(*args, sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="float32"):
+        ops.paged_prefill_attn(*args, sinks=torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="softcap"):
+        ops.paged_prefill_attn(*args, softcap=0.0)
+    with pytest.raises(TypeError, match="softcap"):
+        ops.paged_prefill_attn(*args, softcap=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,6 +272,8 @@ def test_paged_opcheck(device):
     lens = torch.tensor([9, 4], dtype=torch.int32, device=dev)
     torch.library.opcheck(torch.ops.mixkit.paged_prefill_attn, (q, pages, pages, table, cu, lens, 3, None, None))
     torch.library.opcheck(torch.ops.mixkit.paged_prefill_attn, (q, pages, pages, table, cu, lens, 3, 4, 0.5))
+    sinks = torch.randn(4, device=dev)
+    torch.library.opcheck(torch.ops.mixkit.paged_prefill_attn, (q, pages, pages, table, cu, lens, 3, 4, None, sinks, 3.0))
     slots = torch.tensor([3, -1, 20, 7, 8], dtype=torch.int32, device=dev)
     torch.library.opcheck(torch.ops.mixkit.paged_kv_append, (q[:, :2], q[:, 2:], pages, pages.clone(), slots))
 

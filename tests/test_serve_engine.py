@@ -236,3 +236,33 @@ def test_block_manager_refcounts():
     bm.free("b")
     assert bm.num_free() == [6]
     assert bm.allocate("c", 0, 12) and bm.num_free() == [0]  # cached pages are reused when needed
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path):
+    """LLM.generate and the server's engine loop (rank 0 broadcasting each
+    step's requests to a follower) on 2 gloo ranks give the tokens of one
+    process, greedy and seeded sampling alike."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mixkit
+
+    here = Path(__file__).parent
+    sys.path.insert(0, str(here))
+    import serve_tp_worker as worker
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(mixkit.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(here / "serve_tp_worker.py"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = json.loads(out.read_text())
+    want = [o.token_ids for o in LLM(worker.model(), **worker.ENGINE).generate(worker.PROMPTS, worker.PARAMS)]
+    assert got["offline"] == want
+    assert got["served"] == want

@@ -184,7 +184,7 @@ def test_clients_that_disconnect_mid_stream(server):
         t.start()
     for t in threads:
         t.join(120)
-    client = httpx.Client(timeout=0.3)
+    client = httpx.Client(timeout=httpx.Timeout(30, read=0.3))  # connects even on a busy machine, gives up reading
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
         client.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 250, "ignore_eos": True})
     assert_all_free(server, timeout=60)
@@ -214,3 +214,35 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mixkit", "serve", "--model", str(tmp_path / "none")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("mixkit serve: error:") and "Traceback" not in r.stderr
+
+
+def test_tensor_parallel_server_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m mixkit serve --tp 2` on gloo: rank 0
+    serves the one-process text; a SIGTERM to torchrun drains both ranks."""
+    d = tmp_path / "model"
+    args = models.CONFIGS["tiny-llama"].replace(vocab_size=258, n_heads=4, n_kv_heads=2, head_dim=32)
+    models.save(models.Transformer(args).init_weights(0, std=0.1), d)
+    ByteTokenizer().save(d)
+    want = LLM(str(d), device="cpu").generate("hello", SamplingParams(max_tokens=8, temperature=0,
+                                                                      ignore_eos=True))[0].text
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "mixkit", "serve", "--model", str(d), "--tp", "2", "--port", str(port)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 8, "temperature": 0,
+                                                      "ignore_eos": True}, timeout=120)
+        assert r.json()["choices"][0]["text"] == want
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    assert "drained and stopped" in out, out[-3000:]

@@ -28,8 +28,8 @@ MIXKIT_BIND(paged) {
       [](int backend, int device, uintptr_t stream, int dtype, uintptr_t q, uintptr_t k_pages, uintptr_t v_pages,
          uintptr_t block_table, uintptr_t cu_seqlens_q, uintptr_t seqlens_k, uintptr_t out, uintptr_t lse,
          int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t total_q, int64_t max_seqlen_q,
-         int64_t num_pages, int64_t page_size, int64_t max_pages, int64_t window, float scale,
-         std::array<int64_t, 2> q_stride, std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride) {
+         int64_t num_pages, int64_t page_size, int64_t max_pages, int64_t window, float scale, float softcap,
+         uintptr_t sinks, std::array<int64_t, 2> q_stride, std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride) {
         PagedPrefillArgs a{};
         a.dtype = DType(dtype);
         a.q = ptr<const void>(q);
@@ -51,6 +51,8 @@ MIXKIT_BIND(paged) {
         a.max_pages = max_pages;
         a.window = window;
         a.scale = scale;
+        a.softcap = softcap;
+        a.sinks = ptr<const float>(sinks);
         for (int i = 0; i < 2; ++i) a.q_stride[i] = q_stride[i];
         for (int i = 0; i < 3; ++i) a.k_stride[i] = k_stride[i], a.v_stride[i] = v_stride[i];
         on_backend(backend, [&] { paged_prefill_attn_cpu(a); },

@@ -9,6 +9,7 @@
 // lives at row p % page_size of page block_table[b, p / page_size].
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -66,6 +67,12 @@ struct PagedPrefillArgs {
   int64_t max_pages;
   int64_t window;               // 0: no window
   float scale;
+  // Logit softcap (0: none), applied to the scaled scores before masking,
+  // and per-head sink logits ((heads,) float32 or null), as in
+  // common/decode.h: the sink joins each row's denominator once, lse
+  // includes it, a row with no visible key gets zeros and lse = the sink.
+  float softcap;
+  const float* sinks;
   int64_t q_stride[2];          // token, head
   int64_t k_stride[3];          // page, row, head
   int64_t v_stride[3];
@@ -97,15 +104,34 @@ inline void check(const PagedPrefillArgs& a) {
           "max_pages * page_size must be in [1, 2^31)");
   require(a.window >= 0, "window must be >= 1, or 0 for none");
   require(std::isfinite(a.scale) && a.scale > 0.f, "softmax scale must be finite and > 0");
+  require(std::isfinite(a.softcap) && a.softcap >= 0.f, "softcap must be finite and > 0, or 0 for none");
   require(a.batch == 0 || (a.block_table && a.cu_seqlens_q && a.seqlens_k), "null tensor pointer");
   require(a.total_q == 0 || (a.q && a.k_pages && a.v_pages && a.out && a.lse), "null tensor pointer");
 }
 
-// The keys query position p of a sequence with sk keys sees: [lo, hi).
+// The keys query position p of a sequence with sk keys sees: [lo, hi),
+// empty at 0 for a query before the first key (more queries than keys).
 MIXKIT_HD void visible_keys(int64_t p, int64_t sk, int64_t window, int64_t& lo, int64_t& hi) {
   hi = p + 1 < sk ? p + 1 : sk;
+  if (hi < 0) hi = 0;
   lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
   if (lo > hi) lo = hi;
+}
+
+// Folds a row's sink logit (-inf: none) into its running max m and sum l
+// (scores in natural-log units, or log2 units with Log2): the sink joins the
+// denominator once, and when it is the larger the max moves to it and the
+// accumulated output must be scaled by the returned factor.
+template <bool Log2>
+MIXKIT_HD float add_sink(float sink, float& m, float& l) {
+  if (sink > m) {
+    const float rescale = Log2 ? exp2f(m - sink) : expf(m - sink);
+    l = l * rescale + 1.f;
+    m = sink;
+    return rescale;
+  }
+  if (sink != -INFINITY) l += Log2 ? exp2f(sink - m) : expf(sink - m);
+  return 1.f;
 }
 
 // ---- backends --------------------------------------------------------------

@@ -108,6 +108,7 @@ void paged_prefill_attn(const PagedPrefillArgs& a) {
               float s = 0.f;
 #pragma omp simd reduction(+ : s)
               for (int64_t e = 0; e < d; ++e) s += qg[e] * row[e];
+              if (a.softcap > 0.f) s = a.softcap * std::tanh(s / a.softcap);
               score[g * n + j] = s;
               m[g] = std::max(m[g], s);
             }
@@ -128,11 +129,18 @@ void paged_prefill_attn(const PagedPrefillArgs& a) {
               for (int64_t e = 0; e < d; ++e) ag[e] += w * row[e];
             }
           }
+          // The sink joins the denominator once (the max moves to it when it
+          // is larger); with nothing visible the row gets zeros and lse =
+          // the sink, or -inf without one.
           for (int64_t g = 0; g < group; ++g) {
             const int64_t r = t * a.heads + kvh * group + g;
-            const float inv = n > 0 ? 1.f / l[g] : 0.f;
+            const float sink = a.sinks ? a.sinks[kvh * group + g] : neg_inf;
+            float mg = m[g], lg = l[g];
+            const float rescale = add_sink<false>(sink, mg, lg);
+            const bool any = n > 0 || sink != neg_inf;
+            const float inv = any ? rescale / lg : 0.f;
             for (int64_t e = 0; e < d; ++e) out[r * d + e] = from_f32<T>(acc[g * d + e] * inv);
-            a.lse[r] = n > 0 ? m[g] + std::log(l[g]) : neg_inf;
+            a.lse[r] = any ? mg + std::log(lg) : neg_inf;
           }
         }
       }

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .. import _core
-from .._backend import DTYPE_CODES, gpu_kernels, launch_args
+from .._backend import DTYPE_CODES, gpu_kernels, launch_args, ptr
 from . import _checks
 from ._library import define
 from .decode import _aligned16, _cache_pair
@@ -93,7 +93,8 @@ def _(k, v, k_pages, v_pages, slot_mapping):
 
 # ---- paged_prefill_attn --------------------------------------------------------------
 
-def _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale):
+def _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale,
+                   sinks=None, softcap=None):
     op = "paged_prefill_attn"
     _pools(op, k_pages, v_pages, strided=True)
     _tokens(op, "q", q, k_pages, "heads", heads=True)
@@ -117,6 +118,8 @@ def _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, ma
         raise ValueError(f"{op}: window must be >= 1 or None, got {window}")
     if softmax_scale is not None:
         _checks.finite_float(op, "softmax_scale", softmax_scale, positive=True)
+    _checks.sinks(op, sinks, q.shape[1], q)
+    _checks.softcap(op, softcap)
     if gpu_kernels(q.device):
         if d not in GPU_HEAD_DIMS or (d == 256 and q.dtype == torch.float32):
             raise ValueError(f"{op}: head_dim {d} in {q.dtype} is not supported on the GPU (head_dim 64 and 128 in "
@@ -124,8 +127,9 @@ def _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, ma
 
 
 def _paged_prefill_attn(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window,
-                        softmax_scale):
-    _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale)
+                        softmax_scale, sinks=None, softcap=None):
+    _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale,
+                   sinks, softcap)
     _aligned16("paged_prefill_attn", q=q, k_pages=k_pages, v_pages=v_pages)
     tq, h, d = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -136,19 +140,23 @@ def _paged_prefill_attn(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_
                              v_pages.data_ptr(), block_table.data_ptr(), cu_seqlens_q.data_ptr(),
                              seqlens_k.data_ptr(), out.data_ptr(), lse.data_ptr(), block_table.shape[0], h,
                              k_pages.shape[2], d, tq, max_seqlen_q, k_pages.shape[0], k_pages.shape[1],
-                             block_table.shape[1], window or 0, scale, q.stride()[:2], k_pages.stride()[:3],
+                             block_table.shape[1], window or 0, scale, float(softcap or 0.0), ptr(sinks),
+                             q.stride()[:2], k_pages.stride()[:3],
                              v_pages.stride()[:3])
     return out, lse
 
 
 define("paged_prefill_attn(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor cu_seqlens_q, "
-       "Tensor seqlens_k, int max_seqlen_q, int? window, float? softmax_scale) -> (Tensor, Tensor)",
+       "Tensor seqlens_k, int max_seqlen_q, int? window, float? softmax_scale, Tensor? sinks=None, "
+       "float? softcap=None) -> (Tensor, Tensor)",
        _paged_prefill_attn)
 
 
 @torch.library.register_fake("mixkit::paged_prefill_attn")
-def _(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale):
-    _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale)
+def _(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale, sinks=None,
+      softcap=None):
+    _check_prefill(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window, softmax_scale,
+                   sinks, softcap)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
 
@@ -173,7 +181,7 @@ def paged_kv_append(k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_p
 def paged_prefill_attn(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
                        cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor, max_seqlen_q: int,
                        window: int | None = None, softmax_scale: float | None = None,
-                       return_lse: bool = False):
+                       return_lse: bool = False, sinks: torch.Tensor | None = None, softcap: float | None = None):
     """Chunked prefill of several sequences over paged caches.
 
     q: (Tq, H, D) packed queries; sequence b owns rows cu_seqlens_q[b] ..
@@ -193,7 +201,13 @@ def paged_prefill_attn(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Te
     softmax and the sum are float32. The CPU checks every index value and
     raises; the GPU clamps them. GPU: head_dim 64 and 128 (any dtype) and 256
     (bfloat16/float16). CPU: any head_dim.
+
+    softcap: c * tanh(s / c) on the scaled scores before masking (Gemma 2).
+    sinks: (H,) float32 logits that join each row's softmax denominator once,
+    with no value (gpt-oss); a row that sees no key then gets zeros and
+    lse = its sink. Both on every backend.
     """
+    _checks.sink_softcap_types("paged_prefill_attn", sinks, softcap, q)
     out, lse = torch.ops.mixkit.paged_prefill_attn(q, k_pages, v_pages, block_table, cu_seqlens_q, seqlens_k,
-                                                   max_seqlen_q, window, softmax_scale)
+                                                   max_seqlen_q, window, softmax_scale, sinks, softcap)
     return (out, lse) if return_lse else out

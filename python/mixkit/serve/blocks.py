@@ -13,14 +13,23 @@ hash of the token prefix it ends, so a later request whose prompt starts
 with the same tokens shares it instead of recomputing it (its count goes up).
 A page whose count drops to 0 keeps its contents and its hash until it is
 needed for something else (least recently freed first); it counts as free.
+The hash is SHA-256 over the previous page's hash and the page's token ids:
+a collision would hand one request another's keys and values, and Python's
+own hash of a tuple of ints can be made to collide.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 NO_PAGE = -1
+
+
+def page_hash(parent: bytes | None, tokens) -> bytes:
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
 @dataclass
@@ -57,7 +66,11 @@ class BlockManager:
         for g, group in enumerate(self.groups):
             for layer in group.layers:
                 self.layer_group[layer] = g
-        self.tables: dict = {}  # request id -> [block table per group]
+        # request id -> [block table per group]. Entries below freed[rid][g]
+        # are NO_PAGE (behind the window), every entry from there on is a page,
+        # so neither freeing nor allocating rescans a long request's table.
+        self.tables: dict = {}
+        self.freed: dict = {}
         self.hashes: dict = {}  # request id -> hashes of its full pages, in order
         self.peak_held = [0] * len(self.groups)
 
@@ -112,14 +125,16 @@ class BlockManager:
 
     def free_behind_window(self, rid, next_pos: int) -> None:
         """Release the pages no query from position next_pos on can see."""
-        for g, table in zip(self.groups, self.tables.get(rid, [])):
+        freed = self.freed.setdefault(rid, [0] * len(self.groups))
+        for k, (g, table) in enumerate(zip(self.groups, self.tables.get(rid, []))):
             if g.window is None:
                 continue
             first, _ = self.pages_needed(g, next_pos, next_pos + 1)
-            for i in range(min(first, len(table))):
+            for i in range(freed[k], min(first, len(table))):
                 if table[i] != NO_PAGE:
                     self._release(g, table[i])
                     table[i] = NO_PAGE
+            freed[k] = max(freed[k], min(first, len(table)))
 
     def allocate(self, rid, start: int, end: int) -> bool:
         """Make sure positions [start, end) of request rid have pages (after
@@ -130,15 +145,14 @@ class BlockManager:
         want = []
         for g, table in zip(self.groups, tables):
             first, last = self.pages_needed(g, start, end)
-            missing = [i for i in range(first, last) if i >= len(table) or table[i] == NO_PAGE]
+            missing = range(max(first, len(table)), last)  # pages below len(table) exist or lie behind the window
             if len(missing) > g.num_free:
                 return False
             want.append(missing)
         for g, table, missing in zip(self.groups, tables, want):
-            for i in missing:
-                if i >= len(table):
-                    table.extend([NO_PAGE] * (i + 1 - len(table)))
-                table[i] = self._take(g)
+            if len(missing):
+                table.extend([NO_PAGE] * (missing.start - len(table)))
+                table.extend(self._take(g) for _ in missing)
         for k, g in enumerate(self.groups):
             self.peak_held[k] = max(self.peak_held[k], g.num_pages - g.num_free)
         return True
@@ -149,6 +163,7 @@ class BlockManager:
                 if page != NO_PAGE:
                     self._release(g, page)
         self.hashes.pop(rid, None)
+        self.freed.pop(rid, None)
 
     # ---- prefix cache ------------------------------------------------------------
     def register_full_pages(self, rid, tokens: list[int], computed: int) -> None:
@@ -157,7 +172,7 @@ class BlockManager:
         ps = self.page_size
         while (len(hashes) + 1) * ps <= computed:
             i = len(hashes)
-            h = hash((hashes[-1] if hashes else None, tuple(tokens[i * ps:(i + 1) * ps])))
+            h = page_hash(hashes[-1] if hashes else None, tokens[i * ps:(i + 1) * ps])
             hashes.append(h)
             for g, table in zip(self.groups, self.tables[rid]):
                 page = table[i] if i < len(table) else NO_PAGE
@@ -170,7 +185,7 @@ class BlockManager:
         ps, parent, pages = self.page_size, None, []
         hashes = []
         for i in range((len(tokens) - 1) // ps):
-            h = hash((parent, tuple(tokens[i * ps:(i + 1) * ps])))
+            h = page_hash(parent, tokens[i * ps:(i + 1) * ps])
             found = [g.by_hash.get(h) for g in self.groups]
             if any(p is None for p in found):
                 break

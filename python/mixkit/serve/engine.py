@@ -24,6 +24,24 @@ from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Request, Scheduler
 
 
+class Histogram:
+    """Cumulative counts of observations at or below each bound, their sum
+    and count (Prometheus' histogram), in constant memory."""
+
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self.counts = [0] * len(self.BOUNDS)
+        self.sum, self.count = 0.0, 0
+
+    def add(self, x: float) -> None:
+        for i, b in enumerate(self.BOUNDS):
+            if x <= b:
+                self.counts[i] += 1
+        self.sum += x
+        self.count += 1
+
+
 class PromptTooLong(ValueError):
     """A prompt (plus its output) that the model or the page pools cannot hold."""
 
@@ -93,8 +111,9 @@ class Engine:
         self.generated_tokens = 0
         self.prompt_tokens_computed = 0
         self.steps = 0
-        self.ttfts: list[float] = []
-        self.step_times: dict = {"schedule": 0.0, "prepare+forward": 0.0, "sample": 0.0, "detokenize": 0.0}
+        self.ttft = Histogram()
+        # seconds per phase, summed over steps: where a step's time goes
+        self.step_times: dict = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0, "detokenize": 0.0}
 
     # ---- requests ----------------------------------------------------------------
     def context_limit(self) -> int:
@@ -120,8 +139,9 @@ class Engine:
         sequence, so tensor-parallel ranks fed the same requests agree."""
         return self._seeds.randrange(2 ** 62)
 
-    def add(self, prompt: list[int], params: SamplingParams, rid=None) -> object:
-        """Queue a request (see check for what it raises); returns its id."""
+    def add(self, prompt: list[int], params: SamplingParams, rid=None, arrived: float | None = None) -> object:
+        """Queue a request (see check for what it raises); returns its id.
+        arrived: its arrival time (time.perf_counter), for TTFT; default now."""
         self.check(prompt, params)
         rid = next(self._arrivals) if rid is None else rid
         if rid in self.states:
@@ -131,7 +151,7 @@ class Engine:
         seed = params.seed if params.seed is not None else self.next_seed()
         self.states[rid] = _State(req, params, make_generator(seed, self.runner.device),
                                   Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None,
-                                  time.perf_counter())
+                                  arrived if arrived is not None else time.perf_counter())
         self.scheduler.add(req)
         return rid
 
@@ -177,7 +197,8 @@ class Engine:
                 enumerate(zip(states, tokens))]
         t4 = time.perf_counter()
         self.steps += 1
-        for key, dt in zip(self.step_times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        prep = self.runner.prepare_s
+        for key, dt in zip(self.step_times, (t1 - t0, prep, t2 - t1 - prep, t3 - t2, t4 - t3)):
             self.step_times[key] += dt
         return outs
 
@@ -185,7 +206,7 @@ class Engine:
         req, p = st.req, st.params
         if st.first_token is None:
             st.first_token = now
-            self.ttfts.append(now - st.arrived)
+            self.ttft.add(now - st.arrived)
         self.generated_tokens += 1
         req.output.append(token)
         if logprob is not None and p.logprobs:

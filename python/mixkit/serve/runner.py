@@ -15,6 +15,7 @@ per batch-size bucket (padded rows write nothing and read nothing).
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ class ModelRunner:
             raise ValueError("ModelRunner: cuda_graphs needs the model on a CUDA device")
         self.buckets = decode_buckets(max_batch) if cuda_graphs else []
         self.graphs: dict = {}
+        self.prepare_s = 0.0  # host time building the last step's inputs
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_pages + self.v_pages)
@@ -158,9 +160,14 @@ class ModelRunner:
             return torch.empty(0)
         decode_only = all(len(c.tokens) == 1 for c in chunks)
         bucket = bucket_for(len(chunks), self.buckets) if decode_only else None
+        t0 = time.perf_counter()
         if bucket is None:
-            return self.forward(self.prepare(chunks)).float()
-        logits = self._graphed(bucket, self.prepare(chunks, pad_to=bucket, width=self.max_pages))
+            inp = self.prepare(chunks)
+            self.prepare_s = time.perf_counter() - t0
+            return self.forward(inp).float()
+        inp = self.prepare(chunks, pad_to=bucket, width=self.max_pages)
+        self.prepare_s = time.perf_counter() - t0
+        logits = self._graphed(bucket, inp)
         rows = [i for i, c in enumerate(chunks) if c.sample]
         return logits[rows].float()
 

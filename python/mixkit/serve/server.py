@@ -14,6 +14,7 @@ graceful shutdown) stops accepting connections, lets running requests
 finish, stops the engine and exits with code 0.
 """
 
+import argparse
 import asyncio
 import json
 import queue
@@ -25,9 +26,6 @@ from collections import deque
 
 from .engine import Engine, PromptTooLong
 from .sampling import SamplingParams
-
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
 
 class EngineLoop:
     """The engine's thread: applies queued adds and aborts between steps, steps
@@ -56,7 +54,7 @@ class EngineLoop:
             params = params.replace(seed=self.engine.next_seed())
         q: asyncio.Queue = asyncio.Queue()
         self.sinks[rid] = (loop, q)
-        self.commands.put(("add", rid, list(prompt), params))
+        self.commands.put(("add", rid, list(prompt), params, time.perf_counter()))
         self.wake.set()
         return rid, q
 
@@ -86,9 +84,9 @@ class EngineLoop:
                 return done
             done.append(cmd)
             if cmd[0] == "add":
-                _, rid, prompt, params = cmd
+                _, rid, prompt, params, arrived = cmd
                 try:
-                    self.engine.add(prompt, params, rid=rid)
+                    self.engine.add(prompt, params, rid=rid, arrived=arrived)
                 except ValueError as exc:  # checked already; only a changed limit gets here
                     self._deliver(rid, exc)
             else:
@@ -322,14 +320,20 @@ def create_app(engine: Engine, model_name: str, chat_style: str = "mistral", fol
                   f"mixkit_generation_tokens_per_second {loop.tokens_per_second() if loop else 0.0:.3f}",
                   "# HELP mixkit_preemptions_total Requests preempted for pages.",
                   "# TYPE mixkit_preemptions_total counter", f"mixkit_preemptions_total {s['preemptions']}",
-                  "# HELP mixkit_time_to_first_token_seconds Time from arrival to the first token.",
+                  "# HELP mixkit_steps_total Engine steps.", "# TYPE mixkit_steps_total counter",
+                  f"mixkit_steps_total {s['steps']}",
+                  "# HELP mixkit_step_seconds_total Engine time per phase of a step: schedule, prepare (host "
+                  "inputs), forward, sample, detokenize (and stop strings).",
+                  "# TYPE mixkit_step_seconds_total counter"]
+        lines += [f'mixkit_step_seconds_total{{phase="{k}"}} {v:.6f}' for k, v in engine.step_times.items()]
+        lines += ["# HELP mixkit_time_to_first_token_seconds Time from arrival to the first token.",
                   "# TYPE mixkit_time_to_first_token_seconds histogram"]
-        ttfts = list(engine.ttfts)
-        for le in TTFT_BUCKETS:
-            lines.append(f'mixkit_time_to_first_token_seconds_bucket{{le="{le}"}} {sum(t <= le for t in ttfts)}')
-        lines += [f'mixkit_time_to_first_token_seconds_bucket{{le="+Inf"}} {len(ttfts)}',
-                  f"mixkit_time_to_first_token_seconds_sum {sum(ttfts):.6f}",
-                  f"mixkit_time_to_first_token_seconds_count {len(ttfts)}"]
+        h = engine.ttft
+        for le, n in zip(h.BOUNDS, h.counts):
+            lines.append(f'mixkit_time_to_first_token_seconds_bucket{{le="{le}"}} {n}')
+        lines += [f'mixkit_time_to_first_token_seconds_bucket{{le="+Inf"}} {h.count}',
+                  f"mixkit_time_to_first_token_seconds_sum {h.sum:.6f}",
+                  f"mixkit_time_to_first_token_seconds_count {h.count}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def encode_prompt(prompt) -> list[int]:
@@ -452,22 +456,32 @@ def create_app(engine: Engine, model_name: str, chat_style: str = "mistral", fol
 # ---- the command ----------------------------------------------------------------------
 
 def add_parser(sub) -> None:
-    """Register `mixkit serve` on the CLI's subparsers."""
+    """Register `mixkit serve` on the CLI's subparsers (with mixkit.cli's checked option types)."""
+    from ..cli import device, existing_dir, integer, option_type, utf8_text
+
+    @option_type("host", ["", "a host"])
+    def host(text: str) -> str:
+        if not text or any(c.isspace() for c in text):
+            raise argparse.ArgumentTypeError(f"expected a host name or address, got {text!r}")
+        return text
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching over paged KV)")
-    s.add_argument("--model", required=True, help="model directory (weights, config.json and tokenizer)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=64, help="most requests computed together (default 64)")
-    s.add_argument("--kv-pages", type=int, help="KV pages per layer (default: max-batch requests of 256 tokens, "
-                                                "at least one of the model's full context)")
-    s.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
-    s.add_argument("--token-budget", type=int, help="tokens per step (default max(512, max-batch))")
-    s.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
+    s.add_argument("--model", type=existing_dir, metavar="DIR", required=True,
+                   help="model directory (weights, config.json and tokenizer)")
+    s.add_argument("--host", type=host, default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=integer(1, 65535), default=8000, help="port to listen on")
+    s.add_argument("--max-batch", type=integer(1), metavar="N", default=64, help="most requests computed together")
+    s.add_argument("--kv-pages", type=integer(1), metavar="N", help="KV pages per layer (default: max-batch requests "
+                   "of 256 tokens, at least one of the model's full context)")
+    s.add_argument("--page-size", type=integer(1), metavar="N", default=16, help="tokens per KV page")
+    s.add_argument("--token-budget", type=integer(1), metavar="N", help="tokens per step (default max(512, max-batch))")
+    s.add_argument("--served-model-name", type=utf8_text, metavar="NAME",
+                   help="the model's name in the API (default: the directory's name)")
     s.add_argument("--chat-style", choices=["mistral", "llama2"], default="mistral",
-                   help="chat template of /v1/chat/completions (default mistral)")
-    s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+                   help="chat template of /v1/chat/completions")
+    s.add_argument("--device", type=device, metavar="{cpu,cuda}", help="default: cuda if available, else cpu")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; run under torchrun "
+    s.add_argument("--tp", type=integer(1), metavar="N", default=1, help="tensor-parallel ranks; run under torchrun "
                    "--nproc_per_node N with --tp N (rank 0 serves HTTP)")
     s.set_defaults(func=main)
 
@@ -523,6 +537,10 @@ def main(args) -> int:
     if mesh is not None:
         from .parallel import Follower, Leader
         if mesh.get_local_rank() != 0:
+            # torchrun passes SIGTERM to every rank: the followers keep stepping
+            # until rank 0 has drained and broadcasts the stop.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
             Follower(engine, mesh).run()
             return 0
         follow = Leader(mesh)
