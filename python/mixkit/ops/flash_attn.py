@@ -42,21 +42,6 @@ MAX_HEAD_DIM = 1024
 INT32_MAX = 2**31 - 1
 
 
-# What the GPU kernels of each op take so far ("sinks", "softcap"); the CPU
-# backend takes both everywhere.
-GPU_FEATURES = frozenset({"sinks", "softcap"})
-
-
-def gpu_features(op, sinks, softcap, have=None):
-    """NotImplementedError for a feature a GPU kernel does not have yet, instead of
-    a wrong answer."""
-    have = GPU_FEATURES if have is None else have
-    for name, given in (("sinks", sinks is not None), ("softcap", softcap is not None)):
-        if given and name not in have:
-            raise NotImplementedError(f"{op}: {name} are not implemented in the GPU kernels yet (the CPU backend "
-                                      "has them)")
-
-
 # ---- checks ----------------------------------------------------------------------
 
 def _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sinks=None, softcap=None):
@@ -100,7 +85,6 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sin
     _checks.sinks(op, sinks, h, q)
     _checks.softcap(op, softcap)
     if gpu_kernels(q.device):
-        gpu_features(op, sinks, softcap)
         if q.dtype not in GPU_DTYPES:
             raise TypeError(f"{op}: on the GPU q, k and v must be bfloat16 or float16, got {q.dtype} "
                             "(float32 runs on the CPU)")
