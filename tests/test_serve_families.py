@@ -10,15 +10,13 @@ query scalar and softcaps, gpt-oss's sinks, YaRN RoPE and the MoE variants.
   than the window and requests arriving while others decode.
 - Teacher-forced logits of the runner (mixed decode and prefill batches) against
   the model's full forward on every device: float32 on the CPU, and the
-  low-precision rule on the emulated GPU, where a model whose attention the
-  GPU decode kernel does not take yet is refused when the engine is built.
+  low-precision rule on the emulated GPU.
 """
 import pytest
 import torch
 
 from mixkit import models
 from mixkit._backend import emulate
-from mixkit.ops import decode as decode_op
 from mixkit.serve import Engine, SamplingParams
 from mixkit.serve.runner import Chunk
 
@@ -149,11 +147,6 @@ def test_runner_logits_match_full_forward(name, device):
     the low-precision rule against it (bfloat16, emulated GPU: 20 tokens,
     prompts of 13, still past the window, for the emulator's time)."""
     model = tiny(name, device)
-    need = {f for f in ("sinks", "softcap") if f in model.layers[0].attention.attention_kwargs()}
-    if gpu(device) and not need <= decode_op.GPU_FEATURES:
-        with pytest.raises(NotImplementedError, match=sorted(need - decode_op.GPU_FEATURES)[0]):
-            Engine(model, num_pages=32, page_size=4, max_batch=2, token_budget=16, chunk=8, max_model_len=64)
-        return
     engine = Engine(model, num_pages=32, page_size=4, max_batch=2, token_budget=16, chunk=8, max_model_len=64)
     total, prompt = (20, 13) if gpu(device) else (53, 21)
     seqs = torch.randint(0, 256, (2, total), generator=torch.Generator().manual_seed(7))
