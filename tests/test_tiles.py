@@ -27,6 +27,8 @@ def test_constants_are_read_from_the_sources():
         "cuda/flash_attn_fwd_sm80.cuh", "kWarps")
     assert tiles.constant("cuda/flash_attn_bwd_sm80.cuh", "kBM", D=128) == 32
     assert tiles.function("cuda/flash_attn_fwd_mfma.cuh", "block_n", 128) == 32
+    # A variable template and its uses (BN = kBN<D>), at each head dim.
+    assert [tiles.constant("cuda/flash_attn_fwd_sm90.cuh", "BN", D=d) for d in (64, 256)] == [128, 64]
     assert tiles.constant("cuda/decode.cu", "GROUPS", D=64, T=2) == 16
     assert tiles.constant("cuda/moe_route.cu", "kMaxItems", kWarpSize=32) == 8
     with pytest.raises(KeyError, match="no constexpr"):

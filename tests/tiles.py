@@ -32,6 +32,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _CONSTEXPR = re.compile(r"\bconstexpr\s+(?:int|int64_t|uint32_t|unsigned|bool)\s+([^;{]+);")
 _FUNCTION = re.compile(r"\b(?:MIXKIT_MFMA_HD|MIXKIT_HD|constexpr)\s+int\s+(\w+)\(([^)]*)\)\s*\{\s*return\s+([^;]+);\s*\}")
+_VAR_TEMPLATE = re.compile(r"\btemplate\s*<([^<>]*)>\s*constexpr\s+(?:int|int64_t|unsigned)\s+(\w+)\s*=\s*([^;]+);")
 _INCLUDE = re.compile(r'#include\s+"((?:cuda|common)/[\w.]+)"')
 _TOKEN = re.compile(r"\s*(\d+[uUlL]*|\w+|<<|>>|<=|>=|==|!=|&&|\|\||::|[-+*/%()<>?:,!&|^~])")
 
@@ -164,6 +165,11 @@ def _definitions(relpath: str):
     """{name: [expression, ...]} and {function: (params, expression)} of a
     source file and the mixkit headers it includes."""
     text = _COMMENT.sub("", (CSRC / relpath).read_text())
+    # A variable template (`template <int D> constexpr int kBN = ...;`) is
+    # also a function of its parameters, and its uses (`kBN<D>`) calls of it.
+    templates = {m.group(2): m.group(1) for m in _VAR_TEMPLATE.finditer(text)}
+    if templates:
+        text = re.sub(r"\b(%s)<([^<>;]*)>" % "|".join(templates), r"\1(\2)", text)
     consts, funcs = {}, {}
     for inc in _INCLUDE.findall(text):
         if (CSRC / inc).exists() and not inc.startswith("cuda/emu"):
@@ -177,6 +183,8 @@ def _definitions(relpath: str):
             name = name.strip()
             if eq and re.fullmatch(r"\w+", name):
                 consts.setdefault(name, []).append(_Expr(expr))
+    for m in _VAR_TEMPLATE.finditer(text):
+        funcs[m.group(2)] = ([p.split()[-1] for p in templates[m.group(2)].split(",")], _Expr(m.group(3)))
     for m in _FUNCTION.finditer(text):
         params = [p.split()[-1] for p in m.group(2).split(",") if p.strip()]
         funcs[m.group(1)] = (params, _Expr(m.group(3)))
@@ -381,9 +389,9 @@ def flash_attn_tiles(kernel: str, d: int) -> dict[str, list]:
     c = _c(kernel)
     name = Path(kernel).stem
     if name == "flash_attn_fwd_sm80":  # 4 warps of 16 rows; every warp sees all BN keys
-        rows, keys = [(c("BM"), c("BM") // c("kWarps"))], [c("BN")]
+        rows, keys = [(c("BM"), c("BM") // c("kWarps"))], [c("BN", D=d)]
     elif name == "flash_attn_fwd_sm90":  # 2 warpgroups of 64 rows
-        rows, keys = [(c("BM"), c("BM") // c("kWarpgroups"))], [c("BN")]
+        rows, keys = [(c("BM"), c("BM") // c("kWarpgroups"))], [c("BN", D=d)]
     elif name == "flash_attn_bwd_sm80":
         # dkdv: BN keys, 16 a warp, kBM<D> queries a step (16 a warp in the
         # atomic dQ); dq_kernel: BQ rows, 16 a warp, BN keys a step.

@@ -575,9 +575,10 @@ def report() -> str:
             continue
         # A record counts while its line still reads as it did.
         if r["file"] not in keys:
-            keys[r["file"]] = {m.key for m in mutants(r["file"])}
+            keys[r["file"]] = {m.key: m.line for m in mutants(r["file"])}
         if r["key"] in keys[r["file"]]:
-            files.setdefault(r["file"], []).append(r)
+            # The line as the file reads now (edits above it move it).
+            files.setdefault(r["file"], []).append(dict(r, line=keys[r["file"]][r["key"]]))
     out = ["# Mutation sweep of the GPU kernels", "",
            "Written by `tools/mutation_sweep.py --report` from `mutation_sweep.jsonl` (see the tool for the",
            "mutation operators). Caught: a test of the file's mapping in tests/tiles.py failed (or the run",
@@ -604,8 +605,9 @@ def report() -> str:
     out += ["", f"Emulator versions (a hash of csrc/cuda/emu*) the mutants ran against: {', '.join(emus) or '-'}; "
             f"this tree's: {_emulator()}.", "", "## Survivors and equivalent mutants", ""]
     for r in sorted(survivors, key=lambda r: (r["file"], r["line"], r["kind"])):
-        why = r.get("reason") or "survived (no test catches it yet)"
-        out.append(f"- `{r['file']}:{r['line']}` {r['kind']} ({r['note']}): {r['outcome']}. {why}")
+        why = r.get("reason") or "no test catches it yet"
+        out.append(f"- `{r['file']}:{r['line']}` {r['kind']} ({r['note']}): {r['outcome']} "
+                   f"(emulator {r.get('emulator', '?')}). {why}")
     return "\n".join(out) + "\n"
 
 
