@@ -104,6 +104,7 @@ NO_EMU_CASE = {
     "tests/test_moe_route.py::test_cuda_graph_capture_and_replay": "CUDA graph capture",
     "tests/test_library.py::test_cuda_graph_capture_and_replay": "CUDA graph capture",
     "tests/test_models.py::test_cuda_graph_decode_matches_eager": "CUDA graph capture",
+    "tests/test_attn_variants.py::test_cuda_graph_decode_with_sinks_and_softcap": "CUDA graph capture",
     "tests/test_norms.py::test_gpu_matches_cpu_and_second_device_stream": "a second CUDA stream",
     "tests/test_bad_input.py::test_gpu_mixed_devices": "tensors on two devices",
     "tests/test_bench_train.py::test_tiny_cuda": "CUDA-event timing, fused CUDA AdamW, peak memory",
