@@ -71,6 +71,7 @@ constexpr int kWarpSize = MIXKIT_WARP_SIZE;
 #if defined(MIXKIT_EMULATE)
 // (The emulator also checks that every lane calls it from the same line.)
 MIXKIT_EMU_OUTLINE inline float shfl_xor(float v, int lane_mask, int site = __builtin_LINE()) {
+  emu::trace::Quiet quiet;
   float* slot = reinterpret_cast<float*>(emu::group_scratch(kWarpSize));
   const int lane = emu::linear_tid() % kWarpSize;
   slot[lane * (emu::kScratchBytes / 4)] = v;

@@ -182,6 +182,7 @@ namespace emu {
 template <class T>
 MIXKIT_EMU_OUTLINE T atomic_add(T* p, T v, const trace::Site& site = {}) {
   trace::model_access(trace::Kind::atomic, p, sizeof(T), site);
+  trace::Quiet quiet;
   return (::atomicAdd)(p, v);
 }
 }  // namespace emu

@@ -125,6 +125,7 @@ static_assert(sizeof(Post) <= kScratchBytes, "a lane's operands fit its slot");
 // calling lane: a, b its operand items as 16-bit patterns, acc its C/D.
 template <class T>
 MIXKIT_EMU_OUTLINE inline void mfma_32x32x8(const uint16_t (&a)[4], const uint16_t (&b)[4], float (&acc)[16]) {
+  trace::Quiet quiet;
   trace::instruction(std::is_same<T, f16>::value ? "v_mfma_f32_32x32x8f16" : "v_mfma_f32_32x32x8bf16_1k", trace::Site());
   unsigned char* scratch = group_scratch(kWave);
   const int l = linear_tid() % kWave;

@@ -147,6 +147,7 @@ class Checker : public Consumer {
   void launch_begin(const LaunchInfo&) override {
     spans_.clear();
     reports_.clear();
+    shared_.clear();
     keys_.clear();
     races_ = 0;
   }
@@ -204,6 +205,8 @@ class Checker : public Consumer {
   }
 
   std::string launch_end(const LaunchInfo& l) override {
+    for (const SharedRace& x : shared_) reports_.push_back(word(x));
+    shared_.clear();
     std::sort(spans_.begin(), spans_.end(), [](const Span& x, const Span& y) { return x.lo < y.lo; });
     const Span* open = nullptr;
     for (const Span& x : spans_) {
@@ -323,43 +326,51 @@ class Checker : public Consumer {
     return nullptr;
   }
 
+  // Keeps what a report needs; launch_end words it (symbolizing there, on the
+  // launching thread, not inside a block).
   void shared_report(BlockState& s, const Access& a, const Cell& c, uint32_t i, const char* problem) {
-    const std::string race = problem;
-    const bool war = race == "write-after-read";
-    const Where other = war ? c.r_where : c.w_where;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++races_;
-      if (reports_.size() >= kMaxReports || !keys_.insert(a.where * 31 + other).second) return;
-    }
-    const std::string region = a.static_shared ? "static __shared__" : "dynamic shared";
-    std::string r = block_name(s.info->idx) + ": " + thread_name(a.tid, s.warp_size) + " " + name(a.kind) + " at " +
-                    describe(a.where) + " touches " + region + " byte " + std::to_string(a.offset + i);
-    const bool same_warp_other = [&] {
-      const int t = war ? c.r_tid : c.w_tid;
-      return t != kMany && t / s.warp_size == a.tid / s.warp_size;
-    }();
+    SharedRace r{s.info->idx, a, c, a.offset + i, problem, s.warp_size};
+    const Where other = r.war() ? c.r_where : c.w_where;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++races_;
+    if (shared_.size() < kMaxReports && keys_.insert(a.where * 31 + other).second) shared_.push_back(r);
+  }
+
+  struct SharedRace {
+    Dim block;
+    Access a;
+    Cell c;
+    uint32_t offset;
+    const char* problem;
+    int warp_size;
+    bool war() const { return std::string(problem) == "write-after-read"; }
+  };
+
+  static std::string word(const SharedRace& x) {
+    const Access& a = x.a;
+    const Cell& c = x.c;
+    const int ws = x.warp_size;
+    const std::string race = x.problem;
+    std::string r = "shared-memory race in " + block_name(x.block) + ": " + thread_name(a.tid, ws) + " " + name(a.kind) +
+                    " at " + describe(a.where) + " touches " + (a.static_shared ? "static __shared__" : "dynamic shared") +
+                    " byte " + std::to_string(x.offset);
     if (race == "read-after-write" || race == "write-after-write") {
-      r += " (" + race + "): " + thread_name(c.w_tid, s.warp_size) + " wrote it (" + name(c.w_kind) + " at " +
-           describe(c.w_where) + ")";
-    } else if (war) {
-      const std::string who = c.r_tid == kMany || c.r_warp == kMany ? "several threads, among them one at "
-                                                                    : thread_name(c.r_tid, s.warp_size) + " at ";
-      r += " (write-after-read): " + who + describe(c.r_where) + " read it (" + name(c.r_kind) + ")";
+      r += " (" + race + "): " + thread_name(c.w_tid, ws) + " wrote it (" + name(c.w_kind) + " at " + describe(c.w_where) +
+           ")";
+    } else if (x.war()) {
+      const bool many = c.r_tid == kMany || c.r_warp == kMany;
+      r += " (write-after-read): " + (many ? std::string("several threads, one") : thread_name(c.r_tid, ws)) + " at " +
+           describe(c.r_where) + ", read it (" + name(c.r_kind) + ")";
     } else if (race.rfind("wgmma", 0) == 0) {
-      r += ": " + race + " (" + thread_name(c.w_tid, s.warp_size) + ", " + name(c.w_kind) + " at " +
-           describe(c.w_where) + ")";
-      add_report(r);
-      return;
+      return r + ": " + race + " (" + thread_name(c.w_tid, ws) + ", " + name(c.w_kind) + " at " + describe(c.w_where) + ")";
     } else {
-      r += ": " + race + " (issued by " + thread_name(c.w_tid, s.warp_size) + " at " + describe(c.w_where) + ")";
-      add_report(r);
-      return;
+      return r + ": " + race + " (issued by " + thread_name(c.w_tid, ws) + " at " + describe(c.w_where) + ")";
     }
-    r += same_warp_other ? ", with no collective of their warp between (lanes of a warp are ordered only by its "
-                           "collectives: __syncwarp, shuffles, ldmatrix, mma, wgmma)"
-                         : ", with no __syncthreads between";
-    add_report(r);
+    const int other = x.war() ? (c.r_warp == kMany ? -1 : c.r_tid) : c.w_tid;
+    const bool same_warp = other >= 0 && other != kMany && other / ws == a.tid / ws;
+    return r + (same_warp ? ", with no collective of their warp between (lanes of a warp are ordered only by its "
+                            "collectives: shuffles, ldmatrix, mma, wgmma, v_mfma)"
+                          : ", with no __syncthreads between");
   }
 
   // ---- global memory --------------------------------------------------------------
@@ -394,14 +405,10 @@ class Checker : public Consumer {
            (y.atomic ? " (atomic)" : "");
   }
 
-  void add_report(const std::string& r) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (reports_.size() < kMaxReports) reports_.push_back("shared-memory race in " + r);
-  }
-
   std::mutex mu_;
   std::vector<Span> spans_;
   std::vector<std::string> reports_;
+  std::vector<SharedRace> shared_;
   std::set<Where> keys_;
   size_t races_ = 0;
 };

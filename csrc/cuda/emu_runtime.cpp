@@ -92,6 +92,7 @@ struct Block {
   size_t smem_bytes = 0;
   std::string error;
   uint64_t serial = 0;
+  const char* kernel = nullptr;  // its name, for errors
   bool traced = false;
   uint32_t epoch = 0;               // barriers completed
   std::vector<uint32_t> intervals;  // per warp: collectives completed
@@ -231,9 +232,14 @@ std::string threads_where(const Block& b, Pick pick) {
   return s;
 }
 
+std::string barrier_site(const Fiber& f) {
+  const char* slash = std::strrchr(f.tag, '/');
+  return std::string(slash ? slash + 1 : f.tag) + ":" + std::to_string(f.site);
+}
+
 std::string where_block(const Block& b) {
   return "block (" + std::to_string(b.bid.x) + ", " + std::to_string(b.bid.y) + ", " + std::to_string(b.bid.z) + ") of " +
-         std::to_string(b.threads) + " threads";
+         std::to_string(b.threads) + " threads" + (b.kernel && *b.kernel ? std::string(" of ") + b.kernel : "");
 }
 
 std::string describe(const Block& b, const char* what) {
@@ -243,7 +249,7 @@ std::string describe(const Block& b, const char* what) {
     const Fiber& f = t_worker.fibers[size_t(i)];
     if (f.state == State::done) continue;
     s += " thread " + std::to_string(i);
-    if (f.state == State::barrier) s += " at __syncthreads (" + std::string(f.tag) + ":" + std::to_string(f.site) + ")";
+    if (f.state == State::barrier) s += " at __syncthreads (" + barrier_site(f) + ")";
     if (f.state == State::group) s += std::string(" at ") + f.tag + " (group of " + std::to_string(f.group) + ")";
     s += ";";
     ++shown;
@@ -329,7 +335,7 @@ bool release_barrier(Block& b) {
     if (!at) at = &f;
     else if (f.site != at->site || std::strcmp(f.tag, at->tag) != 0) split = true;
   }
-  const std::string site = std::string(at->tag) + ":" + std::to_string(at->site);
+  const std::string site = barrier_site(*at);
   if (returned) {
     b.error = "mixkit emulator: a barrier in divergent code in " + where_block(b) + ": threads " +
               threads_where(b, [](const Fiber& f) { return f.state == State::done; }) +
@@ -438,7 +444,11 @@ void wait(State s, int group, const char* tag, int site) {
   f.group = group;
   f.tag = tag;
   f.site = site;
+  // The trace's state of this thread (inside a model or not) outlives the switch.
+  tr::Running* r = tr::t_running;
+  const bool quiet = r && r->quiet;
   yield_to_scheduler();
+  if ((r = tr::t_running)) r->quiet = quiet;
 }
 
 bool g_racecheck = false;
@@ -551,6 +561,7 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
       b.smem = smem_buf.get();
       b.smem_bytes = smem;
       b.traced = traced;
+      b.kernel = kernel_name.c_str();
       if (smem) std::memset(smem_buf.get(), 0xcd, smem);  // stale data, never zeros a kernel could rely on
       trace::BlockInfo bi{&info, {b.bid.x, b.bid.y, b.bid.z}, i, threads, 0, false};
       if (traced) tr::block_begin(bi, b.smem, smem);

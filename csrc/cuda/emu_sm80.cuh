@@ -29,20 +29,23 @@ inline int lane() { return linear_tid() % kWarp; }
 // ---- cp.async -----------------------------------------------------------------
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes (0 or 16).
 MIXKIT_EMU_OUTLINE inline void cp_async16(void* dst, const void* src, int src_bytes, const trace::Site& site = {}) {
+  trace::Quiet quiet;
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     fail("cp.async.cg of 16 bytes needs 16-byte aligned addresses");
   trace::instruction("cp.async.cg.shared.global", site);
   trace::model_access(trace::Kind::cp_async_src, src, uint32_t(src_bytes), site);
-  trace::model_access(trace::Kind::cp_async_issue, dst, 16, site);
   if (mutation() == 4 && src_bytes == 0) return;  // the zero-fill is lost: stale data stays
+  trace::model_access(trace::Kind::cp_async_issue, dst, 16, site);
   async_queue().copies.push_back(AsyncCopy{dst, src, src_bytes, site});
 }
 MIXKIT_EMU_OUTLINE inline void cp_async_commit() {
+  trace::Quiet quiet;
   AsyncQueue& q = async_queue();
   q.group_ends.push_back(q.copies.size());
 }
 // cp.async.wait_group n: every committed group but the newest n is complete.
 MIXKIT_EMU_OUTLINE inline void cp_async_wait(int n) {
+  trace::Quiet quiet;
   AsyncQueue& q = async_queue();
   const int groups = int(q.group_ends.size());
   if (groups <= n) return;
@@ -66,6 +69,7 @@ MIXKIT_EMU_OUTLINE inline void cp_async_wait(int n) {
 // or with .trans those of the transposed matrix.
 template <int N>
 MIXKIT_EMU_OUTLINE inline void ldmatrix(uint32_t (&r)[N], const void* row_addr, bool trans, const trace::Site& site = {}) {
+  trace::Quiet quiet;
   unsigned char* scratch = group_scratch(kWarp);
   const int l = lane();
   if (l < 8 * N && reinterpret_cast<uintptr_t>(row_addr) % 16) fail("ldmatrix row addresses must be 16-byte aligned");
@@ -102,6 +106,7 @@ MIXKIT_EMU_OUTLINE inline void ldmatrix(uint32_t (&r)[N], const void* row_addr, 
 // onto the accumulator in float32.
 template <class T>
 MIXKIT_EMU_OUTLINE inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, const trace::Site& site = {}) {
+  trace::Quiet quiet;
   trace::instruction("mma.m16n8k16", site);
   unsigned char* scratch = group_scratch(kWarp);
   const int l = lane();

@@ -148,12 +148,14 @@ inline void check_rank() {
 }
 
 MIXKIT_EMU_OUTLINE inline void fence(const trace::Site& site) {
+  trace::Quiet quiet;
   check_rank();
   trace::instruction("wgmma.fence", site);
   group_sync(kWarpgroup, "wgmma.fence");
   state().fenced = true;
 }
 MIXKIT_EMU_OUTLINE inline void commit(const trace::Site& site) {
+  trace::Quiet quiet;
   check_rank();
   trace::instruction("wgmma.commit_group", site);
   group_sync(kWarpgroup, "wgmma.commit_group");
@@ -163,6 +165,7 @@ MIXKIT_EMU_OUTLINE inline void commit(const trace::Site& site) {
 
 // Issues one wgmma: checks the warpgroup agrees, takes A's registers (RS).
 MIXKIT_EMU_OUTLINE inline void issue(Op op, const uint32_t* a) {
+  trace::Quiet quiet;
   check_rank();
   trace::instruction("wgmma.mma_async", op.site);
   State& s = state();
@@ -269,6 +272,7 @@ inline void perform(const Op& op) {
 
 // wgmma.wait_group n: every committed group but the newest n is complete.
 MIXKIT_EMU_OUTLINE inline void wait(int n, const trace::Site& site) {
+  trace::Quiet quiet;
   check_rank();
   trace::instruction("wgmma.wait_group", site);
   group_sync(kWarpgroup, "wgmma.wait_group");

@@ -160,7 +160,9 @@ thread_local Worker t_worker;
 
 void deliver(Worker& w, Access& a) {
   if (g_occurrence) a.occurrence = w.occurrences[size_t(a.tid)][a.where]++;
+  w.running.busy = true;  // a consumer built with the instrumentation must not see itself
   for (size_t i = 0; i < g_consumers.size(); ++i) g_consumers[i]->access(w.states[i], a);
+  w.running.busy = false;
 }
 
 }  // namespace
@@ -211,8 +213,14 @@ std::string describe(Where w) {
     const Site* s = reinterpret_cast<const Site*>(uintptr_t(w & ~kSiteTag));
     return std::string(basename_of(s->file)) + ":" + std::to_string(s->line);
   }
+  if (!w) return "?";
   // A return address: the access is the call just before it.
-  return w ? symbolize(uintptr_t(w) - 1, false) : "?";
+  static std::mutex mu;
+  static auto* known = new std::unordered_map<Where, std::string>;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known->find(w);
+  if (it == known->end()) it = known->emplace(w, symbolize(uintptr_t(w) - 1, false)).first;
+  return it->second;
 }
 
 void attach(Consumer* c) {
@@ -228,19 +236,31 @@ void detach(Consumer* c) {
 
 bool active() { return detail::t_running != nullptr; }
 
+Quiet::Quiet() {
+  Running* r = detail::t_running;
+  was_ = r && r->quiet;
+  if (r) r->quiet = true;
+}
+Quiet::~Quiet() {
+  // The model may have yielded: the running thread is this one again.
+  if (Running* r = detail::t_running) r->quiet = was_;
+}
+
 void model_access(Kind k, const void* addr, uint32_t bytes, const Site& site) {
   Running* r = detail::t_running;
-  if (!r || !bytes) return;
+  if (!r || r->busy || !bytes) return;
   detail::on_access(*r, reinterpret_cast<uintptr_t>(addr), bytes, k, intern(site));
 }
 
 namespace {
 void model_event(EventKind kind, const char* what, const Site& site) {
   Running* r = detail::t_running;
-  if (!r) return;
+  if (!r || r->busy) return;
   Event e{kind, what, r->tid, 1, *r->epoch, intern(site)};
   Worker& w = t_worker;
+  r->busy = true;
   for (size_t i = 0; i < g_consumers.size(); ++i) g_consumers[i]->event(w.states[i], e);
+  r->busy = false;
 }
 }  // namespace
 
@@ -286,6 +306,7 @@ Running* thread_enter(int tid, int warp, const void* stack, size_t stack_bytes, 
   r.stack_bytes = stack_bytes;
   r.epoch = epoch;
   r.interval = interval;
+  r.busy = r.quiet = false;
   t_running = &r;
   return &r;
 }
@@ -317,7 +338,13 @@ std::string launch_end(const LaunchInfo& l) {
 }
 
 std::string kernel_name(const void* kernel) {
-  return kernel ? symbolize(reinterpret_cast<uintptr_t>(kernel), true) : "";
+  if (!kernel) return "";
+  static std::mutex mu;
+  static auto* names = new std::unordered_map<const void*, std::string>;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = names->find(kernel);
+  if (it == names->end()) it = names->emplace(kernel, symbolize(reinterpret_cast<uintptr_t>(kernel), true)).first;
+  return it->second;
 }
 
 }  // namespace detail
@@ -352,7 +379,7 @@ using mixkit::emu::trace::detail::t_running;
   const uintptr_t frame = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
   if (a >= frame && a < (frame | (kFiberStackBytes - 1)) + 1) return;
   Running* r = t_running;
-  if (__builtin_expect(r == nullptr, 1)) return;
+  if (__builtin_expect(r == nullptr, 1) || r->busy || r->quiet) return;
   if (a - r->stack_lo < r->stack_bytes) return;
   mixkit::emu::trace::detail::on_access(*r, a, bytes, kind, Where(reinterpret_cast<uintptr_t>(ret)));
 }
@@ -373,3 +400,56 @@ MIXKIT_COV(__sanitizer_cov_store4, uint32_t, 4, Kind::store)
 MIXKIT_COV(__sanitizer_cov_store8, uint64_t, 8, Kind::store)
 MIXKIT_COV(__sanitizer_cov_store16, __int128, 16, Kind::store)
 #undef MIXKIT_COV
+
+// ---- AddressSanitizer's memory-intrinsic callbacks ----------------------------------------
+// SanitizerCoverage sees loads and stores, not memcpy / memmove / memset (a
+// struct or array copied whole, which the compiler keeps as one call), nor
+// accesses of unusual sizes. In the ASan build the kernels' AddressSanitizer
+// calls these instead of __asan_* (-mllvm -asan-memory-access-callback-prefix,
+// CMakeLists.txt): they report the bytes, then do what ASan's own would.
+#if defined(__SANITIZE_ADDRESS__) || (defined(__has_feature) && __has_feature(address_sanitizer))
+extern "C" {
+void* __asan_memcpy(void* dst, const void* src, size_t n);
+void* __asan_memmove(void* dst, const void* src, size_t n);
+void* __asan_memset(void* dst, int c, size_t n);
+void __asan_loadN(uintptr_t p, size_t n);
+void __asan_storeN(uintptr_t p, size_t n);
+#define MIXKIT_ASAN_FORWARD(n)                                                                   \
+  void __asan_load##n(uintptr_t p);                                                              \
+  void __asan_store##n(uintptr_t p);                                                             \
+  __attribute__((visibility("hidden"))) void __mixkit_asan_load##n(uintptr_t p) { __asan_load##n(p); } \
+  __attribute__((visibility("hidden"))) void __mixkit_asan_store##n(uintptr_t p) { __asan_store##n(p); }
+// Loads and stores of 1-16 bytes: SanitizerCoverage reported them already (ASan
+// calls these only in its call mode, for very large functions).
+MIXKIT_ASAN_FORWARD(1)
+MIXKIT_ASAN_FORWARD(2)
+MIXKIT_ASAN_FORWARD(4)
+MIXKIT_ASAN_FORWARD(8)
+MIXKIT_ASAN_FORWARD(16)
+#undef MIXKIT_ASAN_FORWARD
+
+__attribute__((visibility("hidden"), noinline)) void __mixkit_asan_loadN(uintptr_t p, size_t n) {
+  traced(reinterpret_cast<const void*>(p), uint32_t(n), Kind::load, __builtin_return_address(0));
+  __asan_loadN(p, n);
+}
+__attribute__((visibility("hidden"), noinline)) void __mixkit_asan_storeN(uintptr_t p, size_t n) {
+  traced(reinterpret_cast<const void*>(p), uint32_t(n), Kind::store, __builtin_return_address(0));
+  __asan_storeN(p, n);
+}
+__attribute__((visibility("hidden"), noinline)) void* __mixkit_asan_memcpy(void* dst, const void* src, size_t n) {
+  traced(src, uint32_t(n), Kind::load, __builtin_return_address(0));
+  traced(dst, uint32_t(n), Kind::store, __builtin_return_address(0));
+  return __asan_memcpy(dst, src, n);
+}
+__attribute__((visibility("hidden"), noinline)) void* __mixkit_asan_memmove(void* dst, const void* src, size_t n) {
+  traced(src, uint32_t(n), Kind::load, __builtin_return_address(0));
+  traced(dst, uint32_t(n), Kind::store, __builtin_return_address(0));
+  return __asan_memmove(dst, src, n);
+}
+__attribute__((visibility("hidden"), noinline)) void* __mixkit_asan_memset(void* dst, int c, size_t n) {
+  traced(dst, uint32_t(n), Kind::store, __builtin_return_address(0));
+  return __asan_memset(dst, c, n);
+}
+}  // extern "C"
+#endif
+

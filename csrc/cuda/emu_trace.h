@@ -38,6 +38,10 @@
 // `occurrence` (the how-many-th time the lane made an access at `where` in
 // this block; computed only for consumers that ask for it).
 //
+// A consumer's own loads and stores are not reported, even where it is
+// compiled with the instrumentation (better: keep consumers in files that are
+// not, as emu_*.cpp are).
+//
 // Threads: blocks run in parallel on several OS threads. A consumer's
 // block_begin, access, event and block_end for one block are called on the
 // OS thread running that block, one emulated thread at a time; launch_begin
@@ -163,6 +167,21 @@ void instruction(const char* name, const Site& site);
 void proxy_fence(const Site& site);
 // Whether anything is listening (models may skip computing what they report).
 bool active();
+
+// Held by an instruction model while it runs: the loads, stores and copies
+// the model makes itself (its exchange area, queues) are not the kernel's.
+// (The models are out of line and skipped by the instrumentation; this covers
+// what AddressSanitizer's memcpy callbacks still see in them.)
+class Quiet {
+ public:
+  Quiet();
+  ~Quiet();
+  Quiet(const Quiet&) = delete;
+  Quiet& operator=(const Quiet&) = delete;
+
+ private:
+  bool was_;
+};
 
 }  // namespace trace
 }  // namespace emu

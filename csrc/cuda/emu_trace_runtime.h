@@ -25,6 +25,8 @@ struct Running {
   uintptr_t dyn_lo = 0, dyn_bytes = 0;      // the block's dynamic shared memory
   uintptr_t tls_lo = 0, tls_bytes = 0;      // this OS thread's static __shared__ arrays
   int tid = -1, warp = -1;
+  bool busy = false;                   // a consumer runs: its own accesses are not the kernel's
+  bool quiet = false;                  // an instruction model runs (trace::Quiet): likewise
   const uint32_t* epoch = nullptr;     // the block's completed barriers
   const uint32_t* interval = nullptr;  // the warp's completed collectives
 };
