@@ -435,11 +435,11 @@ def test_core_rejects_bad_calls_without_crashing():
     from mixkit import _core
 
     with pytest.raises(ValueError, match="multiple of kv_heads"):
-        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 0, 8, 8, 1, 5, 2, 64, 16, 0, 1.0, (0, 0), (0, 0, 0), (0, 0, 0),
-                          1, 0, 0, 0, 0, 0, 0)
+        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 0, 8, 8, 1, 5, 2, 64, 16, 0, 1.0, 0.0, 0, (0, 0), (0, 0, 0),
+                          (0, 0, 0), 1, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="workspace"):
-        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 0, 8, 8, 1, 4, 2, 64, 16, 0, 1.0, (0, 0), (0, 0, 0), (0, 0, 0),
-                          4, 0, 0, 0, 0, 0, 0)
+        _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 0, 8, 8, 1, 4, 2, 64, 16, 0, 1.0, 0.0, 0, (0, 0), (0, 0, 0),
+                          (0, 0, 0), 4, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="null"):
         _core.kv_cache_append(0, 0, 0, 0, False, 0, 8, 8, 8, 8, 1, 1, 2, 64, 16, 0, 0, 0, 0, 0, 0)
 

@@ -38,8 +38,8 @@ MIXKIT_BIND(decode) {
       "decode_attn",
       [](int backend, int device, uintptr_t stream, int dtype, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache,
          uintptr_t seqlens, uintptr_t starts, uintptr_t out, uintptr_t lse, int64_t batch, int64_t heads,
-         int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t window, float scale,
-         std::array<int64_t, 2> q_stride, std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride,
+         int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t window, float scale, float softcap,
+         uintptr_t sinks, std::array<int64_t, 2> q_stride, std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride,
          int64_t splits, uintptr_t ws_out, uintptr_t ws_lse, uintptr_t block_table, int64_t page_size,
          int64_t max_pages, int64_t num_pages) {
         DecodeArgs a{};
@@ -58,6 +58,8 @@ MIXKIT_BIND(decode) {
         a.capacity = capacity;
         a.window = window;
         a.scale = scale;
+        a.softcap = softcap;
+        a.sinks = ptr<const float>(sinks);
         for (int i = 0; i < 2; ++i) a.q_stride[i] = q_stride[i];
         for (int i = 0; i < 3; ++i) a.k_stride[i] = k_stride[i], a.v_stride[i] = v_stride[i];
         a.splits = splits;

@@ -1,5 +1,6 @@
 // _core.flash_attn_fwd, flash_attn_bwd: python/mixkit/ops/flash_attn.py.
-// Strides arrive as (batch, token, head) triples, lse strides as (batch, head).
+// Strides arrive as (batch, token, head) triples, lse strides as (batch, head);
+// softcap 0 and sinks 0 (a null pointer) mean none.
 #include <nanobind/stl/tuple.h>
 
 #include "bind/bind.h"
@@ -21,7 +22,8 @@ FlashFwdArgs fwd_args(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_
                       uintptr_t cu_q, uintptr_t cu_k, int64_t batch, int64_t heads, int64_t kv_heads,
                       int64_t head_dim, int64_t seqlen_q, int64_t seqlen_k, int64_t total_q, int64_t total_k,
                       const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os,
-                      const std::tuple<int64_t, int64_t>& ls, bool causal, int64_t window, float scale) {
+                      const std::tuple<int64_t, int64_t>& ls, bool causal, int64_t window, float scale,
+                      float softcap, uintptr_t sinks) {
   FlashFwdArgs a{};
   a.dtype = DType(dtype);
   a.q = ptr<const void>(q);
@@ -48,6 +50,8 @@ FlashFwdArgs fwd_args(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_
   a.causal = causal;
   a.window = window;
   a.scale = scale;
+  a.softcap = softcap;
+  a.sinks = ptr<const float>(sinks);
   return a;
 }
 
@@ -60,10 +64,10 @@ MIXKIT_BIND(flash_attn) {
          uintptr_t lse, uintptr_t cu_q, uintptr_t cu_k, int64_t batch, int64_t heads, int64_t kv_heads,
          int64_t head_dim, int64_t seqlen_q, int64_t seqlen_k, int64_t total_q, int64_t total_k, Strides qs,
          Strides ks, Strides vs, Strides os, std::tuple<int64_t, int64_t> ls, bool causal, int64_t window,
-         float scale) {
+         float scale, float softcap, uintptr_t sinks) {
         const FlashFwdArgs a = fwd_args(dtype, q, k, v, out, lse, cu_q, cu_k, batch, heads, kv_heads, head_dim,
                                         seqlen_q, seqlen_k, total_q, total_k, qs, ks, vs, os, ls, causal, window,
-                                        scale);
+                                        scale, softcap, sinks);
         on_backend(backend, [&] { flash_attn_fwd_cpu(a); }, [&] { flash_attn_fwd_gpu(a, device, stream_ptr(stream)); });
       },
       nb::call_guard<nb::gil_scoped_release>());
@@ -84,11 +88,12 @@ MIXKIT_BIND(flash_attn) {
          uintptr_t lse, uintptr_t cu_q, uintptr_t cu_k, int64_t batch, int64_t heads, int64_t kv_heads,
          int64_t head_dim, int64_t seqlen_q, int64_t seqlen_k, int64_t total_q, int64_t total_k, Strides qs,
          Strides ks, Strides vs, Strides os, std::tuple<int64_t, int64_t> ls, bool causal, int64_t window,
-         float scale, uintptr_t dout, uintptr_t dq, uintptr_t dk, uintptr_t dv, Strides dos, Strides dqs,
-         Strides dks, Strides dvs, uintptr_t delta, uintptr_t dq_accum, bool deterministic) {
+         float scale, float softcap, uintptr_t sinks, uintptr_t dout, uintptr_t dq, uintptr_t dk, uintptr_t dv,
+         Strides dos, Strides dqs, Strides dks, Strides dvs, uintptr_t delta, uintptr_t dq_accum,
+         bool deterministic) {
         FlashBwdArgs a{};
         a.f = fwd_args(dtype, q, k, v, out, lse, cu_q, cu_k, batch, heads, kv_heads, head_dim, seqlen_q, seqlen_k,
-                       total_q, total_k, qs, ks, vs, os, ls, causal, window, scale);
+                       total_q, total_k, qs, ks, vs, os, ls, causal, window, scale, softcap, sinks);
         a.dout = ptr<const void>(dout);
         a.dq = ptr<void>(dq);
         a.dk = ptr<void>(dk);

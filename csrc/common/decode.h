@@ -63,6 +63,12 @@ struct DecodeArgs {
   int64_t capacity;
   int64_t window;          // 0: no window
   float scale;
+  // Logit softcap (0: none) and per-head sink logits ((heads,) float32 or
+  // null), as in common/flash_attn.h: the sink joins each row's denominator
+  // once, lse includes it, and a row with no visible key gets zeros and
+  // lse = sink. With split-KV the partials carry no sink; the combine adds it.
+  float softcap;
+  const float* sinks;
   int64_t q_stride[2];  // batch, head strides of q, in elements
   int64_t k_stride[3];  // batch (or page), slot (or row in page), head strides of k_cache, in elements
   int64_t v_stride[3];
@@ -98,6 +104,7 @@ inline void check(const DecodeArgs& a) {
   check_head_dims(a.batch, a.kv_heads, a.head_dim, a.capacity);
   require(a.heads >= 1 && a.heads % a.kv_heads == 0, "heads must be a positive multiple of kv_heads");
   require(a.window >= 0, "window must be >= 1, or 0 for none");
+  require(std::isfinite(a.softcap) && a.softcap >= 0.f, "softcap must be finite and > 0, or 0 for none");
   require(a.splits >= 1 && a.splits <= 1024, "splits must be in [1, 1024]");
   require(a.batch == 0 || (a.q && a.k_cache && a.v_cache && a.seqlens && a.out && a.lse), "null tensor pointer");
   require(a.splits == 1 || a.batch == 0 || (a.ws_out && a.ws_lse), "split-KV needs the ws_out/ws_lse workspace");

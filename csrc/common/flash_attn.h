@@ -18,6 +18,18 @@
 //   causal:  j <= i + sk - sq
 //   window W (causal only): j > i + sk - sq - W   (W keys, the query's own included)
 // A query that sees no key gets a zero output and lse = -inf.
+//
+// Logit softcap c > 0 (Gemma 2): the scaled score s = scale * q.k becomes
+// c * tanh(s / c) before the mask; the backward multiplies dS by
+// 1 - tanh^2. Attention sinks (gpt-oss): a per-head logit sink[h], in the
+// units of the (capped) scores, that joins each row's softmax denominator and
+// carries no value: out_i = sum_j exp(s_ij - lse_i) v_j with
+//   lse_i = log(sum_j exp(s_ij) + exp(sink[h])),
+// so the lse written includes the sink, and a row that sees no key gets a zero
+// output and lse = sink[h]. The backward needs no sink term beyond that lse
+// (dS = P (dP - delta) still holds: the sink has no value, so its dP is 0);
+// dsink[h] = -sum_i exp(sink[h] - lse_i) * delta_i is formed by the caller
+// from lse and delta (python/mixkit/ops/flash_attn.py).
 #pragma once
 
 #include <cstdint>
@@ -53,11 +65,14 @@ struct FlashFwdArgs {
   bool causal;
   int64_t window;               // 0: no window; >= 1 needs causal
   float scale;                  // softmax scale, 1/sqrt(D) by default
+  float softcap;                // 0: none; else c > 0 (finite)
+  const float* sinks;           // (heads,) float32 logits, or null
 };
 
 // dq, dk, dv have the shapes of q, k, v (strides dq/dk/dv_stride); dout has
 // out's shape. delta (lse layout) and dq_accum are float32 workspaces the
-// caller allocates: delta = rowsum(dout * out); dq_accum is
+// caller allocates: delta = rowsum(dout * out), written by the backward and
+// read back by the caller for dsinks; dq_accum is
 // (total_q, heads, head_dim) contiguous, zero-filled, used by the GPU's
 // non-deterministic path (atomicAdd) and ignored otherwise.
 struct FlashBwdArgs {
@@ -100,6 +115,7 @@ inline void check(const FlashFwdArgs& a) {
   require(a.window >= 0, "window must be >= 1, or 0 for none");
   require(a.window == 0 || a.causal, "a window needs causal=True");
   require(std::isfinite(a.scale) && a.scale > 0.f, "softmax scale must be finite and > 0");
+  require(std::isfinite(a.softcap) && a.softcap >= 0.f, "softcap must be finite and > 0, or 0 for none");
   require(a.total_q == 0 || (a.q && a.out && a.lse), "null tensor pointer");
   require(a.total_k == 0 || (a.k && a.v), "null tensor pointer");
 }

@@ -1,5 +1,5 @@
 // KV-cache append and decode attention on the CPU: the same semantics as the
-// GPU kernels, in float32, any head dim. Parallel over (batch, KV head) above
+// GPU kernels (softcap and sinks included), in float32, any head dim. Parallel over (batch, KV head) above
 // kCpuParallelGrain, like norm.cpp.
 #include <algorithm>
 #include <cmath>
@@ -52,8 +52,11 @@ void decode_attn(const DecodeArgs& a) {
     require(a.seqlens[b] <= a.capacity, "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(a.seqlens[b]) +
                                             " exceeds the block table's max_pages * page_size = " +
                                             std::to_string(a.capacity));
-    const int64_t used = (a.seqlens[b] + a.page_size - 1) / a.page_size;
-    for (int64_t i = 0; i < used; ++i) {
+    // Only the pages that hold a visible key: an engine may have freed and
+    // reused the pages behind the window.
+    const int64_t seen = a.seqlens[b];
+    const int64_t first = first_visible(a, b, seen, a.window > 0 ? std::min(a.window, a.capacity) : a.capacity);
+    for (int64_t i = first / a.page_size; first < seen && i <= (seen - 1) / a.page_size; ++i) {
       const int32_t page = a.block_table[b * a.max_pages + i];
       require(page >= 0 && page < a.num_pages, "block_table[" + std::to_string(b) + ", " + std::to_string(i) +
                                                    "] = " + std::to_string(page) + " is not a page index in [0, " +
@@ -92,6 +95,7 @@ void decode_attn(const DecodeArgs& a) {
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
             for (int64_t i = 0; i < d; ++i) s += qg[i] * row[i];
+            if (a.softcap > 0.f) s = a.softcap * std::tanh(s / a.softcap);
             score[g * keys + j] = s;
             m[g] = std::max(m[g], s);
           }
@@ -110,11 +114,23 @@ void decode_attn(const DecodeArgs& a) {
             for (int64_t i = 0; i < d; ++i) ag[i] += p * row[i];
           }
         }
-        // Nothing visible (seqlen 0): zeros and lse = -inf, as on the GPU.
+        // The sink joins the denominator once (the max moves to it when it is
+        // larger). Nothing visible (seqlen 0): zeros, and lse = the sink, or
+        // -inf without one, as on the GPU.
         for (int64_t g = 0; g < group; ++g) {
-          const float inv = n > 0 ? 1.f / l[g] : 0.f;
+          const float sink = a.sinks ? a.sinks[kvh * group + g] : neg_inf;
+          float mg = m[g], lg = l[g], rescale = 1.f;
+          if (sink > mg) {
+            rescale = std::exp(mg - sink);
+            lg = lg * rescale + 1.f;
+            mg = sink;
+          } else if (sink != neg_inf) {
+            lg += std::exp(sink - mg);
+          }
+          const bool any = n > 0 || sink != neg_inf;
+          const float inv = any ? rescale / lg : 0.f;
           for (int64_t i = 0; i < d; ++i) out[(row0 + g) * d + i] = from_f32<T>(acc[g * d + i] * inv);
-          a.lse[row0 + g] = n > 0 ? m[g] + std::log(l[g]) : neg_inf;
+          a.lse[row0 + g] = any ? mg + std::log(lg) : neg_inf;
         }
       }
     }

@@ -1,6 +1,7 @@
 // Flash attention on the CPU, forward and backward: the GPU kernels' math
 // (blocked online softmax, P recomputed from lse in the backward) in float32,
-// any head dim, outputs rounded once.
+// any head dim, outputs rounded once; logit softcap and attention sinks as
+// common/flash_attn.h defines them.
 //
 // Work is cut into 64 x 64 (query, key) tiles. Each tile of K or V is converted
 // to float32 once per tile (K also transposed to Kt[d][j]), and every tile
@@ -189,10 +190,11 @@ struct FwdScratch {
 };
 
 struct BwdScratch {
-  std::vector<float> Q, dO, Kt, K, Vt, dK, dV, S, P, lse, delta, dQ;
-  BwdScratch(int64_t dp, int64_t dq_floats)
+  std::vector<float> Q, dO, Kt, K, Vt, dK, dV, S, P, cap, lse, delta, dQ;
+  BwdScratch(int64_t dp, int64_t dq_floats, bool softcap)
       : Q(kTile * dp), dO(kTile * dp), Kt(dp * kTile), K(kTile * dp), Vt(dp * kTile), dK(kTile * dp),
-        dV(kTile * dp), S(kTile * kTile), P(kTile * kTile), lse(kTile), delta(kTile), dQ(dq_floats) {}
+        dV(kTile * dp), S(kTile * kTile), P(kTile * kTile), cap(softcap ? kTile * kTile : 0), lse(kTile),
+        delta(kTile), dQ(dq_floats) {}
 };
 
 // ---- the tile code, once per instruction set ------------------------------------
@@ -335,7 +337,7 @@ void backward(const FlashBwdArgs& ga, int64_t lq, int64_t lk, Isa isa) {
   const int64_t tasks = a.batch * a.kv_heads * slices;
 #pragma omp parallel if (parallel)
   {
-    BwdScratch w(g.dp, dq_floats);
+    BwdScratch w(g.dp, dq_floats, a.softcap > 0.f);
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < tasks; ++t) run.backward(g, ga, t, w);
   }

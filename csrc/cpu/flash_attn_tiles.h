@@ -53,6 +53,30 @@ inline float exp_f32(float x) {
   return y;
 }
 
+// tanh(x) = 1 - 2 / (e^2x + 1), through exp_f32 so that it vectorises:
+// within about 1e-7 absolute (relative accuracy is lost near 0, where the
+// capped score c * tanh(s / c) ~ s is then off by c * 1e-7, far below the
+// score's own float32 rounding at the magnitudes that matter). +-inf and
+// large |x| give +-1 exactly; NaN stays NaN.
+inline float tanh_f32(float x) { return 1.f - 2.f / (exp_f32(2.f * x) + 1.f); }
+
+// Logit softcap on rows < m and columns < n of a kTile-pitch score tile:
+// S = c * tanh(S / c). With `grad`, also grad[i][j] = 1 - tanh^2, the factor
+// the backward multiplies dS by.
+void softcap_tile(float* S, int64_t m, int64_t n, float c, float* grad) {
+  const float inv = 1.f / c;
+  for (int64_t i = 0; i < m; ++i) {
+    float* s = S + i * kTile;
+    float* gr = grad ? grad + i * kTile : nullptr;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = tanh_f32(s[j] * inv);
+      s[j] = c * t;
+      if (gr) gr[j] = 1.f - t * t;
+    }
+  }
+}
+
 // C[r][c] (+)= sum_k A(r, k) * B[k][c] over CV 16-float columns, rows < `rows`
 // (a multiple of kRows), k < `inner`. A(r, k) = A[r * ars + k * aks], so one
 // routine serves A and A^T; B and C rows are bs and cs floats apart.
@@ -151,15 +175,22 @@ void probs_from_lse(const Mask& mk, int64_t i0, int64_t m, int64_t j0, int64_t n
 }
 
 // dS[i][j] = P[i][j] * (dP[i][j] - delta_i), in place over dP, for rows < m
-// and columns < cols; rows m..kTile become zero.
-void grad_scores(const float* P, const float* delta, float* dP, int64_t m, int64_t cols) {
+// and columns < cols; rows m..kTile become zero. With a softcap, times the
+// cap's derivative cap[i][j] = 1 - tanh^2 (softcap_tile).
+void grad_scores(const float* P, const float* delta, const float* cap, float* dP, int64_t m, int64_t cols) {
   std::fill(dP + m * kTile, dP + kTile * kTile, 0.f);
   for (int64_t i = 0; i < m; ++i) {
     const float di = delta[i];
     const float* p = P + i * kTile;
     float* g = dP + i * kTile;
+    if (cap) {
+      const float* f = cap + i * kTile;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) g[j] = p[j] * (g[j] - di);
+      for (int64_t j = 0; j < cols; ++j) g[j] = p[j] * (g[j] - di) * f[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) g[j] = p[j] * (g[j] - di);
+    }
   }
 }
 
@@ -189,6 +220,7 @@ void forward_task(const Geometry<T>& g, int64_t t, FwdScratch& w) {
     load_rows_t(g.k_head(b, kh, s), a.k_stride[1], j0, n, d, dp, Kt);
     load_rows(g.v_head(b, kh, s), a.v_stride[1], j0, n, d, dp, 1.f, V);
     gemm<false>(S, kTile, Q, dp, 1, Kt, kTile, rm, dp, vecs(n));
+    if (a.softcap > 0.f) softcap_tile(S, mq, n, a.softcap, nullptr);
     for (int64_t i = 0; i < kTile; ++i) {
       float* p = P + i * kTile;
       std::fill(p, p + kTile, 0.f);
@@ -219,20 +251,32 @@ void forward_task(const Geometry<T>& g, int64_t t, FwdScratch& w) {
   }
   T* out = g.o_head(b, h, s);
   float* lse = a.lse + g.lse_off(b, h, s) + i0;
+  const float sink = a.sinks ? a.sinks[h] : kNegInf;
   for (int64_t i = 0; i < mq; ++i) {
-    // A query that sees nothing keeps l = 0: zero output, lse = -inf.
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    // The sink joins the denominator: the max moves to it when it is larger
+    // (always, for a row that saw nothing, which then outputs zeros with
+    // lse = sink). Without a sink such a row keeps l = 0: zeros, lse = -inf.
+    float mi = m[i], li = l[i], rescale = 1.f;
+    if (sink > mi) {
+      rescale = std::exp(mi - sink);
+      li = li * rescale + 1.f;
+      mi = sink;
+    } else if (sink != kNegInf) {
+      li += std::exp(sink - mi);  // a NaN sink lands here and propagates
+    }
+    const float inv = li > 0.f ? rescale / li : 0.f;
     const float* o = O + i * dp;
     T* dst = out + (i0 + i) * a.o_stride[1];
     for (int64_t c = 0; c < d; ++c) dst[c] = from_f32<T>(o[c] * inv);
-    lse[i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
+    lse[i] = li > 0.f ? mi + std::log(li) : kNegInf;
   }
 }
 
 // ---- backward: one (sequence, KV head, slice of its query heads) ---------------
 //
 // Key tiles in order; for each, every query tile of the slice's heads that
-// sees it: S = Q K^T, P from lse, dP = dO V^T, dS = P (dP - delta), then
+// sees it: S = Q K^T (capped: c tanh(S / c)), P from lse, dP = dO V^T,
+// dS = P (dP - delta) (times 1 - tanh^2 with a cap), then
 // dV += P^T dO, dK += dS^T Q and dQ += dS K, five tile products per pair.
 // dQ of the whole sequence accumulates in float32 in w.dQ, so it needs no
 // second pass; dK and dV of a key tile are complete when its query tiles are
@@ -250,6 +294,7 @@ void backward_task(const Geometry<T>& g, const FlashBwdArgs& ga, int64_t t, BwdS
   float *Q = w.Q.data(), *dO = w.dO.data(), *Kt = w.Kt.data(), *K = w.K.data(), *Vt = w.Vt.data();
   float *dK = w.dK.data(), *dV = w.dV.data(), *S = w.S.data(), *P = w.P.data(), *dQ = w.dQ.data();
   float *lse = w.lse.data(), *delta = w.delta.data();
+  float* cap = a.softcap > 0.f ? w.cap.data() : nullptr;
   std::fill(dQ, dQ + hpt * q_rows * dp, 0.f);
   for (int64_t j0 = 0; j0 < s.sk; j0 += kTile) {
     const int64_t n = std::min(kTile, s.sk - j0), rn = round_rows(n), nv = vecs(n);
@@ -274,9 +319,10 @@ void backward_task(const Geometry<T>& g, const FlashBwdArgs& ga, int64_t t, BwdS
           delta[i] = i < mq ? delta_h[i0 + i] : 0.f;
         }
         gemm<false>(S, kTile, Q, dp, 1, Kt, kTile, rm, dp, nv);
+        if (cap) softcap_tile(S, mq, n, a.softcap, cap);
         probs_from_lse(mk, i0, mq, j0, n, S, lse, P);
         gemm<false>(S, kTile, dO, dp, 1, Vt, kTile, rm, dp, nv);
-        grad_scores(P, delta, S, mq, nv * 16);
+        grad_scores(P, delta, cap, S, mq, nv * 16);
         gemm<true>(dV, dp, P, 1, kTile, dO, dp, rn, mq, dp / 16);
         gemm<true>(dK, dp, S, 1, kTile, Q, dp, rn, mq, dp / 16);
         gemm<true>(dQ + (hh * q_rows + i0) * dp, dp, S, kTile, 1, K, dp, rm, n, dp / 16);

@@ -367,6 +367,7 @@ void decode_attn_gpu(const DecodeArgs& a, int device, void* stream) {
   check(a);
   require(a.head_dim == 64 || a.head_dim == 128,
           "the GPU decode kernel supports head_dim 64 and 128, got " + std::to_string(a.head_dim));
+  require(!a.sinks && a.softcap == 0.f, "attention sinks and softcap are not in the GPU decode kernel yet");
   if (a.batch == 0) return;
   for (const void* p : {a.q, a.k_cache, a.v_cache, static_cast<const void*>(a.out)})
     require(aligned_to(p, 16), "q, k_cache, v_cache and out must be 16-byte aligned on the GPU");

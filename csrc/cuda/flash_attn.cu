@@ -26,6 +26,7 @@ void check_gpu(const FlashFwdArgs& a, std::initializer_list<const void*> ptrs,
   require(a.dtype != DType::f32, "the GPU flash attention takes bfloat16 or float16 (float32 runs on the CPU)");
   require(a.head_dim == 64 || a.head_dim == 128,
           "head_dim " + std::to_string(a.head_dim) + " is not supported on the GPU (supported: 64, 128)");
+  require(!a.sinks && a.softcap == 0.f, "attention sinks and softcap are not in the GPU flash attention kernels yet");
   // cp.async moves 16-byte chunks: every row start must be 16-byte aligned.
   for (const void* p : ptrs) require(p == nullptr || aligned_to(p, 16), "tensor pointers must be 16-byte aligned");
   for (const int64_t* s : strides)

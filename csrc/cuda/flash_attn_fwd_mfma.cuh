@@ -37,7 +37,9 @@
 // workgroup while staging (8 16-bit writes a 16-byte chunk) instead of in
 // each of the 4 wavefronts' reads. D = 64: 9 + 9 KiB; D = 128: 8.5 + 10 KiB.
 // The 8-element pads keep 16-byte reads of consecutive rows off the same
-// banks (as grouped_gemm_mfma.cuh; conflict counts unmeasured).
+// banks, and K's chunk flip (lds_k) those of the permuted rows: both operand
+// reads are conflict-free, the staging writes at most 2-way (counted on the
+// emulated GPU, tests/test_emu_cost_kernels.py).
 // Q fragments (the B operand of S^T, 8 consecutive d of the lane's query) are
 // loaded once a query block from global memory into registers: D / 4 VGPRs.
 // Registers a lane: O^T D / 2, S^T kBN / 2, Q D / 4, staging 16.
@@ -99,8 +101,13 @@ MIXKIT_MFMA_HD int o_query(int lane, int r) { return d_col(lane, r); }
 MIXKIT_MFMA_HD int stage_chunks(int d) { return block_n(d) * d / 8 / kThreads; }
 MIXKIT_MFMA_HD int stage_row(int d, int tid, int i) { return (tid + i * kThreads) / (d / 8); }
 MIXKIT_MFMA_HD int stage_col(int d, int tid, int i) { return (tid + i * kThreads) % (d / 8) * 8; }
-// LDS element offsets: K [key][d], V^T [d][key].
-MIXKIT_MFMA_HD int lds_k(int d, int key, int dd) { return key * (d + kPad) + dd; }
+// LDS element offsets: K [key][d], V^T [d][key]. The S^T A-operand read
+// (k_row) takes permuted keys: ds_read_b128's 8-lane phases (0-3 + 20-23,
+// 4-7 + 16-19, ...) then read rows r and r + 8 or r + 24, which the padded
+// pitch (17 or 9 16-byte chunks, r % 8 the bank group) puts on the same banks:
+// the emulated GPU counted 2 LDS cycles a read instead of 1. Key bit 3 flips
+// chunk bit 2 (elements dd ^ 32), so each phase's 8 rows use 8 bank groups.
+MIXKIT_MFMA_HD int lds_k(int d, int key, int dd) { return key * (d + kPad) + (dd ^ ((key & 8) << 2)); }
 MIXKIT_MFMA_HD int lds_vt(int d, int dd, int key) { return dd * (block_n(d) + kPad) + key; }
 MIXKIT_MFMA_HD int lds_k_size(int d) { return block_n(d) * (d + kPad); }
 MIXKIT_MFMA_HD int lds_vt_size(int d) { return d * (block_n(d) + kPad); }
@@ -218,14 +225,31 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
       rv[i] = ok ? *reinterpret_cast<const uint4*>(vbase + key * a.v_stride[1] + c) : uint4{0, 0, 0, 0};
     }
   };
+  // V^T's transpose: the 8 values of a chunk go to 8 rows of V^T, one 16-bit
+  // write each. Lanes of one key write the same element step at once; in
+  // element order that is 16 (D = 128) lanes on one bank (16-way, counted on
+  // the emulated GPU). Rotated by the chunk index, step j of chunk c writes
+  // element (j + c / 8) % 8, and the lanes spread over the banks: 2-way at
+  // D = 128, none at D = 64.
   auto store = [&]() {
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const int key = stage_row(D, tid, i), c = stage_col(D, tid, i);
       *reinterpret_cast<uint4*>(&Ks[lds_k(D, key, c)]) = rk[i];
-      const uint32_t v[4] = {rv[i].x, rv[i].y, rv[i].z, rv[i].w};
+      const int rot = (c / 8) & 7;
+      uint32_t v[4] = {rv[i].x, rv[i].y, rv[i].z, rv[i].w};  // rotated below: v's element j is (j + rot) % 8
+      const uint32_t t0 = v[0], t1 = v[1];
+      if (rot & 4) v[0] = v[2], v[1] = v[3], v[2] = t0, v[3] = t1;  // by 4 elements
+      const uint32_t u0 = v[0];
+      if (rot & 2) v[0] = v[1], v[1] = v[2], v[2] = v[3], v[3] = u0;  // by 2
+      const uint32_t w0 = v[0];
+      if (rot & 1) {  // by 1
 #pragma unroll
-      for (int j = 0; j < 8; ++j) Vt[lds_vt(D, c + j, key)] = uint16_t(v[j / 2] >> (16 * (j % 2)));
+        for (int q = 0; q < 3; ++q) v[q] = (v[q] >> 16) | (v[q + 1] << 16);
+        v[3] = (v[3] >> 16) | (w0 << 16);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) Vt[lds_vt(D, c + ((j + rot) & 7), key)] = uint16_t(v[j / 2] >> (16 * (j % 2)));
     }
   };
 

@@ -136,12 +136,17 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(NormFwdArgs a) {
 // Blocks of up to 1024 threads leave 64 registers per thread. Narrow rows keep
 // x and dy in registers between the two passes; wider rows (more than one
 // 16-byte vector of each per lane) re-read them in the second pass, from L2,
-// instead of spilling.
+// instead of spilling. (ptxas, nvcc 13.0: no spills but for 16-bit rows of
+// 16k-32k elements, VEC 8 x ITEMS 4, whose 32 dw accumulators leave too few
+// registers: 8 bytes of spill stores for f16, 40 for bf16; tools/
+// kernel_resources.py lists them.)
 template <class T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, int64_t workers) {
   using V = Pack<T, VEC>;
   constexpr bool kCache = ITEMS * VEC * sizeof(T) <= 16;
   constexpr int kCached = kCache ? ITEMS : 1;
+  constexpr bool kOneItem = !kCache && !MIXKIT_AMD;
+  constexpr int kPass2Unroll = kOneItem ? 1 : ITEMS;
   __shared__ float smem[kMaxThreads / kWarpSize];
   const int tpr = blockDim.x;
   const int64_t worker = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -184,6 +189,11 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
         sg += g;
         sgx += g * xh;
       }
+      // Wide rows on NVIDIA: the next item's loads wait for this one's math,
+      // so that the ITEMS * VEC dw accumulators and one item's vectors share
+      // the 64 registers (ptxas spilled 184-328 bytes with every load hoisted;
+      // gfx90a has 128 VGPRs at 1024 threads and needs none of this).
+      if constexpr (kOneItem) asm volatile("" ::: "memory");
     }
     const float mg = a.centered ? row_sum(sg, smem) * inv_cols : 0.f;
     const float mgx = row_sum(sgx, smem) * inv_cols;
@@ -192,7 +202,9 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
     // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_h).
     const V* dh = in_row<T, VEC>(a.grad_h, off);
     V* dx = out_row<T, VEC>(a.grad_x, off);
-#pragma unroll
+    // One item at a time when x and dy are re-read (NVIDIA): nothing here is
+    // indexed by i, and unrolled, the re-reads of every item were live at once.
+#pragma unroll kPass2Unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int64_t j = int64_t(i) * tpr + threadIdx.x;
       if (j >= nvec) continue;
@@ -219,13 +231,23 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
   }
 
   if (!a.weight || worker >= workers) return;
+  // 16-byte stores of a lane's VEC contiguous columns: nvcc cannot prove a
+  // float*'s alignment to vectorise element stores itself, and a warp's
+  // 4-byte store 32 bytes apart takes 8x the ideal sectors.
+  constexpr int kF = VEC >= 4 ? 4 : 1;
+  using F = Pack<float, kF>;
   float* part = a.grad_w_partial + worker * a.cols;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int64_t j = int64_t(i) * tpr + threadIdx.x;
     if (j >= nvec) continue;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) part[j * VEC + k] = dw[i][k];
+    for (int k = 0; k < VEC; k += kF) {
+      F f;
+#pragma unroll
+      for (int e = 0; e < kF; ++e) f.v[e] = dw[i][k + e];
+      *reinterpret_cast<F*>(part + j * VEC + k) = f;
+    }
   }
 }
 
@@ -295,7 +317,7 @@ void norm_bwd_gpu(const NormBwdArgs& a, int device, void* stream) {
   DeviceGuard guard(device);
   dispatch_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
-    const norm::Config c = norm_config<T>(a.cols, {a.grad_y, a.grad_h, a.x, a.weight, a.grad_x});
+    const norm::Config c = norm_config<T>(a.cols, {a.grad_y, a.grad_h, a.x, a.weight, a.grad_x, a.grad_w_partial});
     // With a weight, the caller sized the partials buffer; without one, one
     // row per row group, capped so the grid stays reasonable.
     const int64_t workers = a.weight ? a.partials : std::min<int64_t>(a.rows, int64_t(1) << 20);

@@ -24,9 +24,10 @@ else:
 from ._backend import backends, warn_on_unsupported_gpus
 from . import models, nn, ops
 from .models import generate
+from .serve import LLM, SamplingParams
 
 warn_on_unsupported_gpus()
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["backends", "generate", "models", "nn", "ops", "__version__"]
+__all__ = ["backends", "generate", "models", "nn", "ops", "LLM", "SamplingParams", "__version__"]

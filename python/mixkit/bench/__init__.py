@@ -63,13 +63,35 @@ DTYPES = {
 }
 
 
+# Ops that need an optional peer, and the module that brings it: without it
+# their rows are skipped with a note instead of stopping the run.
+OPTIONAL = {op: "mixkit.hf" for op in CASES if op.startswith("hf_")}
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def unavailable(op: str) -> str | None:
+    """Why `op` cannot run here (its optional peer does not import), or None."""
+    import importlib
+
+    if op not in OPTIONAL:
+        return None
+    try:
+        importlib.import_module(OPTIONAL[op])
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def run(device: str | None = None, quick: bool = False, ops: list[str] | None = None,
-        compile: bool = True, cuda_graph: bool = False, log=print) -> tuple[dict, list[dict]]:
-    """Benchmark `ops` (default: all of CASES); returns (metadata, rows)."""
+        compile: bool = True, cuda_graph: bool = False, log=print, progress=None) -> tuple[dict, list[dict]]:
+    """Benchmark `ops` (default: all of CASES); returns (metadata, rows).
+    progress(meta, rows): called after every case with the rows so far (the
+    command line writes its results file there, so a crash keeps them). An
+    op whose optional peer is missing gets one `skipped` row; one whose case
+    cannot be built at some size, an `error` row; the run goes on."""
     device = device or default_device()
     kind = torch.device(device).type
     ops = ops or list(CASES)
@@ -89,8 +111,20 @@ def run(device: str | None = None, quick: bool = False, ops: list[str] | None = 
     if log:
         log(f"{meta['device_name']}: copy ceiling {meta['copy_gbps']:.1f} GB/s (read + write)")
 
-    cases = (CASES[op](device, t, dtype, compile_mode)
-             for op in ops for dtype in DTYPES[kind, quick] for t in OP_TOKENS.get(op, TOKENS)[kind, quick])
-    rows = harness.run_cases(cases, device, budget_s=0.05 if quick else 0.2, cuda_graph=cuda_graph, log=log)
+    def cases():
+        for op in ops:
+            why = unavailable(op)
+            if why:
+                yield {"op": op, "shape": "", "dtype": "", "impl": "", "skipped": why}
+                continue
+            for dtype in DTYPES[kind, quick]:
+                for t in OP_TOKENS.get(op, TOKENS)[kind, quick]:
+                    try:
+                        yield CASES[op](device, t, dtype, compile_mode)
+                    except Exception as exc:  # one case that cannot be built must not sink the run
+                        yield harness.error_row(op, f"T={t}", dtype, "", exc)
+
+    rows = harness.run_cases(cases(), device, budget_s=0.05 if quick else 0.2, cuda_graph=cuda_graph, log=log,
+                             on_rows=(lambda rows: progress(meta, rows)) if progress else None)
     meta["timing"] = next((r["method"] for r in rows if "method" in r), None)
     return meta, rows

@@ -303,19 +303,34 @@ def _max_abs_err(out: Any, ref: Any) -> float:
     return max(errs) if errs else float("nan")
 
 
+def error_row(op: str, shape: str, dtype: torch.dtype | str, impl: str, exc: BaseException) -> dict:
+    return {"op": op, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "impl": impl,
+            "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+
+
 def run_cases(
-    cases: Iterable[Case],
+    cases: Iterable[Case | dict],
     device: str | torch.device,
     *,
     budget_s: float = 0.2,
     cuda_graph: bool = False,
     log: Callable[[str], None] | None = print,
+    on_rows: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Time every implementation of every case; one row per implementation."""
+    """Time every implementation of every case; one row per implementation.
+    A dict among the cases is a row already made (a skipped op, a case that
+    could not be built), passed through. on_rows(rows so far) after each."""
     copy_gbps = copy_bandwidth_gbps(device)
     rows: list[dict] = []
     for case in cases:  # a generator, so only one case's inputs are alive at a time
         if case is None:  # a size the case declined (too large for memory)
+            continue
+        if isinstance(case, dict):
+            rows.append(case)
+            if log:
+                log(_one_line(case))
+            if on_rows:
+                on_rows(rows)
             continue
         ref = None
         case_rows = []
@@ -335,8 +350,7 @@ def run_cases(
                 del out
                 t = time_fn(fn, device, budget_s=budget_s, cuda_graph=cuda_graph)
             except Exception as exc:  # one broken peer must not sink the whole run
-                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-                case_rows.append(row)
+                case_rows.append({**row, "error": error_row(case.op, "", "", impl, exc)["error"]})
                 continue
             row.update(median_us=t.median_us, p20_us=t.p20_us, p80_us=t.p80_us, reps=t.reps, method=t.method)
             row["gbps"] = case.bytes / (t.median_us * 1e-6) / 1e9
@@ -353,10 +367,14 @@ def run_cases(
             if log:
                 log(_one_line(row))
         rows.extend(case_rows)
+        if on_rows:
+            on_rows(rows)
     return rows
 
 
 def _one_line(row: dict) -> str:
+    if "skipped" in row:
+        return f"{row['op']:<18} skipped: {row['skipped']}"
     head = f"{row['op']:<18} {row['shape']:<26} {row['dtype']:<8} {row['impl']:<8}"
     if "error" in row:
         return f"{head} ERROR {row['error']}"
@@ -468,8 +486,9 @@ def render_table(rows: list[dict]) -> str:
               "% matmul", "mixkit speedup (x)", "max abs err"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        if "error" in r:
-            cells = [r["op"], r["shape"], r["dtype"], r["impl"], "error: " + r["error"].replace("|", "/")]
+        if "error" in r or "skipped" in r:
+            note = f"error: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+            cells = [r["op"], r["shape"], r["dtype"], r["impl"], note.replace("|", "/")]
             cells += [""] * (len(header) - len(cells))
         else:
             cells = [r["op"], r["shape"], r["dtype"], r["impl"], _fmt(r["median_us"], ".1f"),
@@ -496,9 +515,12 @@ def write_json_and_markdown(path: str | Path, meta: dict, rows: list[dict], mark
     if path.is_dir() or str(path).endswith("/"):
         path = path / f"{result_name(meta)}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
     md = path.with_suffix(".md")
-    md.write_text(markdown)
+    for target, text in ((path, json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n"),
+                         (md, markdown)):
+        tmp = target.with_name(target.name + ".tmp")  # rewritten after every case: never half a file
+        tmp.write_text(text)
+        os.replace(tmp, target)
     return [path, md]
 
 

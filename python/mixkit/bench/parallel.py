@@ -252,6 +252,31 @@ def measure(args: ModelArgs, mesh, device: torch.device, dtype: torch.dtype, bat
     return rows
 
 
+def free_bytes(device: torch.device) -> int:
+    """Memory one rank can use: the GPU's free memory, or on a CPU the
+    machine's available memory shared by the ranks on it."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return avail // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def fit_error(name: str, args: ModelArgs, world: int, dtype: torch.dtype, free: int) -> str | None:
+    """Why this rank's shard of the model will not fit in `free` bytes (with
+    a tenth to spare for activations and the cache), naming the --layers
+    that would; None when it fits."""
+    elt = torch.finfo(dtype).bits // 8
+    need = 1.1 * total_params(args) * elt / world
+    if need <= free:
+        return None
+    per_layer = 1.1 * (total_params(args) - total_params(args.replace(n_layers=0))) * elt / world / args.n_layers
+    fits = int((free - need + per_layer * args.n_layers) // per_layer)
+    hint = f"--layers {fits} would fit" if fits >= 1 else "not even one layer fits"
+    return (f"{name} needs about {need / 1e9:.0f} GB per rank ({world} ranks, {str(dtype).removeprefix('torch.')}) "
+            f"and this rank has {free / 1e9:.0f} GB free: {hint}, or use more ranks")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mixkit.bench.parallel", description=__doc__.split("\n\n")[0])
     p.add_argument("--paper", action="store_true", help="print the README's paper tables and exit")
@@ -279,10 +304,17 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if cuda else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     name = a.model or ("mixtral-8x7b" if cuda else "tiny-olmo")
-    args = CONFIGS[name]
-    if a.layers:
-        args = args.replace(n_layers=a.layers)
+    args = CONFIGS.get(name)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if cuda else "fp32")]
+    problem = f"--model {name}: not one of {', '.join(CONFIGS)}" if args is None else None
+    if args is not None and a.layers:
+        args = args.replace(n_layers=a.layers)
+    problem = problem or fit_error(name, args, world, dtype, free_bytes(device))
+    if problem:  # before building anything: a model that does not fit must not swap the machine to a halt
+        if rank == 0:
+            print(f"{p.prog}: error: {problem}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     mesh = init_device_mesh(device.type, (world,))
     rows = measure(args, mesh, device, dtype, [int(b) for b in a.batch.split(",")], a.steps)
     if rank == 0:

@@ -208,7 +208,7 @@ def tokenize_files(sources: Sequence[str | Path], tokenizer, out_dir: str | Path
                disable=not progress)
     with bar:
         if workers and len(jobs) > 1:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            with _pool(workers) as pool:
                 for _ in pool.imap_unordered(_tokenize_shard, jobs):
                     bar.update(1)
         else:
@@ -216,6 +216,25 @@ def tokenize_files(sources: Sequence[str | Path], tokenizer, out_dir: str | Path
                 _tokenize_shard(job)
                 bar.update(1)
     return Documents.concat([open_shard(p) for p in prefixes], name=str(out_dir))
+
+
+def _pool(workers: int):
+    """A spawn pool whose workers ignore SIGINT: they start while it is
+    ignored (an ignored signal stays ignored across exec, and Python leaves
+    it so). Ctrl-C, which a terminal sends to every process of the job, then
+    stops the parent alone, whose `with` ends the pool, instead of printing
+    a traceback from each worker. A Ctrl-C in the milliseconds the workers
+    take to start is lost (a blocked one would be taken by another thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return multiprocessing.get_context("spawn").Pool(workers)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def tokenize_texts(texts: Iterable[str], tokenizer, name: str = "documents") -> Documents:

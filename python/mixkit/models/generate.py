@@ -1,8 +1,12 @@
-"""Generation with the rolling-buffer cache: each prompt is prefilled in
-chunks of at most the window (into its own cache row), then all sequences
-decode together with `Transformer.decode_step` (mixkit.ops.decode_attn)."""
+"""Generation with the per-layer KV caches (a ring of the window's size for
+sliding layers, a linear buffer for full ones): each prompt is prefilled in
+chunks of at most the smallest window (into its own cache row), then all
+sequences decode together with `Transformer.decode_step`
+(mixkit.ops.decode_attn)."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -10,11 +14,25 @@ import torch
 from .model import Transformer
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int | None, where: str = "sample") -> None:
+    """ValueError naming the argument for sampling settings that select no
+    token or mean nothing (top_p 0 or top_k 0 would leave no token to draw)."""
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{where}: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise ValueError(f"{where}: top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ValueError(f"{where}: top_k must be an integer >= 1 or None, got {top_k!r}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, vocab): greedy at temperature 0,
     else softmax(logits / T) restricted to the top_k tokens and to the
-    smallest set whose probability reaches top_p."""
+    smallest set whose probability reaches top_p. Settings that leave no
+    token (top_p 0, top_k 0) raise ValueError (check_sampling)."""
+    check_sampling(temperature, top_p, top_k)
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(-1)
@@ -50,6 +68,10 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
     op dispatch) disappears; the decode path has fixed shapes and no host
     sync, which is what makes it capturable.
     """
+    check_sampling(temperature, top_p, top_k, "generate")
+    if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
+            and max_new_tokens >= 0):
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.view(-1, prompts.shape[-1]).tolist()
     elif len(prompts) and isinstance(prompts[0], int):
@@ -58,11 +80,13 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     args = model.args
-    window = args.sliding_window
+    windows = [w for w in args.windows if w is not None]
+    window = min(windows) if windows else None  # a prefill chunk fits every sliding layer's ring
+    full_layers = len(windows) < args.n_layers  # their caches hold the whole sequence
     total = max(len(p) for p in prompts) + max_new_tokens
-    if window is None and total > args.max_seq_len:
+    if full_layers and total > args.max_seq_len:
         raise ValueError(f"generate: prompt plus max_new_tokens is {total} tokens, more than max_seq_len "
-                         f"{args.max_seq_len} of a model without a sliding window")
+                         f"{args.max_seq_len} of a model with full-attention layers")
     chunk = prefill_chunk or window or max(len(p) for p in prompts)
     if window is not None:
         chunk = min(chunk, window)
@@ -73,7 +97,7 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
     stop = set(stop)
 
     b = len(prompts)
-    model.setup_caches(b, None if window else total)
+    model.setup_caches(b, total if full_layers else None)
     try:
         last = []
         for row, prompt in enumerate(prompts):  # prefill each prompt alone: no padding reaches the cache

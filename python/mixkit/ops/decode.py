@@ -25,6 +25,11 @@ from .. import _core
 from .._backend import DTYPE_CODES, launch_args, ptr, gpu_kernels
 from . import _checks
 from ._library import define
+from .flash_attn import gpu_features
+
+# What the GPU decode kernel takes so far ("sinks", "softcap"); the CPU backend
+# takes both.
+GPU_FEATURES = frozenset()
 
 F32 = torch.float32
 GPU_HEAD_DIMS = (64, 128)
@@ -118,10 +123,11 @@ def _(k, v, k_cache, v_cache, positions):
 
 # ---- decode_attn -----------------------------------------------------------------
 
-def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax_scale, cache_starts=None):
+def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax_scale, cache_starts=None,
+                 sinks=None, softcap=None):
     """Checks shared by decode_attn and decode_attn_paged: q (batch, H, D)
     against the cache's Hkv and D, cache_seqlens and cache_starts (batch,)
-    int32, window, scale and the GPU head dims."""
+    int32, window, scale, sinks, softcap and the GPU head dims."""
     _checks.tensor(op, "q", q, min_dim=3)
     _checks.same_device(op, cache_name, cache, "q", q)
     _checks.same_dtype(op, cache_name, cache, "q", q)
@@ -152,13 +158,17 @@ def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax
         raise ValueError(f"{op}: window must be >= 1 or None, got {window}")
     if softmax_scale is not None:
         _checks.finite_float(op, "softmax_scale", softmax_scale, positive=True)
+    _checks.sinks(op, sinks, q.shape[1], q)
+    _checks.softcap(op, softcap)
     _gpu_head_dim(op, q, d)
+    if gpu_kernels(q.device):
+        gpu_features(op, sinks, softcap, GPU_FEATURES)
 
 
-def _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts):
+def _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts, sinks, softcap):
     _cache_pair("decode_attn", k_cache, v_cache, strided=True)
     _check_query("decode_attn", q, "k_cache", k_cache, k_cache.shape[0], cache_seqlens, window, softmax_scale,
-                 cache_starts)
+                 cache_starts, sinks, softcap)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -179,7 +189,8 @@ def _out_like(q):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _run_decode(q, k, v, cache_seqlens, cache_starts, capacity, window, softmax_scale, paged=(0, 0, 0, 0)):
+def _run_decode(q, k, v, cache_seqlens, cache_starts, capacity, window, softmax_scale, sinks, softcap,
+                paged=(0, 0, 0, 0)):
     """The _core.decode_attn call shared by the ring and paged forms: k, v are
     the caches or the page pools; paged = (block_table pointer, page_size,
     max_pages, num_pages), zeros for the ring."""
@@ -197,34 +208,38 @@ def _run_decode(q, k, v, cache_seqlens, cache_starts, capacity, window, softmax_
         ws_lse = torch.empty((b, h, splits), dtype=F32, device=q.device)
     _core.decode_attn(backend, device, stream, DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
                       cache_seqlens.data_ptr(), ptr(cache_starts), out.data_ptr(), lse.data_ptr(), b, h, hkv, d,
-                      capacity, window or 0, scale, q.stride()[:2], k.stride()[:3], v.stride()[:3], splits,
+                      capacity, window or 0, scale, float(softcap or 0.0), ptr(sinks), q.stride()[:2], k.stride()[:3], v.stride()[:3], splits,
                       ptr(ws_out), ptr(ws_lse), *paged)
     return out, lse
 
 
-def _decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts=None):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts)
+def _decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts=None, sinks=None,
+                 softcap=None):
+    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts, sinks, softcap)
     _aligned16("decode_attn", q=q, k_cache=k_cache, v_cache=v_cache)
-    return _run_decode(q, k_cache, v_cache, cache_seqlens, cache_starts, k_cache.shape[1], window, softmax_scale)
+    return _run_decode(q, k_cache, v_cache, cache_seqlens, cache_starts, k_cache.shape[1], window, softmax_scale,
+                       sinks, softcap)
 
 
 define("decode_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, int? window, "
-       "float? softmax_scale, Tensor? cache_starts=None) -> (Tensor, Tensor)", _decode_attn)
+       "float? softmax_scale, Tensor? cache_starts=None, Tensor? sinks=None, float? softcap=None) "
+       "-> (Tensor, Tensor)", _decode_attn)
 
 
 @torch.library.register_fake("mixkit::decode_attn")
-def _(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts=None):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts)
+def _(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts=None, sinks=None, softcap=None):
+    _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts, sinks, softcap)
     return _out_like(q), _lse_like(q)
 
 
 # ---- decode_attn_paged -------------------------------------------------------------
 
-def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts):
+def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts, sinks,
+                 softcap):
     op = "decode_attn_paged"
     _cache_pair(op, k_pages, v_pages, strided=True)
     b = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else 0
-    _check_query(op, q, "k_pages", k_pages, b, cache_seqlens, window, softmax_scale, cache_starts)
+    _check_query(op, q, "k_pages", k_pages, b, cache_seqlens, window, softmax_scale, cache_starts, sinks, softcap)
     _checks.tensor(op, "block_table", block_table, dtypes=(torch.int32,))
     _checks.same_device(op, "k_pages", k_pages, "block_table", block_table)
     if block_table.dim() != 2 or block_table.shape[0] != b or block_table.shape[1] == 0:
@@ -232,22 +247,25 @@ def _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softma
     _checks.contiguous(op, "block_table", block_table)
 
 
-def _decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts=None):
-    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts)
+def _decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts=None,
+                       sinks=None, softcap=None):
+    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts, sinks, softcap)
     _aligned16("decode_attn_paged", q=q, k_pages=k_pages, v_pages=v_pages)
     num_pages, page_size = k_pages.shape[:2]
     max_pages = block_table.shape[1]
     return _run_decode(q, k_pages, v_pages, cache_seqlens, cache_starts, max_pages * page_size, window,
-                       softmax_scale, (block_table.data_ptr(), page_size, max_pages, num_pages))
+                       softmax_scale, sinks, softcap, (block_table.data_ptr(), page_size, max_pages, num_pages))
 
 
 define("decode_attn_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor cache_seqlens, "
-       "int? window, float? softmax_scale, Tensor? cache_starts=None) -> (Tensor, Tensor)", _decode_attn_paged)
+       "int? window, float? softmax_scale, Tensor? cache_starts=None, Tensor? sinks=None, float? softcap=None) "
+       "-> (Tensor, Tensor)", _decode_attn_paged)
 
 
 @torch.library.register_fake("mixkit::decode_attn_paged")
-def _(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts=None):
-    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts)
+def _(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts=None, sinks=None,
+      softcap=None):
+    _check_paged(q, k_pages, v_pages, block_table, cache_seqlens, window, softmax_scale, cache_starts, sinks, softcap)
     return _out_like(q), _lse_like(q)
 
 
@@ -276,8 +294,9 @@ def kv_cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
 
 def decode_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                 window: int | None = None, softmax_scale: float | None = None,
-                return_lse: bool = False,
-                cache_starts: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_lse: bool = False, cache_starts: torch.Tensor | None = None,
+                sinks: torch.Tensor | None = None,
+                softcap: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One decode step of grouped-query attention over rolling-buffer caches.
 
     q: (B, H, D), one new token per sequence. k_cache, v_cache: (B, C, Hkv, D),
@@ -300,17 +319,24 @@ def decode_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     softmax_scale defaults to 1/sqrt(D). Scores, softmax and the weighted sum
     are float32; the output is q's dtype. With return_lse, also returns the
     float32 (B, H) natural-log log-sum-exp of the scaled scores.
+    softcap and sinks ((H,) float32) as in flash_attn: the lse then includes
+    the sink, and a sequence with nothing visible gets zeros and lse = sink.
+    With split-KV the sink enters once, in the combine. No gradient (decode is
+    inference only).
     GPU: float32/float16/bfloat16, D in (64, 128). CPU: any D.
     """
+    if isinstance(q, torch.Tensor):
+        _checks.sink_softcap_types("decode_attn", sinks, softcap, q)
     out, lse = torch.ops.mixkit.decode_attn(q, k_cache, v_cache, cache_seqlens, window, softmax_scale,
-                                            cache_starts)
+                                            cache_starts, sinks, softcap)
     return (out, lse) if return_lse else out
 
 
 def decode_attn_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
                       cache_seqlens: torch.Tensor, window: int | None = None, softmax_scale: float | None = None,
-                      return_lse: bool = False,
-                      cache_starts: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      return_lse: bool = False, cache_starts: torch.Tensor | None = None,
+                      sinks: torch.Tensor | None = None,
+                      softcap: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """decode_attn over a paged KV cache (vLLM-style block tables).
 
     k_pages, v_pages: (num_pages, page_size, Hkv, D), pages shared by all
@@ -323,9 +349,11 @@ def decode_attn_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     with the ring slot replaced by a page lookup: the same split-KV, GQA
     sharing and CUDA-graph capturability. The CPU checks page indices and
     lengths and raises; the GPU cannot without a host sync, and clamps them
-    into the page pool instead. cache_starts and strided views work as in
-    decode_attn.
+    into the page pool instead. cache_starts, strided views, sinks and softcap
+    work as in decode_attn.
     """
+    if isinstance(q, torch.Tensor):
+        _checks.sink_softcap_types("decode_attn_paged", sinks, softcap, q)
     out, lse = torch.ops.mixkit.decode_attn_paged(q, k_pages, v_pages, block_table, cache_seqlens, window,
-                                                  softmax_scale, cache_starts)
+                                                  softmax_scale, cache_starts, sinks, softcap)
     return (out, lse) if return_lse else out

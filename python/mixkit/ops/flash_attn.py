@@ -1,5 +1,6 @@
 """Exact attention without the S x S score matrix: `flash_attn` and
-`flash_attn_varlen`, forward and backward, GQA, causal and sliding-window masks.
+`flash_attn_varlen`, forward and backward, GQA, causal and sliding-window masks,
+logit softcap and attention sinks.
 
 Layers: `_core.flash_attn_fwd/bwd` (csrc/cpu/flash_attn.cpp; CUDA sm_80 kernels
 in csrc/cuda/flash_attn_{fwd,bwd}_sm80.cuh, also run on sm_90a; layout in
@@ -12,6 +13,16 @@ i is the absolute position i + sk - sq: the queries are the last sq positions
 (bottom-right alignment, as in a chunked prefill). Key j is visible when
 j <= i + sk - sq (causal) and j > i + sk - sq - W (window W: W keys, the
 query's own included). A query that sees no key outputs zeros.
+
+softcap c (Gemma 2): the scaled score s = scale * q.k becomes c * tanh(s / c)
+before the mask. sinks (gpt-oss): one float32 logit per query head, in the
+units of the (capped) scores, added to every row's softmax denominator with
+no value: lse_i = log(sum_j exp(s_ij) + exp(sink_h)) and out_i = sum_j
+exp(s_ij - lse_i) v_j. The returned lse includes the sink; a query that sees
+no key then outputs zeros with lse = sink_h. The sink's gradient is
+dsink_h = -sum_i exp(sink_h - lse_i) * (dO_i . O_i) over the head's rows
+(d out_i / d sink_h = -P_sink,i out_i), formed here from the backward's lse
+and delta, so no kernel carries a sink term in its backward.
 """
 from __future__ import annotations
 
@@ -31,9 +42,24 @@ MAX_HEAD_DIM = 1024
 INT32_MAX = 2**31 - 1
 
 
+# What the GPU kernels of each op take so far ("sinks", "softcap"); the CPU
+# backend takes both everywhere.
+GPU_FEATURES = frozenset()
+
+
+def gpu_features(op, sinks, softcap, have=None):
+    """NotImplementedError for a feature a GPU kernel does not have yet, instead of
+    a wrong answer."""
+    have = GPU_FEATURES if have is None else have
+    for name, given in (("sinks", sinks is not None), ("softcap", softcap is not None)):
+        if given and name not in have:
+            raise NotImplementedError(f"{op}: {name} are not implemented in the GPU kernels yet (the CPU backend "
+                                      "has them)")
+
+
 # ---- checks ----------------------------------------------------------------------
 
-def _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale):
+def _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sinks=None, softcap=None):
     """Validates the arguments; returns (batch, sq_or_max, sk_or_max, varlen)."""
     varlen = cu_q is not None or cu_k is not None
     op = "flash_attn_varlen" if varlen else "flash_attn"
@@ -71,7 +97,10 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale):
             raise ValueError(f"{op}: a sliding window needs causal=True (window=W sees keys i-W+1..i)")
     if softmax_scale is not None:
         _checks.finite_float(op, "softmax_scale", softmax_scale, positive=True)
+    _checks.sinks(op, sinks, h, q)
+    _checks.softcap(op, softcap)
     if gpu_kernels(q.device):
+        gpu_features(op, sinks, softcap)
         if q.dtype not in GPU_DTYPES:
             raise TypeError(f"{op}: on the GPU q, k and v must be bfloat16 or float16, got {q.dtype} "
                             "(float32 runs on the CPU)")
@@ -165,50 +194,65 @@ def _scale(softmax_scale, d):
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
 
 
-def _core_args(q, k, v, out, lse, cu_q, cu_k, b, max_q, max_k, varlen, causal, window, softmax_scale):
+def _core_args(q, k, v, out, lse, cu_q, cu_k, b, max_q, max_k, varlen, causal, window, softmax_scale, sinks,
+               softcap):
     h, d, hkv = q.shape[-2], q.shape[-1], k.shape[-2]
     total_q = q.shape[0] if varlen else q.shape[0] * q.shape[1]
     total_k = k.shape[0] if varlen else k.shape[0] * k.shape[1]
     return (DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
             ptr(cu_q), ptr(cu_k), b, h, hkv, d, max_q, max_k, total_q, total_k,
             _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
-            _lse_strides(q, varlen), causal, window or 0, _scale(softmax_scale, d))
+            _lse_strides(q, varlen), causal, window or 0, _scale(softmax_scale, d), float(softcap or 0.0),
+            ptr(sinks))
 
 
-def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale):
-    b, max_q, max_k, varlen = _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale)
+def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sinks, softcap):
+    b, max_q, max_k, varlen = _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sinks,
+                                     softcap)
     if varlen:
         _check_cu_values(cu_q, q.shape[0], max_q, "cu_seqlens_q", "max_seqlen_q")
         _check_cu_values(cu_k, k.shape[0], max_k, "cu_seqlens_k", "max_seqlen_k")
     return b, max_q, max_k, varlen
 
 
-def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, deterministic):
-    b, max_q, max_k, varlen = _prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale)
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, deterministic, sinks=None,
+                softcap=None):
+    b, max_q, max_k, varlen = _prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sinks,
+                                       softcap)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, varlen), dtype=F32, device=q.device)
     backend, device, stream = launch_args(q.device)
     _core.flash_attn_fwd(backend, device, stream,
                          *_core_args(q, k, v, out, lse, cu_q, cu_k, b, max_q, max_k, varlen, causal, window,
-                                     softmax_scale))
+                                     softmax_scale, sinks, softcap))
     return out, lse
 
 
 define("flash_attn(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
-       "SymInt max_seqlen_k, bool causal, int? window, float? softmax_scale, bool deterministic) -> (Tensor, Tensor)",
-       _flash_attn)
+       "SymInt max_seqlen_k, bool causal, int? window, float? softmax_scale, bool deterministic, Tensor? sinks=None, "
+       "float? softcap=None) -> (Tensor, Tensor)", _flash_attn)
 
 
 @torch.library.register_fake("mixkit::flash_attn")
-def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, deterministic):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, deterministic, sinks=None, softcap=None):
     varlen = cu_q is not None or cu_k is not None
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(_lse_shape(q, varlen), dtype=F32, device=q.device))
 
 
+def _dsinks(sinks, lse, delta, varlen):
+    """dsink_h = -sum over the head's rows of P_sink,i * delta_i, with
+    P_sink,i = exp(sink_h - lse_i) (lse includes the sink) and delta_i =
+    dO_i . O_i. A row whose lse is -inf (no key and a -inf sink) adds 0."""
+    s = sinks[:, None] if varlen else sinks[None, :, None]
+    p = torch.where(lse == float("-inf"), 0.0, torch.exp(s - lse))
+    return -(p * delta).sum(dim=1 if varlen else (0, 2))
+
+
 def _flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale,
-                    deterministic):
-    b, max_q, max_k, varlen = _prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale)
+                    deterministic, sinks=None, softcap=None):
+    b, max_q, max_k, varlen = _prepare(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sinks,
+                                       softcap)
     if dout.shape != q.shape or dout.dtype != q.dtype:
         raise ValueError(f"flash_attn backward: the output gradient must have q's shape {tuple(q.shape)} and "
                          f"dtype {q.dtype}, got {tuple(dout.shape)} {dout.dtype}")
@@ -227,42 +271,59 @@ def _flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, w
     backend, device, stream = launch_args(q.device)
     _core.flash_attn_bwd(backend, device, stream,
                          *_core_args(q, k, v, out, lse, cu_q, cu_k, b, max_q, max_k, varlen, causal, window,
-                                     softmax_scale),
+                                     softmax_scale, sinks, softcap),
                          dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                          _strides(dout, varlen), _strides(dq, varlen), _strides(dk, varlen), _strides(dv, varlen),
                          delta.data_ptr(), ptr(dq_accum), deterministic)
-    return dq, dk, dv
+    dsinks = _dsinks(sinks, lse, delta, varlen) if sinks is not None else _no_dsinks(q)
+    return dq, dk, dv, dsinks
 
 
+def _no_dsinks(q):
+    return torch.empty((0,), dtype=F32, device=q.device)
+
+
+# dsinks is (heads,) float32 when sinks are given (they only are when they
+# need a gradient), else empty.
 define("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
        "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, int? window, "
-       "float? softmax_scale, bool deterministic) -> (Tensor, Tensor, Tensor)", _flash_attn_bwd)
+       "float? softmax_scale, bool deterministic, Tensor? sinks=None, float? softcap=None) "
+       "-> (Tensor, Tensor, Tensor, Tensor)", _flash_attn_bwd)
 
 
 @torch.library.register_fake("mixkit::flash_attn_bwd")
-def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, deterministic):
+def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, deterministic,
+      sinks=None, softcap=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+            torch.empty(v.shape, dtype=v.dtype, device=v.device),
+            torch.empty(sinks.shape, dtype=F32, device=q.device) if sinks is not None else _no_dsinks(q))
+
+
+_INPUTS = ("q", "k", "v", "cu_q", "cu_k", "max_q", "max_k", "causal", "window", "softmax_scale", "deterministic",
+           "sinks", "softcap")
 
 
 def _save(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, deterministic = inputs
+    args = dict(zip(_INPUTS, inputs))
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.params = (max_q, max_k, causal, window, softmax_scale, deterministic)
+    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["cu_q"], args["cu_k"], args["sinks"])
+    ctx.params = tuple(args[n] for n in ("max_q", "max_k", "causal", "window", "softmax_scale", "deterministic",
+                                         "softcap"))
 
 
 def _backward(ctx, dout, dlse):
     # lse is returned for chunked prefill and split-KV merging; no gradient
     # flows through it (as in FlashAttention).
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, causal, window, softmax_scale, deterministic = ctx.params
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    max_q, max_k, causal, window, softmax_scale, deterministic, softcap = ctx.params
     if dout is None:
-        return (None,) * 11
-    dq, dk, dv = torch.ops.mixkit.flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
-                                                 window, softmax_scale, deterministic)
-    return (dq, dk, dv) + (None,) * 8
+        return (None,) * len(_INPUTS)
+    want_dsinks = sinks is not None and ctx.needs_input_grad[_INPUTS.index("sinks")]
+    dq, dk, dv, dsinks = torch.ops.mixkit.flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
+                                                         window, softmax_scale, deterministic,
+                                                         sinks if want_dsinks else None, softcap)
+    return (dq, dk, dv) + (None,) * 8 + (dsinks if want_dsinks else None, None)
 
 
 torch.library.register_autograd("mixkit::flash_attn", _backward, setup_context=_save)
@@ -286,7 +347,8 @@ def flash_attn_fwd_arch(device: torch.device | str) -> int:
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int | None = None,
-               softmax_scale: float | None = None, return_lse: bool = False, deterministic: bool = False):
+               softmax_scale: float | None = None, return_lse: bool = False, deterministic: bool = False,
+               sinks: torch.Tensor | None = None, softcap: float | None = None):
     """Exact (sliding-window) attention, differentiable, never forming S x S.
 
     q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D) with H a multiple of Hkv (query
@@ -302,19 +364,27 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     the GPU backward accumulate dQ in a fixed order, without atomics (slower);
     the CPU backward is always deterministic.
 
+    softcap: c > 0 caps the scaled scores at c * tanh(s / c) before the mask
+    (Gemma 2). sinks: a (H,) float32 tensor of per-head sink logits (gpt-oss),
+    differentiable; each row's softmax denominator gains exp(sink_h), with no
+    value, and the lse includes it (a query that sees no key then outputs
+    zeros with lse = sink_h). See the module docstring for the exact rule.
+
     GPU: bfloat16/float16, D in (64, 128). CPU: float32/float16/bfloat16, any D.
     """
     _tensor_args("flash_attn", q=q, k=k, v=v)
+    _checks.sink_softcap_types("flash_attn", sinks, softcap, q)
     out, lse = torch.ops.mixkit.flash_attn(q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0,
                                            k.shape[1] if k.dim() == 4 else 0, causal, window, softmax_scale,
-                                           deterministic)
+                                           deterministic, sinks, softcap)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
                       window: int | None = None, softmax_scale: float | None = None, return_lse: bool = False,
-                      deterministic: bool = False):
+                      deterministic: bool = False, sinks: torch.Tensor | None = None,
+                      softcap: float | None = None):
     """`flash_attn` over packed sequences: q (Tq, H, D), k and v (Tk, Hkv, D).
 
     Sequence b owns rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] of q and
@@ -322,9 +392,12 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     at 0, non-decreasing, ending at Tq / Tk); no query sees another sequence's
     keys, so packed training documents stay apart. max_seqlen_q/k bound the
     lengths (they size the GPU grid); a bound below a real length raises.
-    With return_lse, also returns the float32 (H, Tq) log-sum-exp.
+    With return_lse, also returns the float32 (H, Tq) log-sum-exp. sinks and
+    softcap as in flash_attn (a zero-length document contributes nothing to
+    dsinks).
     """
     _tensor_args("flash_attn_varlen", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _checks.sink_softcap_types("flash_attn_varlen", sinks, softcap, q)
     out, lse = torch.ops.mixkit.flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                           window, softmax_scale, deterministic)
+                                           window, softmax_scale, deterministic, sinks, softcap)
     return (out, lse) if return_lse else out

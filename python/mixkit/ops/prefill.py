@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
 from .decode import kv_cache_append
 from .flash_attn import _tensor_args, flash_attn
 
@@ -35,7 +36,7 @@ def prefill_tail(start_pos: int, capacity: int, window: int | None) -> int:
 
 def prefill_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  start_pos: int, window: int | None = None, softmax_scale: float | None = None,
-                 return_lse: bool = False):
+                 return_lse: bool = False, sinks: torch.Tensor | None = None, softcap: float | None = None):
     """Attention for one prefill chunk, then the chunk appended to the caches.
 
     q (B, S, H, D), k and v (B, S, Hkv, D): the chunk's queries, keys and
@@ -48,8 +49,10 @@ def prefill_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
     without a window only (the cache then holds the whole sequence).
 
     Returns the chunk's attention output (B, S, H, D) (and the float32
-    (B, H, S) log-sum-exp with return_lse). Differentiable in q, k and v
-    through flash_attn; the caches are written in place.
+    (B, H, S) log-sum-exp with return_lse). Differentiable in q, k, v and
+    sinks through flash_attn; the caches are written in place. sinks ((H,)
+    float32) and softcap as in flash_attn: each chunk row's softmax carries
+    the sink once, so chunked and whole prefill agree.
     """
     _tensor_args("prefill_attn", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
@@ -57,6 +60,8 @@ def prefill_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
     if q.dim() != 4 or k.dim() != 4 or k_cache.dim() != 4:
         raise ValueError(f"prefill_attn: q, k, v must be (B, S, heads, D) and the caches (B, C, Hkv, D), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(k_cache.shape)}")
+    _checks.sink_softcap_types("prefill_attn", sinks, softcap, q)
+    _checks.sinks("prefill_attn", sinks, q.shape[2], q)
     b, s = q.shape[:2]
     c = k_cache.shape[1]
     if window is not None and s > window:
@@ -71,7 +76,7 @@ def prefill_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
         keys = torch.cat([k_cache.index_select(1, slots), k], 1)
         values = torch.cat([v_cache.index_select(1, slots), v], 1)
     out = flash_attn(q, keys, values, causal=True, window=window, softmax_scale=softmax_scale,
-                     return_lse=return_lse)
+                     return_lse=return_lse, sinks=sinks, softcap=softcap)
     positions = torch.arange(start_pos, start_pos + s, device=k_cache.device).expand(b, s)
     kv_cache_append(k, v, k_cache, v_cache, positions)
     return out

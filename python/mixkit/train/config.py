@@ -9,8 +9,12 @@ config. An unknown key anywhere raises ConfigError naming it.
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Sequence, Union
 
 from ..models.config import CONFIGS, ModelArgs
 
@@ -21,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 
 class ConfigError(ValueError):
-    pass
+    """A run setting that cannot be used; its message is one line per problem."""
 
 
 @dataclass
@@ -51,7 +55,10 @@ class TrainConfig:
     # GPU attention backward without atomics, so that a resumed run repeats
     # the uninterrupted one bit for bit (the CPU is always deterministic).
     deterministic: bool = False
-    moe_aux_loss_coef: float = 0.02  # Mixtral / HF router_aux_loss_coef; 0 disables
+    # The MoE load-balancing loss weight; None: the model's family's
+    # (ModelArgs.moe_aux_loss_coef: OLMoE 0.01, gpt-oss and Qwen3-MoE from
+    # their config), else 0.02 (Mixtral); 0 disables.
+    moe_aux_loss_coef: float | None = None
     loss_chunk_size: int = 4096  # tokens per chunk of the cross-entropy
 
     # Loss spikes (train/spikes.py): after warmup, a step whose loss exceeds
@@ -99,6 +106,14 @@ class TrainConfig:
     def model_args(self) -> ModelArgs:
         return CONFIGS[self.model_name].replace(**self.model)
 
+    def aux_loss_coef(self, args: ModelArgs | None = None) -> float:
+        """The load-balancing loss weight this run uses for a model of `args`
+        (default model_args()): see moe_aux_loss_coef."""
+        if self.moe_aux_loss_coef is not None:
+            return self.moe_aux_loss_coef
+        family = (args or self.model_args()).moe_aux_loss_coef
+        return 0.02 if family is None else family
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -111,40 +126,163 @@ def _parse_value(text: str):
         return text
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from a dict shaped like the TOML file; unknown keys raise ConfigError."""
+# ---- run files: reading, where each value came from, types --------------------------------------------------
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError naming the file when it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+
+
+@dataclass
+class Sources:
+    """Where each value of a run's settings came from: the run file, or a
+    `--set key=value` (`set_by` maps dotted keys to the flag)."""
+    path: str | None = None
+    set_by: dict[str, str] = field(default_factory=dict)
+
+    def _setter(self, key: str) -> str | None:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in self.set_by:
+                return self.set_by[".".join(parts[:n])]
+        return None
+
+    def __call__(self, key: str) -> str:
+        """The file or flag that set `key`, for error messages."""
+        return self._setter(key) or self.path or "the defaults"
+
+    def resolve(self, key: str, value: str) -> str:
+        """A path from the run file is relative to the file's directory; one
+        given with --set, to the current directory."""
+        if self.path is None or self._setter(key) is not None or not value:
+            return value
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else Path(self.path).parent / p)
+
+
+def load_settings(path: str | None, overrides: Sequence[str], tables: Sequence[str]) -> tuple[dict, Sources]:
+    """The run file's values (ConfigError naming the file when it is not TOML)
+    with `key=value` overrides applied, and where each came from."""
+    values = read_toml(path) if path is not None else {}
+    bad = [t for t in tables if not isinstance(values.get(t, {}), dict)]
+    if bad:
+        raise ConfigError(f"{path}: {bad[0]}: expected a table ([{bad[0]}]), got {_show(values[bad[0]])}")
+    return values, Sources(path, apply_overrides(values, overrides, tables))
+
+
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
+def _describe(tp) -> str:
+    """A type as a run file's author reads it: 'an integer', 'a list of strings'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):  # None cannot be written in TOML: the other types
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return f"a list of {len(args)} {_PLURAL.get(args[0], 'values')}"
+    if origin is list:
+        return f"a list of {_PLURAL.get(args[0], 'values')}"
+    if origin is dict:
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, "any value")
+
+
+def _matches(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp in (bool, str):
+        return isinstance(value, tp)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_matches, value, args))
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return isinstance(value, tp)
+
+
+def _show(value) -> str:
+    return "a table" if isinstance(value, dict) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def type_errors(values: dict[str, Any], types_: dict[str, Any], sources: Sources, prefix: str = "") -> list[str]:
+    """One message per key of `values` whose value is not of its type in
+    `types_` (a dataclass's type hints): the file or flag, the key, the
+    expected type and the value."""
+    return [f"{sources(prefix + key)}: {prefix}{key}: expected {_describe(types_[key])}, got {_show(value)}"
+            for key, value in values.items() if key in types_ and not _matches(value, types_[key])]
+
+
+def train_config_errors(values: dict[str, Any], sources: Sources | None = None) -> list[str]:
+    """Unknown keys and wrongly typed values of TrainConfig (and its [model]
+    table of ModelArgs fields), one message each."""
+    sources = sources or Sources()
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"TrainConfig: unknown key(s) {', '.join(map(repr, unknown))}; known: {sorted(known)}")
-    if "model" in values and not isinstance(values["model"], dict):
-        raise ConfigError("TrainConfig: 'model' must be a table of ModelArgs fields")
-    return TrainConfig(**values)
+    errors = [f"{sources(unknown[0])}: TrainConfig: unknown key(s) {', '.join(map(repr, unknown))}; known: "
+              f"{sorted(known)}"] if unknown else []
+    errors += type_errors(values, typing.get_type_hints(TrainConfig), sources)
+    if isinstance(values.get("model"), dict):
+        errors += type_errors(values["model"], typing.get_type_hints(ModelArgs), sources, "model.")
+    return errors
 
 
-def apply_overrides(values: dict[str, Any], overrides: Sequence[str], tables: Sequence[str] = ("model",)) -> None:
+def config_from_dict(values: dict[str, Any], sources: Sources | None = None) -> TrainConfig:
+    """TrainConfig from a dict shaped like the TOML file; unknown keys, wrong
+    types and values out of range raise ConfigError (one line each)."""
+    errors = train_config_errors(values, sources)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    cfg = TrainConfig(**values)
+    try:
+        cfg.model_args()  # ModelArgs' own checks (head counts, window), before anything runs
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str], tables: Sequence[str] = ("model",)
+                    ) -> dict[str, str]:
     """Apply `key=value` overrides to a TOML-shaped dict in place;
-    `<table>.<key>=` sets a key of one of `tables` (sub-dicts of values)."""
+    `<table>.<key>=` sets a key of one of `tables` (sub-dicts of values).
+    Returns {dotted key: the override that set it}."""
+    set_by = {}
     for table in tables:
         values[table] = dict(values.get(table, {}))
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value")
         key = key.strip().removeprefix("--")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
         table, dot, sub = key.partition(".")
         if dot and table in tables:
             values[table][sub] = _parse_value(text.strip())
         else:
             values[key] = _parse_value(text.strip())
+        set_by[key] = f"--set {item}"
+    return set_by
 
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """TrainConfig from a TOML file (optional) and `key=value` overrides
     (`model.<field>=value` for ModelArgs fields), applied in order."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-    apply_overrides(values, overrides)
-    return config_from_dict(values)
+    values, sources = load_settings(path, overrides, ("model",))
+    return config_from_dict(values, sources)

@@ -46,9 +46,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..models.generate import generate
+from ..models.generate import check_sampling, generate
 from ..models.model import Attention, Transformer
-from .config import ConfigError, TrainConfig, tomllib
+from .config import ConfigError, TrainConfig
 from .losses import IGNORE_INDEX, RewardModel, token_logprobs
 from .optim import build_optimizer
 from .reward import SAFETY_THRESHOLD, Whitening, final_rewards, kl_per_token, llama2_kl_beta
@@ -111,9 +111,8 @@ class PPOConfig:
                               f"{self.value_clip}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"PPOConfig: precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        if self.temperature < 0:
-            raise ConfigError(f"PPOConfig: temperature must be >= 0, got {self.temperature}")
         try:
+            check_sampling(self.temperature, self.top_p, self.top_k, "PPOConfig")
             self.whitening()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
@@ -151,7 +150,7 @@ class PolicyLogprobs(nn.Module):
         target = tokens.gather(1, (idx + 1).clamp(max=tokens.shape[1] - 1))
         labels = torch.where(mask, target, IGNORE_INDEX)
         weight = self.model.output.weight
-        logp = token_logprobs(h, weight, labels, self.chunk_size)
+        logp = token_logprobs(h, weight, labels, self.chunk_size, softcap=self.model.args.final_softcap)
         ent = None
         if entropy:
             with torch.no_grad():
@@ -159,6 +158,8 @@ class PolicyLogprobs(nn.Module):
                 parts = []
                 for lo in range(0, flat.shape[0], self.chunk_size):
                     logits = torch.matmul(flat[lo:lo + self.chunk_size], weight.t()).float()
+                    if self.model.args.final_softcap is not None:
+                        logits = self.model.args.final_softcap * torch.tanh(logits / self.model.args.final_softcap)
                     lp = torch.log_softmax(logits, dim=-1)
                     parts.append(-(lp.exp() * lp).sum(-1))
                 ent = torch.where(mask, torch.cat(parts).view(mask.shape), 0.0)
@@ -696,7 +697,9 @@ def _demo(iterations: int, pretrain_steps: int, batch_size: int, seed: int, quie
 
 # ---- mixkit ppo --config FILE --------------------------------------------------------------------------------------
 
-RUN_KEYS = ("policy", "tokenizer", "prompts", "chat", "out_dir", "reward", "ppo")
+RUN_KEYS = {"policy": str, "tokenizer": str, "prompts": str, "chat": bool, "out_dir": str, "reward": dict,
+            "ppo": dict}
+RUN_PATHS = ("policy", "prompts", "out_dir")  # and tokenizer unless "byte", [reward] and ppo.checkpoint_dir
 
 
 def load_ppo_run(path: str | None, overrides: Sequence[str] = ()) -> tuple[dict, PPOConfig]:
@@ -713,30 +716,48 @@ def load_ppo_run(path: str | None, overrides: Sequence[str] = ()) -> tuple[dict,
         safety = "runs/rm_safety"        # optional
         [ppo]                            # PPOConfig fields
         batch_size = 512
-    """
-    from .config import apply_overrides
 
-    values: dict[str, Any] = {}
-    if path is not None:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-    apply_overrides(values, overrides, tables=("reward", "ppo"))
+    Types are checked first, one ConfigError line per bad key naming the
+    file or flag. Relative paths in the file are relative to its directory.
+    """
+    import typing
+
+    from .config import load_settings, type_errors
+
+    values, sources = load_settings(path, overrides, ("reward", "ppo"))
     unknown = sorted(set(values) - set(RUN_KEYS))
     if unknown:
-        raise ConfigError(f"ppo run file: unknown key(s) {', '.join(map(repr, unknown))}; known: {list(RUN_KEYS)}")
+        raise ConfigError(f"{sources(unknown[0])}: ppo run file: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {list(RUN_KEYS)}")
+    errors = type_errors(values, RUN_KEYS, sources)
+    errors += type_errors(values["reward"], {"helpfulness": str, "safety": str}, sources, "reward.")
+    errors += type_errors(values["ppo"], typing.get_type_hints(PPOConfig), sources, "ppo.")
+    if errors:
+        raise ConfigError("\n".join(errors))
     for key in ("policy", "prompts"):
         if not values.get(key):
-            raise ConfigError(f"ppo run file: {key!r} is required")
-    reward = values.get("reward", {})
+            raise ConfigError(f"{sources(key)}: ppo run file: {key!r} is required")
+    reward = values["reward"]
     bad = sorted(set(reward) - {"helpfulness", "safety"})
     if bad or not reward.get("helpfulness"):
-        raise ConfigError(f"ppo run file: [reward] needs helpfulness (and optionally safety), got {sorted(reward)}")
+        raise ConfigError(f"{sources('reward')}: ppo run file: [reward] needs helpfulness (and optionally safety), "
+                          f"got {sorted(reward)}")
     fields = {f.name for f in dataclasses.fields(PPOConfig)}
-    bad = sorted(set(values.get("ppo", {})) - fields)
+    bad = sorted(set(values["ppo"]) - fields)
     if bad:
-        raise ConfigError(f"ppo run file: unknown [ppo] key(s) {bad}; known: {sorted(fields)}")
+        raise ConfigError(f"{sources('ppo.' + bad[0])}: ppo run file: unknown [ppo] key(s) {bad}; known: "
+                          f"{sorted(fields)}")
+    for key in RUN_PATHS:
+        if key in values:
+            values[key] = sources.resolve(key, values[key])
+    if values.get("tokenizer", "byte") != "byte":
+        values["tokenizer"] = sources.resolve("tokenizer", values["tokenizer"])
+    for key in reward:
+        reward[key] = sources.resolve(f"reward.{key}", reward[key])
+    if values["ppo"].get("checkpoint_dir"):
+        values["ppo"]["checkpoint_dir"] = sources.resolve("ppo.checkpoint_dir", values["ppo"]["checkpoint_dir"])
     run = {"tokenizer": values["policy"], "chat": True, "out_dir": "runs/ppo", **values}
-    return run, PPOConfig(**values.get("ppo", {}))
+    return run, PPOConfig(**values["ppo"])
 
 
 def read_prompts(path: str, tokenizer, chat: bool = True) -> tuple[list[list[int]], list[bool]]:
@@ -763,26 +784,49 @@ def read_prompts(path: str, tokenizer, chat: bool = True) -> tuple[list[list[int
     return prompts, tags
 
 
-def run_ppo(config: str | None, overrides: Sequence[str] = (), device: str | None = None) -> int:
+def run_ppo(config: str | None, overrides: Sequence[str] = (), device: str | None = None,
+            overwrite: bool = False) -> int:
     """`mixkit ppo --config FILE`: PPO from a run file, on one device or under
     torchrun (FSDP2). Writes out_dir/log.jsonl (one line per iteration),
     checkpoints (ppo.checkpoint_every, default directory out_dir/checkpoints;
-    a run resumes from the latest) and the policy as out_dir/model."""
+    a run resumes from the latest) and the policy with its tokenizer as
+    out_dir/model. An out_dir holding another run's outputs and no
+    checkpoint raises ConfigError before anything is written, unless
+    overwrite replaces them."""
     from .run import distributed
 
     run, cfg = load_ppo_run(config, overrides)
     with distributed(device) as (rank, world, dev):
-        return _run_ppo(run, cfg, rank, world, dev)
+        return _run_ppo(run, cfg, rank, world, dev, overwrite)
 
 
-def _run_ppo(run: dict, cfg: PPOConfig, rank: int, world: int, dev: torch.device) -> int:
+def _checkpoints(directory: str) -> list[Path]:
+    # iter_ and eight digits: an unfinished `.partial` save is not a checkpoint
+    return sorted(Path(directory).glob("iter_" + "[0-9]" * 8)) if Path(directory).is_dir() else []
+
+
+def _run_ppo(run: dict, cfg: PPOConfig, rank: int, world: int, dev: torch.device, overwrite: bool = False) -> int:
+    import shutil
+
     from .. import models
     from .reward import Llama2Reward, load_reward_model
-    from .run import _tokenizer
+    from .run import _barrier, _tokenizer, claim_run_dir
+    from .run_tokenizer import save_model_tokenizer
 
     out = Path(run["out_dir"])
     if not cfg.checkpoint_dir:
         cfg = cfg.replace(checkpoint_dir=str(out / "checkpoints"))
+    latest = [] if overwrite else _checkpoints(cfg.checkpoint_dir)
+    if rank == 0 or not overwrite:  # before anything is written; rank 0 alone removes
+        removed = claim_run_dir(out, "out_dir", resumable=bool(latest), overwrite=overwrite)
+        if overwrite and Path(cfg.checkpoint_dir).is_dir():
+            old = sorted(Path(cfg.checkpoint_dir).glob("iter_*"))
+            for path in old:
+                shutil.rmtree(path)
+            removed += [f"{len(old)} checkpoint(s)"] if old else []
+        if removed and rank == 0:
+            print(f"starting over: removed {', '.join(removed)} from {out}")
+    _barrier(world)
     tok = _tokenizer(run["tokenizer"])
     prompts, tags = read_prompts(run["prompts"], tok, bool(run["chat"]))
     rm_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -799,11 +843,6 @@ def _run_ppo(run: dict, cfg: PPOConfig, rank: int, world: int, dev: torch.device
                 apply_fsdp(rm, cfg.precision)
     reward_fn = Llama2Reward(helpful, safety, cfg.safety_threshold)
     logfile = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"run": run, "ppo": dataclasses.asdict(cfg)}, indent=2,
-                                                    default=str) + "\n")
-        logfile = open(out / "log.jsonl", "a")
 
     def log_fn(m):
         if logfile is not None:
@@ -815,12 +854,15 @@ def _run_ppo(run: dict, cfg: PPOConfig, rank: int, world: int, dev: torch.device
 
     trainer = PPOTrainer(policy, reward_fn, cfg, value_model=value, stop=[tok.eos_id] if tok.eos_id is not None
                          else [], log_fn=log_fn)
-    # iter_ and eight digits: an unfinished `.partial` save is not a checkpoint
-    latest = sorted(Path(cfg.checkpoint_dir).glob("iter_" + "[0-9]" * 8)) if Path(cfg.checkpoint_dir).exists() else []
     if latest:
         trainer.load(str(latest[-1]))
         if rank == 0:
             print(f"resumed from {latest[-1]}")
+    if rank == 0:  # this run's directory from here on
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"run": run, "ppo": dataclasses.asdict(cfg)}, indent=2,
+                                                    default=str) + "\n")
+        logfile = open(out / "log.jsonl", "a")
     # Ctrl-C or SIGTERM: finish the iteration under way, save, exit 130.
     import signal
 
@@ -844,6 +886,7 @@ def _run_ppo(run: dict, cfg: PPOConfig, rank: int, world: int, dev: torch.device
         full = Transformer(policy.args)
         full.load_state_dict(weights)
         models.save(full, out / "model")
+        save_model_tokenizer(tok, out / "model")  # `mixkit generate --model out_dir/model` needs nothing else
         logfile.close()
         print(f"wrote {out / 'log.jsonl'}, {out / 'model'}")
     return 0

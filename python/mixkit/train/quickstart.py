@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .run import DataConfig, RunLog, _device
+from .run import DataConfig, RunLog, _device, claim_run_dir
 
 # Held-out text: the first held-out files in hash order up to this many
 # UTF-8 bytes (a dozen files; compression ratios of single files vary from
@@ -101,7 +101,7 @@ def quickstart_config(device: str = "cpu", precision: str | None = None) -> tupl
                        weight_decay=0.1, precision=precision, eval_every=steps, loss_chunk_size=2048)
     # 12 MB of stdlib sources: about 4M tokens, one epoch of the bf16 run
     dcfg = DataConfig(tokenizer={"train_bpe": model["vocab_size"]}, seq_len=256, batch_size=8,
-                      out_dir="runs/quickstart", components={"stdlib": {"stdlib": True}}, eval_seq_len=256,
+                      out_dir="runs/quickstart", components={"stdlib": {"stdlib": True, "weight": 1.0}}, eval_seq_len=256,
                       stdlib_bytes=12_000_000, shuffle_sequences=True)
     return tcfg, dcfg
 
@@ -122,8 +122,11 @@ def _capped(texts: list[str], max_bytes: int) -> list[str]:
 
 def quickstart(steps: int | None = None, device: str | None = None, out_dir: str = "runs/quickstart",
                train_bytes: int | None = None, heldout_bytes: int = HELDOUT_BYTES, seed: int = 0,
-               quiet: bool = False, tokenizer: str | int | None = None, **overrides) -> dict:
+               quiet: bool = False, tokenizer: str | int | None = None, overwrite: bool = False,
+               **overrides) -> dict:
     """Run the quick start; returns its summary (also in out_dir/summary.json).
+    An out_dir holding another run's outputs raises ConfigError unless
+    overwrite (they are then removed first).
 
     steps, train_bytes: default quickstart_config()'s. tokenizer: "byte" or a
     BPE vocabulary size (default the config's). overrides: TrainConfig
@@ -144,7 +147,9 @@ def quickstart(steps: int | None = None, device: str | None = None, out_dir: str
     shuffle = overrides.pop("shuffle_sequences", dcfg.shuffle_sequences)
     eval_seq_len = overrides.pop("eval_seq_len", dcfg.eval_seq_len) or seq_len
     model_over = {**tcfg.model, **overrides.pop("model", {})}
-    steps = steps or tcfg.max_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"quickstart: steps must be an integer >= 1, got {steps!r}")
+    steps = tcfg.max_steps if steps is None else steps
     if steps != tcfg.max_steps:  # the schedule scales with the run
         overrides = {"warmup_steps": max(1, steps * tcfg.warmup_steps // tcfg.max_steps),
                      "eval_every": steps, **overrides}
@@ -154,8 +159,10 @@ def quickstart(steps: int | None = None, device: str | None = None, out_dir: str
         raise ValueError(f"quickstart: tokenizer must be 'byte' or a BPE vocabulary size >= 258, got {vocab!r}")
 
     run_dir = Path(out_dir)
+    removed = claim_run_dir(run_dir, "--out", overwrite=overwrite)  # a fresh run, never over another one
+    if removed:
+        print(f"starting over: removed {', '.join(removed)} from {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "log.jsonl").unlink(missing_ok=True)  # a fresh run, not a resume
     train_texts = [d.text for d in stdlib_documents("train", max_bytes=train_bytes or dcfg.stdlib_bytes)]
     heldout_texts = _capped([d.text for d in stdlib_documents("heldout", max_bytes=None)], heldout_bytes)
     heldout_bytes_total = sum(len(t.encode("utf-8")) for t in heldout_texts)

@@ -174,14 +174,20 @@ def reward_model_step(rm: RewardModel, optimizer: torch.optim.Optimizer, chosen:
     return float(loss)
 
 
-def save_reward_model(rm: RewardModel, path, dtype: torch.dtype | None = None) -> Path:
+def save_reward_model(rm: RewardModel, path, dtype: torch.dtype | None = None, tokenizer=None) -> Path:
     """A Hugging Face directory for the transformer (`models.save`: config.json,
     model.safetensors) plus the scalar head as `score.weight` (the key of
     transformers' *ForSequenceClassification) in reward_head.safetensors;
-    config.json records the head file."""
+    config.json records the head file. tokenizer: the one the model scores
+    with (the policy's, for PPO), written beside it with its BOS/EOS ids, as
+    in every model directory mixkit writes."""
     from safetensors.torch import save_file
 
+    from .run_tokenizer import save_model_tokenizer
+
     path = save(rm.model, path, dtype)
+    if tokenizer is not None:
+        save_model_tokenizer(tokenizer, path)
     w = rm.score_head.weight.detach()
     save_file({"score.weight": w.to(dtype or w.dtype).contiguous().cpu()}, str(path / REWARD_HEAD_FILE),
               metadata={"format": "pt"})

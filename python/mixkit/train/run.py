@@ -27,7 +27,10 @@ directory gets `log.jsonl` (one line per step), `loss.png` (matplotlib, when
 installed), checkpoints `step_*` (every `checkpoint_every` steps, on SIGINT or
 SIGTERM, and at the end; the newest `keep_last` are kept) and the final model
 as a Hugging Face directory (`model/`). Rerunning the same command continues
-from the newest complete checkpoint (checkpoint.py has the rule).
+from the newest complete checkpoint (checkpoint.py has the rule); a
+directory holding another run's outputs stops the command before anything
+is written (`claim_run_dir`). Relative paths in the file are relative to
+the file's directory.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import ConfigError, TrainConfig, config_from_dict, tomllib
+from .config import ConfigError, TrainConfig, config_from_dict
 from .run_tokenizer import save_model_tokenizer
 
 
@@ -75,27 +78,109 @@ class DataConfig:
                                   "known: paths, stdlib, weight, epochs")
             if bool(comp.get("paths")) == bool(comp.get("stdlib")):
                 raise ConfigError(f"data.components.{name}: give either paths or stdlib = true")
+            if ("weight" in comp) == ("epochs" in comp):
+                raise ConfigError(f"data.components.{name}: give exactly one of weight and epochs")
+            if not comp.get("weight", comp.get("epochs")) > 0:
+                raise ConfigError(f"data.components.{name}: weight or epochs must be > 0, got "
+                                  f"{comp.get('weight', comp.get('epochs'))}")
+
+
+COMPONENT_TYPES = {"paths": list[str], "stdlib": bool, "weight": float, "epochs": float}
 
 
 def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> tuple[TrainConfig, DataConfig]:
     """(TrainConfig, DataConfig) from a run file and `key=value` overrides
-    (`model.<field>=` for ModelArgs, `data.<field>=` for DataConfig)."""
-    from .config import apply_overrides
+    (`model.<field>=` for ModelArgs, `data.<field>=` for DataConfig). Every
+    key's type is checked before anything else, one ConfigError line per bad
+    key naming the file or flag it came from. Relative paths in the file are
+    relative to the file's directory; in an override, to the current one."""
+    import typing
 
-    values: dict[str, Any] = {}
-    if path is not None:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-    apply_overrides(values, overrides, tables=("model", "data"))
+    from .config import load_settings, train_config_errors, type_errors
+
+    values, sources = load_settings(path, overrides, ("model", "data"))
     data = values.pop("data")
     known = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"data: unknown key(s) {', '.join(map(repr, unknown))}; known: {sorted(known)}")
-    return config_from_dict(values), DataConfig(**data)
+    errors = [f"{sources('data.' + unknown[0])}: data: unknown key(s) {', '.join(map(repr, unknown))}; known: "
+              f"{sorted(known)}"] if unknown else []
+    errors += type_errors(data, typing.get_type_hints(DataConfig), sources, "data.")
+    for table in ("components", "heldout"):
+        if isinstance(data.get(table), dict):
+            for name, value in data[table].items():
+                if not isinstance(value, dict if table == "components" else list):
+                    errors.append(f"{sources(f'data.{table}.{name}')}: data.{table}.{name}: expected "
+                                  f"{'a table' if table == 'components' else 'a list of strings'}, got "
+                                  f"{json.dumps(value, default=str)}")
+                elif table == "components":
+                    errors += type_errors(value, COMPONENT_TYPES, sources, f"data.components.{name}.")
+    errors += train_config_errors(values, sources)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    if isinstance(data.get("tokenizer"), str) and data["tokenizer"] != "byte":
+        data["tokenizer"] = sources.resolve("data.tokenizer", data["tokenizer"])
+    if "out_dir" in data:
+        data["out_dir"] = sources.resolve("data.out_dir", data["out_dir"])
+    for name, comp in data.get("components", {}).items():
+        if "paths" in comp:
+            comp["paths"] = [sources.resolve(f"data.components.{name}.paths", p) for p in comp["paths"]]
+    for name, paths in data.get("heldout", {}).items():
+        data["heldout"][name] = [sources.resolve(f"data.heldout.{name}", p) for p in paths]
+    if values.get("checkpoint_dir"):
+        values["checkpoint_dir"] = sources.resolve("checkpoint_dir", values["checkpoint_dir"])
+    return config_from_dict(values, sources), DataConfig(**data)
 
 
-# ---- pieces shared by train and quickstart ------------------------------------------
+# ---- pieces shared by train, quickstart and ppo -------------------------------------
+
+# What a run writes into its directory, besides checkpoints and the caches
+# (tokens/, tokenizer/) that are checked against their settings before reuse.
+RUN_OUTPUTS = ("config.json", "log.jsonl", "loss.png", "summary.json", "model")
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """The outputs of an earlier run in run_dir (directories with a trailing /)."""
+    found = [name + ("/" if (run_dir / name).is_dir() else "") for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    found += sorted(p.name + "/" for p in run_dir.glob("rank[0-9]*") if p.is_dir())  # other ranks' logs
+    return found
+
+
+def claim_run_dir(run_dir: Path, option: str, *, resumable: bool = False, overwrite: bool = False,
+                  config: dict | None = None) -> list[str]:
+    """Make sure a run does not overwrite another run's outputs. Returns the
+    outputs it removed. Nothing happens when run_dir holds no outputs, or
+    when the run continues from a checkpoint (resumable: the resume rule
+    then checks that the checkpoint is this run's), or when its config.json
+    equals `config` (the same run, restarted before its first checkpoint).
+    With overwrite the outputs are removed; otherwise ConfigError names
+    them and `option`, the setting that chose the directory."""
+    import shutil
+
+    found = run_outputs(run_dir) if run_dir.is_dir() else []
+    if not found or resumable:
+        return []
+    if overwrite:
+        for name in found:
+            path = run_dir / name.rstrip("/")
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return found
+    if config is not None and _same_config(run_dir / "config.json", config):
+        return []
+    raise ConfigError(f"{option} {run_dir} holds another run's outputs ({', '.join(found)}) and no checkpoint "
+                      "of it to resume; pass --overwrite to replace them, or choose another directory")
+
+
+def _same_config(path: Path, config: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == json.loads(json.dumps(config, default=str))
+    except (OSError, ValueError):
+        return False
+
+
+def _config_record(tcfg: TrainConfig, dcfg: "DataConfig") -> dict:
+    """What a run directory's config.json holds."""
+    return {"train": dataclasses.asdict(tcfg), "data": dataclasses.asdict(dcfg)}
+
 
 def _tokenizer(spec: str):
     from ..tokenizer import ByteTokenizer, load_tokenizer
@@ -202,31 +287,50 @@ def _component_texts(name: str, comp: dict, dcfg: DataConfig, split: str) -> lis
 # ---- mixkit train -------------------------------------------------------------------
 
 def train(config: str | None, overrides: Sequence[str] = (), device: str | None = None, quiet: bool = False,
-          resume: str = "auto") -> int:
+          resume: str = "auto", overwrite: bool = False) -> int:
     """Returns 0, or interrupt.EXIT_INTERRUPTED after a SIGINT / SIGTERM stop
     (checkpoint saved). resume: "auto" (the newest complete checkpoint in
-    checkpoint_dir, if any), "never" or a checkpoint path; see checkpoint.py."""
+    checkpoint_dir, if any), "never" or a checkpoint path; see checkpoint.py.
+    A data.out_dir holding another run's outputs raises ConfigError before
+    anything is written, unless overwrite (or resume "never") replaces them."""
     tcfg, dcfg = load_run_config(config, overrides)
+    if overwrite and resume not in ("auto", "never"):
+        raise ConfigError(f"--overwrite starts the run over; it cannot be combined with --resume {resume}")
     if not tcfg.checkpoint_dir:  # checkpoints live in the run directory unless told otherwise
         tcfg = tcfg.replace(checkpoint_dir=dcfg.out_dir)
     with distributed(device) as (rank, world, dev):
-        return _train(tcfg, dcfg, rank, world, dev, quiet, resume)
+        return _train(tcfg, dcfg, rank, world, dev, quiet, "never" if overwrite else resume)
 
 
 def _train(tcfg: TrainConfig, dcfg: DataConfig, rank: int, world: int, dev: torch.device, quiet: bool,
            resume: str) -> int:
     from .. import models
     from ..data import Component, MixtureLoader, tokenize_files, tokenize_texts
-    from .checkpoint import resume as resume_from
+    from .checkpoint import read_checkpoint, resume as resume_from, scan
     from .interrupt import EXIT_INTERRUPTED, GracefulStop
     from .trainer import Trainer
 
     quiet = quiet or rank != 0
     run_dir = Path(dcfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(tcfg),
-                                                     "data": dataclasses.asdict(dcfg)}, indent=2, default=str))
-    tok = _run_tokenizer(dcfg, run_dir, write=rank == 0)
+    # Before anything is written: whose directory is this? Every rank looks
+    # (so that all stop together); rank 0 alone removes.
+    if resume == "auto":
+        complete = scan(tcfg.checkpoint_dir)[0]
+        at = complete[-1].step if complete else None  # the step the run continues from
+    else:
+        at = None if resume == "never" else read_checkpoint(resume).step
+    if at is not None and at > tcfg.max_steps:
+        raise ConfigError(f"the checkpoint to resume from is at step {at}, past max_steps = {tcfg.max_steps}: "
+                          "nothing to train. Raise max_steps, pick an earlier checkpoint with --resume PATH, or "
+                          "start over with --overwrite")
+    record = _config_record(tcfg, dcfg)
+    if resume != "never" or rank == 0:
+        removed = claim_run_dir(run_dir, "data.out_dir", resumable=at is not None, overwrite=resume == "never",
+                                config=record)
+        if removed:
+            print(f"starting over: removed {', '.join(removed)} from {run_dir}")
+    _barrier(world)
+    tok = _run_tokenizer(dcfg, run_dir)
     args = tcfg.model_args()
     if tok.vocab_size > args.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model vocab_size is {args.vocab_size}; "
@@ -251,8 +355,18 @@ def _train(tcfg: TrainConfig, dcfg: DataConfig, rank: int, world: int, dev: torc
     model = models.Transformer(args).init_weights(tcfg.seed).to(dev)
     eval_fn = make_eval_fn(tok, heldout, dcfg.eval_seq_len or dcfg.seq_len) if heldout else None
     trainer = Trainer(model, tcfg, data=loader, eval_fn=eval_fn)
-    trainer.run_settings = {"data.tokenizer": dcfg.tokenizer}  # checked on resume, as are the model and mixture
-    resume_from(trainer, tcfg.checkpoint_dir, resume)
+    # checked on resume, as are the model and the mixture: a training file changed since is an error
+    trainer.run_settings = {"data.tokenizer": dcfg.tokenizer, **{
+        f"the training data of component {c.name}": f"{len(c.documents)} documents, {c.documents.n_tokens} tokens"
+        for c in components}}
+    resume_from(trainer, tcfg.checkpoint_dir, resume)  # raises, writing nothing, if the checkpoint is another run's
+    if trainer.step == tcfg.max_steps and rank == 0:
+        print(f"the run is complete (step {trainer.step} of max_steps {tcfg.max_steps}): exporting its model again")
+    if rank == 0:  # this run's directory from here on
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
+        if isinstance(dcfg.tokenizer, dict):
+            _save_trained_tokenizer(tok, dcfg, run_dir)
     log = RunLog(run_dir if rank == 0 else run_dir / f"rank{rank}", tcfg.max_steps, quiet, start_step=trainer.step)
     trainer.log_fn = log
     stop = GracefulStop()
@@ -282,21 +396,32 @@ def _train(tcfg: TrainConfig, dcfg: DataConfig, rank: int, world: int, dev: torc
     return 0
 
 
-def _run_tokenizer(dcfg: DataConfig, run_dir: Path, write: bool = True):
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _tokenizer_made_from(dcfg: DataConfig) -> dict:
+    return {"tokenizer": dcfg.tokenizer, "components": dcfg.components, "field": dcfg.field,
+            "stdlib_bytes": dcfg.stdlib_bytes}
+
+
+def _run_tokenizer(dcfg: DataConfig, run_dir: Path):
     """The run's tokenizer. A trained BPE is kept in run_dir/tokenizer with
-    the settings it came from, so that a resumed run (or another rank) uses
-    the very same vocabulary; it is trained again only when they change."""
-    from ..tokenizer import load_tokenizer, save_tokenizer
+    the settings it came from (`_save_trained_tokenizer`, once the directory
+    is known to be this run's), so that a resumed run uses the very same
+    vocabulary; it is trained again only when they change."""
+    from ..tokenizer import load_tokenizer
     from .run_tokenizer import build_tokenizer
 
     spec = dcfg.tokenizer
     if isinstance(spec, str):
         return build_tokenizer(spec, lambda: ())
-    made_from = {"tokenizer": spec, "components": dcfg.components, "field": dcfg.field,
-                 "stdlib_bytes": dcfg.stdlib_bytes}
     cache = run_dir / "tokenizer"
     stamp = cache / "trained_from.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(made_from)):
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(_tokenizer_made_from(dcfg))):
         return load_tokenizer(cache)
 
     def training_texts():  # training documents only: never [data.heldout] or the stdlib's held-out split
@@ -307,11 +432,20 @@ def _run_tokenizer(dcfg: DataConfig, run_dir: Path, write: bool = True):
                 for p in comp["paths"]:
                     yield from _read(p, dcfg.field)
 
-    tok = build_tokenizer(spec, training_texts)
-    if write:
-        save_tokenizer(tok, cache)
-        stamp.write_text(json.dumps(made_from, indent=2) + "\n")
-    return tok
+    return build_tokenizer(spec, training_texts)
+
+
+def _save_trained_tokenizer(tok, dcfg: DataConfig, run_dir: Path) -> None:
+    """Keep a trained BPE in run_dir/tokenizer with the settings it came from (once)."""
+    from ..tokenizer import save_tokenizer
+
+    cache = run_dir / "tokenizer"
+    stamp = cache / "trained_from.json"
+    made_from = json.loads(json.dumps(_tokenizer_made_from(dcfg)))
+    if stamp.is_file() and json.loads(stamp.read_text()) == made_from:
+        return
+    save_tokenizer(tok, cache)
+    stamp.write_text(json.dumps(made_from, indent=2) + "\n")
 
 
 def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -366,16 +500,31 @@ def _read(path: str, field_name: str) -> list[str]:
 
 # ---- mixkit eval ------------------------------------------------------------------------
 
-def evaluate_files(model_dir: str, data: Sequence[str], tokenizer: str | None = None, seq_len: int = 1024,
-                   stride: int | None = None, device: str | None = None) -> dict:
+def evaluate_files(model_dir: str, data: Sequence[str], tokenizer: str | None = None, seq_len: int | None = None,
+                   stride: int | None = None, device: str | None = None, note=None) -> dict:
     """Loss, perplexity and bits per UTF-8 byte of a checkpoint on .jsonl
-    files, one component per file (named by its stem)."""
+    files, one component per file (named by its stem). seq_len: default the
+    model's max_seq_len, at most 1024. note(model_args, seq_len): called
+    before scoring (`mixkit eval` raises past max_seq_len without a sliding
+    window, else prints a note); returns text to print to stderr, or None."""
+    import sys
+
     from .. import models
     from ..evaluation import evaluate
 
     dev = _device(device)
     model = models.load(model_dir, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None)
-    tok = _tokenizer(tokenizer or model_dir)
+    try:
+        tok = _tokenizer(tokenizer or model_dir)
+    except FileNotFoundError:
+        if tokenizer is not None:
+            raise
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json or tokenizer.model; pass --tokenizer DIR (or "
+                                "byte)") from None
+    seq_len = seq_len or min(1024, model.args.max_seq_len)
+    text = note(model.args, seq_len) if note is not None else None
+    if text:
+        print(text, file=sys.stderr)
     components = {Path(p).name.split(".")[0]: _read(p, "text") for p in data}
     results = evaluate(model, tok, components, seq_len, stride=stride)
     return {name: r.as_dict() for name, r in results.items()}
