@@ -143,9 +143,9 @@ class Consumer {
   virtual void launch_begin(const LaunchInfo&) {}
   // Returns this consumer's state for the block, passed back below.
   virtual void* block_begin(const BlockInfo&) { return nullptr; }
-  virtual void access(void* block, const Access&) {}
-  virtual void event(void* block, const Event&) {}
-  virtual void block_end(void* block, const BlockInfo&) {}
+  virtual void access(void* /*block*/, const Access&) {}
+  virtual void event(void* /*block*/, const Event&) {}
+  virtual void block_end(void* /*block*/, const BlockInfo&) {}
   // After every block; a non-empty answer fails the launch with that message.
   virtual std::string launch_end(const LaunchInfo&) { return {}; }
   bool wants_occurrence = false;
