@@ -239,10 +239,14 @@ def test_block_manager_refcounts():
 
 
 @pytest.mark.slow
-def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path):
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-gpt-oss", "tiny-gemma2"])
+def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path, name):
     """LLM.generate and the server's engine loop (rank 0 broadcasting each
     step's requests to a follower) on 2 gloo ranks give the tokens of one
-    process, greedy and seeded sampling alike."""
+    process, greedy and seeded sampling alike; gpt-oss's sinks (random, split
+    with their heads), router bias and sliding/full layers (its expert biases
+    left out: tensor_parallel refuses them), and Gemma 2's softcaps, scales
+    and tied embeddings on the ranks too."""
     import json
     import os
     import subprocess
@@ -259,10 +263,35 @@ def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path):
                PYTHONPATH=os.pathsep.join([str(Path(mixkit.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "tp.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(here / "serve_tp_worker.py"), str(out)], env=env, capture_output=True, text=True,
+                           str(here / "serve_tp_worker.py"), str(out), name], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     got = json.loads(out.read_text())
-    want = [o.token_ids for o in LLM(worker.model(), **worker.ENGINE).generate(worker.PROMPTS, worker.PARAMS)]
+    want = [o.token_ids for o in LLM(worker.model(name), **worker.ENGINE).generate(worker.PROMPTS, worker.PARAMS)]
     assert got["offline"] == want
     assert got["served"] == want
+
+
+def test_engine_loop_tells_the_other_ranks_it_stops_whenever_stop_lands():
+    """A stop() that lands between the broadcast of a step's commands and the
+    loop's own check must still reach the other ranks: the loop's last
+    broadcast says stop, or the followers wait for it forever."""
+    from mixkit.serve.server import EngineLoop
+
+    class Engine:
+        def has_work(self):
+            return False
+
+    class Leader:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, commands, stop=False):
+            self.sent.append(stop)
+            if len(self.sent) == 1:
+                loop.stopping = True  # stop() arrives right after the first broadcast
+
+    leader = Leader()
+    loop = EngineLoop(Engine(), leader)
+    loop._run()
+    assert leader.sent[-1] is True and leader.sent.count(True) == 1

@@ -810,24 +810,42 @@ def write_results(path: str | Path, meta: dict, rows: list[dict]) -> list[Path]:
     return harness.write_json_and_markdown(path, meta, rows, render_markdown(meta, rows), suffix="_models")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mixkit bench models", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+def build_parser() -> argparse.ArgumentParser:
+    from mixkit.cli import Parser, device, integer, option_type, output_path
+
+    @option_type("sections", ["nope", "mixkit,nope", ""])
+    def sections(text: str) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [s for s in names if s not in SECTIONS]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown sections {', '.join(unknown)} in {text!r}; known: "
+                                             f"{', '.join(SECTIONS)}")
+        return names
+
+    ap = Parser(prog="mixkit bench models", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="few timed steps; on the GPU compile batch 1 decode only")
-    ap.add_argument("--out", help="results JSON (a .md table is written beside it); a directory picks the name")
-    ap.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
-    ap.add_argument("--mixtral-layers", type=int, default=None, help="layers in the Mixtral stack (2 quick, 4 full)")
-    ap.add_argument("--context", type=int, default=None, help="tokens prefilled before decode (GPU 1024)")
-    ap.add_argument("--steps", type=int, default=None, help="timed decode steps per row")
+    ap.add_argument("--out", type=output_path, metavar="PATH",
+                    help="results JSON (a .md table is written beside it); a directory picks the name")
+    ap.add_argument("--sections", type=sections, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    ap.add_argument("--mixtral-layers", type=integer(1), default=None,
+                    help="layers in the Mixtral stack (default: 2 quick, 4 full)")
+    ap.add_argument("--context", type=integer(1), default=None,
+                    help="tokens prefilled before decode (default: 1024 on the GPU)")
+    ap.add_argument("--steps", type=integer(1), default=None, help="timed decode steps per row (default: by device)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the GPU too: checks the code paths fast")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
-        meta, rows = run(device=a.device, quick=a.quick, sections=a.sections.split(",") if a.sections else None,
+        meta, rows = run(device=a.device, quick=a.quick, sections=a.sections,
                          mixtral_layers=a.mixtral_layers, context=a.context, steps=a.steps,
                          compile=not a.no_compile, tiny=a.tiny)
     except ValueError as exc:
-        print(f"mixkit.bench.models: error: {exc}", file=sys.stderr)
+        print(f"mixkit bench models: error: {exc}", file=sys.stderr)
         return 2
     print()
     print(render_table(rows))
