@@ -260,42 +260,28 @@ def _assert_race(err, kernel, *lines, threads=True):
         assert "thread" in err and "warp" in err, err
 
 
+def _missing_barrier(exe, name, want, kernel, read, store):
+    """`name`1 (with the barrier) is right in every order with no report; `name`0 (without)
+    gives a wrong answer in the forward order (one warp reads before the other has run)
+    and a report naming the kernel and both lines, whatever the order."""
+    for s in (FORWARD, REVERSE, RANDOM):
+        good = _run(exe, f"{name}1", s)
+        assert good["error"] == "" and good["out"][:len(want)] == want
+    assert _run(exe, f"{name}0", FORWARD, racecheck=False)["out"][:len(want)] != want
+    for s in (FORWARD, REVERSE, RANDOM):
+        _assert_race(_run(exe, f"{name}0", s)["error"], kernel, _line(read), _line(store))
+
+
 def test_missing_barrier_before_ldmatrix(programs):
-    exe = programs[32]
-    want = _expected_ldsm()
-    for s in (FORWARD, REVERSE, RANDOM):
-        good = _run(exe, "ldsm1", s)
-        assert good["error"] == "" and good["out"] == want
-    # Without the barrier: a wrong answer in the forward order (warp 0 reads warp 1's
-    # rows before warp 1 has run), and a report whatever the order.
-    assert _run(exe, "ldsm0", FORWARD, racecheck=False)["out"] != want
-    for s in (FORWARD, REVERSE, RANDOM):
-        err = _run(exe, "ldsm0", s)["error"]
-        _assert_race(err, "ldsm_race<false>", _line("ldsm_read"), _line("ldsm_store"))
+    _missing_barrier(programs[32], "ldsm", _expected_ldsm(), "ldsm_race<false>", "ldsm_read", "ldsm_store")
 
 
 def test_missing_barrier_before_wgmma(programs):
-    exe = programs[32]
-    want = _expected_wgmma()
-    for s in (FORWARD, REVERSE, RANDOM):
-        good = _run(exe, "wgmma1", s)
-        assert good["error"] == "" and good["out"] == want
-    assert _run(exe, "wgmma0", FORWARD, racecheck=False)["out"] != want
-    for s in (FORWARD, REVERSE, RANDOM):
-        err = _run(exe, "wgmma0", s)["error"]
-        _assert_race(err, "wgmma_race<false, true>", _line("wgmma_read"), _line("wgmma_store"))
+    _missing_barrier(programs[32], "wgmma", _expected_wgmma(), "wgmma_race<false, true>", "wgmma_read", "wgmma_store")
 
 
 def test_missing_barrier_before_mfma_lds_reads(programs):
-    exe = programs[64]
-    want = _expected_mfma()
-    for s in (FORWARD, REVERSE, RANDOM):
-        good = _run(exe, "mfma1", s)
-        assert good["error"] == "" and good["out"][:len(want)] == want
-    assert _run(exe, "mfma0", FORWARD, racecheck=False)["out"][:len(want)] != want
-    for s in (FORWARD, REVERSE, RANDOM):
-        err = _run(exe, "mfma0", s)["error"]
-        _assert_race(err, "mfma_race<false>", _line("mfma_read"), _line("mfma_store"))
+    _missing_barrier(programs[64], "mfma", _expected_mfma(), "mfma_race<false>", "mfma_read", "mfma_store")
 
 
 def test_wgmma_operands_need_a_proxy_fence(programs):
