@@ -164,9 +164,11 @@ __device__ __forceinline__ uint32_t lane_bt(uint32_t tile, int lane) {
 // mma_sm80.cuh's wrappers take generic pointers; these take the 32-bit
 // shared address directly so the XOR form above reaches the instruction.
 #if defined(MIXKIT_EMULATE)
-inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), false); }
-inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), true);
+inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr, const emu::trace::Site& site = {}) {
+  emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), false, site);
+}
+inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr, const emu::trace::Site& site = {}) {
+  emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), true, site);
 }
 inline void sts_u32(uint32_t addr, uint32_t v) { std::memcpy(emu::shared_ptr(addr, 4), &v, 4); }
 inline void sts_f32(uint32_t addr, float v) { std::memcpy(emu::shared_ptr(addr, 4), &v, 4); }
@@ -176,8 +178,8 @@ inline float2 lds_f32x2(uint32_t addr) {
   std::memcpy(&v, emu::shared_ptr(addr, 8), 8);
   return v;
 }
-inline void cp_async16_to(uint32_t dst, const void* src, bool valid) {
-  emu::sm80::cp_async16(emu::shared_ptr(dst, 16), src, valid ? 16 : 0);
+inline void cp_async16_to(uint32_t dst, const void* src, bool valid, const emu::trace::Site& site = {}) {
+  emu::sm80::cp_async16(emu::shared_ptr(dst, 16), src, valid ? 16 : 0, site);
 }
 #else
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -734,7 +736,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
 // dq = dq_accum rounded to T (dq_accum already holds scale * dS K).
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) dq_convert_kernel(FlashBwdArgs a) {
-  constexpr int kLanes = D / 8, kRowsPerPass = kThreads / kLanes;
+  constexpr int kLanes = D / 4, kRowsPerPass = kThreads / kLanes;
   const FlashFwdArgs& f = a.f;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const Span qs = span(f.cu_seqlens_q, b, f.seqlen_q, f.total_q);
@@ -745,13 +747,15 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(FlashBwdArgs a) {
     for (int r = threadIdx.x / kLanes; r < BQ; r += kRowsPerPass) {
       const int64_t i = m0 + r;
       if (i >= qs.len) break;
-      // dq_accum comes from a caller's allocation whose alignment is not
-      // checked beyond 4 bytes: scalar loads (coalesced across the lanes).
-      const float* src = a.dq_accum + ((acc_row0 + i) * f.heads + h) * D + chunk * 8;
-      Pack<T, 8> out;
+      // 4 elements a lane: one 16-byte load (the launcher checks dq_accum's
+      // alignment) and one 8-byte store, both contiguous across the lanes.
+      // (8 scalar loads a lane, 32 bytes apart, took a sector per lane each.)
+      const float* src = a.dq_accum + ((acc_row0 + i) * f.heads + h) * D + chunk * 4;
+      const Pack<float, 4> in = *reinterpret_cast<const Pack<float, 4>*>(src);
+      Pack<T, 4> out;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out.v[e] = from_f32<T>(src[e]);
-      *reinterpret_cast<Pack<T, 8>*>(dqbase + i * a.dq_stride[1] + chunk * 8) = out;
+      for (int e = 0; e < 4; ++e) out.v[e] = from_f32<T>(in.v[e]);
+      *reinterpret_cast<Pack<T, 4>*>(dqbase + i * a.dq_stride[1] + chunk * 4) = out;
     }
   }
 }
