@@ -715,6 +715,14 @@ def report() -> str:
     for e, rs in sorted(by_emu.items(), key=lambda kv: -len(kv[1])):
         on = "on" if all(r.get("racecheck") for r in rs) else "off (before the race checker)"
         out.append(f"- `{e}`: {len(rs)} mutants, race checker {on}")
+    out += ["", "## Barrier removals", "", "Each barrier mutant and what caught it (the first failing test, or the one",
+            "running when the emulator aborted the run).", ""]
+    for r in sorted((r for rs in files.values() for r in rs if r["kind"] == "barrier"),
+                    key=lambda r: (r["file"], r["line"])):
+        by = r.get("test") or r.get("reason") or ""
+        checker = "race checker on" if r.get("racecheck") else "before the race checker"
+        out.append(f"- `{r['file']}:{r['line']}` {r['note']}: {r['outcome']}"
+                   + (f" ({checker})" if r["outcome"] != "equivalent" else "") + (f": {by}" if by else ""))
     out += ["", "## Survivors and equivalent mutants", ""]
     for r in sorted(survivors, key=lambda r: (r["file"], r["line"], r["kind"])):
         why = r.get("reason") or "no test catches it yet"
