@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 import mixkit.ops
+from mixkit._backend import gpu_kernels
 from mixkit.bench.harness import Case, compiled, mixkit_op
 
 BATCH, N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 1, 32, 8, 128  # Mistral 7B
@@ -177,7 +178,9 @@ def _forced_sm80(fn: Callable) -> Callable:
 
 def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, backward: bool) -> Case:
     cuda = torch.device(device).type == "cuda"
-    if window is not None and not cuda:
+    # GPU shapes wherever the GPU kernels run: on a GPU, or on CPU tensors
+    # under the emulated GPU (bench.emu_cost).
+    if window is not None and not gpu_kernels(torch.device(device)):
         window = CPU_WINDOW
     q = torch.randn(BATCH, s, N_Q_HEADS, HEAD_DIM, device=device, dtype=dtype)
     k = torch.randn(BATCH, s, N_KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
