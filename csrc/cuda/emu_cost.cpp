@@ -173,6 +173,8 @@ struct Launch {
   Counts cls[kClasses];
   std::map<SiteKey, Counts> sites;
   SectorSet loaded, stored;
+  std::map<unsigned, SectorSet> by_y;  // sampled launches: distinct sectors by blockIdx.y,
+  SectorSet any_y;                     // and of every row run
   std::map<std::string, uint64_t> instructions;  // per issuing warp or warpgroup
   uint64_t barriers = 0;
   uint32_t max_static_shared = 0;  // highest static __shared__ byte touched + 1
@@ -343,7 +345,7 @@ class Profiler final : public trace::Consumer {
     }
   }
 
-  void block_end(void* state, const trace::BlockInfo&) override {
+  void block_end(void* state, const trace::BlockInfo& info) override {
     std::unique_ptr<Block> b(static_cast<Block*>(state));
     close_all(*b, 0, int(b->threads.size()));
     flush(*b, -1);
@@ -358,6 +360,12 @@ class Profiler final : public trace::Consumer {
     for (const auto& [k, v] : b->sites) l.sites[k].add(v);
     l.loaded.add_sorted(b->loaded);
     l.stored.add_sorted(b->stored);
+    if (sample_y_ > 0) {  // a sampled launch: which sectors each row of the grid touched
+      for (SectorSet* set : {&l.by_y[info.idx.y], &l.any_y}) {
+        set->add_sorted(b->loaded);
+        set->add_sorted(b->stored);
+      }
+    }
     for (const auto& [k, v] : b->instructions) l.instructions[k] += v;
     l.barriers += b->barriers;
     l.max_static_shared = std::max(l.max_static_shared, b->max_static_shared);
@@ -525,7 +533,11 @@ std::string Profiler::json() {
       << ", " << l.grid.z << "], \"block\": [" << l.block.x << ", " << l.block.y << ", " << l.block.z
       << "], \"dynamic_smem\": " << l.dynamic_smem << ", \"warp\": " << l.warp << ", \"blocks_run\": " << l.blocks_run
       << ", \"static_smem_touched\": " << l.max_static_shared << ", \"barriers\": " << l.barriers
-      << ", \"unique_load_sectors\": " << l.loaded.count() << ", \"unique_store_sectors\": " << l.stored.count();
+      << ", \"unique_load_sectors\": " << l.loaded.count() << ", \"unique_store_sectors\": " << l.stored.count()
+      << ", \"unique_sectors_by_y\": [";
+    for (auto it = l.by_y.begin(); it != l.by_y.end(); ++it)
+      o << (it == l.by_y.begin() ? "" : ", ") << it->second.count();
+    o << "], \"unique_sectors_any_y\": " << l.any_y.count();
     for (const char* space : {"global", "shared"}) {
       const bool shared = space[0] == 's';
       o << ", \"" << space << "\": {";

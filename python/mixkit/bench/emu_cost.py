@@ -153,17 +153,36 @@ def sites_by_line(sites: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def launch_row(launch: dict, path: str, resources: dict | None) -> dict:
+def _sampled_dram_scale(launch: dict, k: float, shared_y: bool) -> float:
+    """The factor from the distinct sectors of the blocks run to the grid's.
+    Rows of the grid (blockIdx.y) that read disjoint data scale with k. With
+    shared_y, some data is read by every row (the grouped GEMMs' activations,
+    for every N tile): the sectors several sampled rows touched count once,
+    the rest scale with the rows."""
+    by_y, any_y = launch.get("unique_sectors_by_y", []), launch.get("unique_sectors_any_y", 0)
+    if not shared_y or len(by_y) < 2 or not any_y:
+        return k
+    m = len(by_y)
+    shared = (sum(by_y) - any_y) / (m - 1)
+    # k = grid blocks / blocks run; the rows scale by grid.y / m, the rest (x, z) by k / (grid.y / m).
+    y_scale = launch["grid"][1] / m
+    other = k / y_scale
+    return other * (shared + (any_y - shared) * y_scale) / any_y
+
+
+def launch_row(launch: dict, path: str, resources: dict | None, shared_y: bool = False) -> dict:
     """One launch's counters, ratios, static resources, occupancy and waves.
-    A sampled launch (blocks_run < blocks) has its counts scaled to the grid."""
+    A sampled launch (blocks_run < blocks) has its counts scaled to the grid
+    (distinct sectors: _sampled_dram_scale)."""
     dev: Device = PATHS[path]["device"]
     threads = launch["block"][0] * launch["block"][1] * launch["block"][2]
     blocks = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
     k = blocks / launch["blocks_run"] if launch["blocks_run"] else 1.0
+    kd = _sampled_dram_scale(launch, k, shared_y) if k > 1 else 1.0
     g = {cls: _scaled(c, k) for cls, c in launch["global"].items()}
     s = {cls: _scaled(c, k) for cls, c in launch["shared"].items()}
-    launch = dict(launch, unique_load_sectors=launch["unique_load_sectors"] * k,
-                  unique_store_sectors=launch["unique_store_sectors"] * k, barriers=launch["barriers"] * k,
+    launch = dict(launch, unique_load_sectors=launch["unique_load_sectors"] * kd,
+                  unique_store_sectors=launch["unique_store_sectors"] * kd, barriers=launch["barriers"] * k,
                   instructions={n: _scaled(v, k) for n, v in launch["instructions"].items()})
     loads = [g["load"], g["cp.async"], g["atomic"]]
     req = sum(c["requests"] for c in (*loads, g["store"]))
@@ -252,7 +271,8 @@ def case_row(case, path: str, launches: list[dict], dtype: str) -> dict:
 # block does. `sample` (y, z) runs only blocks with blockIdx.y < y and
 # blockIdx.z < z and scales their counts (0: all): one GQA group of heads of
 # attention (grid.y = heads, 32 of 8 KV heads), one (KV head, sequence) of
-# decode, two N tiles of the grouped GEMMs (grid.y). `occupancy` names the
+# decode, two N tiles of the grouped GEMMs (grid.y; `shared_y`: the rows
+# share the activations, see _sampled_dram_scale). `occupancy` names the
 # kernel whose resident blocks a launcher asks for (decode picks its split
 # count from it): with resources given, the emulated device answers what the
 # real one would.
@@ -275,8 +295,8 @@ REPORT = {
     # so on the H100 and MI250X paths only (the sm_80 forward is the H100's
     # fallback; its backward is the fwd_bwd_causal row's).
     "flash_attn_fwd_w4096": dict(tokens=(8192,), sample=(4, 0), paths=("sm_90a", "gfx90a")),
-    "moe_mlp": dict(tokens=(16, 1024), sample=(2, 0)),
-    "moe_mlp_fwd_bwd": dict(tokens=(1024,), sample=(2, 0)),
+    "moe_mlp": dict(tokens=(16, 1024), sample=(2, 0), shared_y=True),
+    "moe_mlp_fwd_bwd": dict(tokens=(1024,), sample=(2, 0), shared_y=True),
 }
 # Cases whose callable keeps state across calls (the backward of a saved
 # forward): called once before counting, so the count is the timed call's.
@@ -363,7 +383,7 @@ def run_case(op: str, tokens: int, path: str, dtype=torch.bfloat16, resources: d
         launches = count(fn, *sample)
         wall = time.perf_counter() - t0
     dname = str(dtype).removeprefix("torch.")
-    rows = [launch_row(l, path, resources) for l in launches]
+    rows = [launch_row(l, path, resources, shared_y=spec.get("shared_y", False)) for l in launches]
     return {"case": case_row(case, path, rows, dname), "launches": rows, "emulated_s": wall,
             "sample": list(sample), "blocks_per_sm": per_sm or None}
 
@@ -413,6 +433,24 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                 f"{worst or ''} | {l['tensor_instructions'] or ''} | {_f(l['barriers_per_block'], '.1f')} | "
                 f"{l.get('registers', '')} | {l.get('spill_bytes', '')} | {smem} | {occ} | {wav} |")
     return "\n".join(lines) + "\n"
+
+
+def projection_table(results: list[dict]) -> str:
+    """The README's table: per case, % of roofline measured on a GPU (empty
+    until one runs) beside the emulator's projection on each device."""
+    cols = [p for p in PATHS if any(r["case"]["path"] == p for r in results)]
+    by_case: dict[tuple, dict] = {}
+    for r in results:
+        c = r["case"]
+        by_case.setdefault((c["op"], c["shape"]), {})[c["path"]] = c
+    names = {p: f"{PATHS[p]['device'].name} ({p})" for p in cols}
+    lines = ["| op | shape | measured on GPU | " + " | ".join(f"projected on the emulator, {names[p]}" for p in cols)
+             + " |", "|---|---|---|" + "---|" * len(cols)]
+    for (op, shape), row in by_case.items():
+        cells = [f"{row[p]['projected_pct_roofline']:.0f} %" if p in row and row[p]["projected_pct_roofline"]
+                 else "" for p in cols]
+        lines.append(f"| {op} | {shape} | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def result_name(meta: dict) -> str:
