@@ -59,17 +59,21 @@ def rope_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
     return (1.0 / theta ** (i / head_dim)).float()
 
 
-def rope(x, positions, theta, interleaved):
+def rope(x, positions, theta, interleaved, inv_freq=None, attention_factor=1.0):
     """x (..., S, H, D) rotated by positions broadcast to (..., S).
 
     Written independently of the kernels: the angle is float32(position) times
     the float32 frequency, rounded in float32, and its cos/sin are evaluated
     in float64 so that only the float32 angle rule is shared with the kernels.
+    inv_freq: a scaled-RoPE frequency table (D/2,) in place of theta^(-2i/D);
+    attention_factor multiplies cos and sin (YaRN).
     """
     d = x.shape[-1]
     pos = positions.expand(x.shape[:-2]).float()
-    angle = pos[..., None, None] * rope_inv_freq(theta, d).to(x.device)  # (..., S, 1, D/2), float32
-    cos, sin = torch.cos(angle.double()).float(), torch.sin(angle.double()).float()
+    freq = rope_inv_freq(theta, d) if inv_freq is None else inv_freq.float().cpu()
+    angle = pos[..., None, None] * freq.to(x.device)  # (..., S, 1, D/2), float32
+    cos = (torch.cos(angle.double()) * attention_factor).float()
+    sin = (torch.sin(angle.double()) * attention_factor).float()
     x32 = x.float()
     if interleaved:
         x0, x1 = x32[..., 0::2], x32[..., 1::2]

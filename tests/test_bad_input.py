@@ -78,7 +78,7 @@ def test_core_rejects_bad_calls_without_crashing():
     with pytest.raises(ValueError, match="overflows"):
         _core.norm_fwd(0, 0, 0, 0, False, 8, 0, 0, 8, 0, 0, 0, 2 ** 40, 2 ** 30, 1e-5)
     with pytest.raises(ValueError, match="head_dim"):
-        _core.rope(0, 0, 0, 0, False, 8, 1, 7, 1e4, False, False, 8, 8, 1, 7, 7, 8, 8, 1, 7, 7)
+        _core.rope(0, 0, 0, 0, False, 8, 1, 7, 1e4, False, False, 8, 8, 1, 7, 7, 8, 8, 1, 7, 7, 0, 1.0)
     with pytest.raises(ValueError, match="unknown backend"):
         _core.norm_fwd(9, 0, 0, 0, False, 0, 0, 0, 0, 0, 0, 0, 0, 64, 1e-5)
 

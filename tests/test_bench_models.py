@@ -65,6 +65,13 @@ def test_quick_cpu_rows(quick_cpu, tmp_path):
     assert top_k <= _find(rows, "moe_decode", "mixkit", 32)["experts_touched_per_layer"] <= n_exp
     assert _find(rows, "moe_decode", "hf-sdpa", 1)["experts_touched_per_layer"] == top_k
 
+    # the newer families, mixkit and transformers on the same weights
+    for name, peer in (("tiny-gpt-oss", "hf-eager"), ("tiny-qwen3-moe", "hf-sdpa")):
+        for impl in ("mixkit", peer):
+            found = [r for r in rows if r["model"] == name and r["impl"] == impl]
+            assert {r["op"] for r in found} == {"family_prefill", "family_decode"}, found
+            assert all(r["median_us"] > 0 and r["roofline_pct"] > 0 for r in found), found
+
     json_path, md_path = bm.write_results(tmp_path / "models.json", meta, rows)
     saved = json.loads(json_path.read_text())
     assert saved["meta"]["device_name"] and len(saved["rows"]) == len(rows)
@@ -106,6 +113,34 @@ def test_greedy_tokens_match_hf(one_thread, tmp_path, name):
     mine = tokens(bm.MixkitDecoder(ours, prompt, max_len=64))
     assert torch.equal(mine, tokens(bm.HFDecoder(hf, prompt, "dynamic", 64)))
     assert mine.unique().numel() > 3  # not a degenerate constant stream
+
+
+@pytest.mark.parametrize("name", bm.FAMILIES)
+def test_family_rows_compare_the_same_model(one_thread, tmp_path, name):
+    """The family rows' two decoders on one set of weights (mixkit's, saved
+    and read by transformers, as Bench.families does), float32: the same
+    greedy tokens past the sliding window (24 + 12 > 16)."""
+    import transformers
+
+    args = CONFIGS[name]
+    ours = bm.build_mixkit(args, "cpu", torch.float32, std=0.05)
+    from mixkit.models import save
+    save(ours, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager" if args.attn_sinks else "sdpa").eval()
+    prompt = bm.make_prompt(2, 24, args.vocab_size, "cpu", seed=3)
+
+    def tokens(dec):
+        out = [dec.token.view(-1).clone()]
+        for _ in range(12):
+            dec.step()
+            out.append(dec.token.view(-1).clone())
+        dec.close()
+        return torch.stack(out, 1)
+
+    mine = tokens(bm.MixkitDecoder(ours, prompt, max_len=64))
+    assert torch.equal(mine, tokens(bm.HFDecoder(hf, prompt, "dynamic", 64)))
+    assert mine.unique().numel() > 3
 
 
 def test_compiled_static_cache_peer_matches_mixkit(one_thread, tmp_path):

@@ -577,11 +577,12 @@ def test_model_path_is_named(tmp_path):
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
     """Every command's parser by its words ("train", "bench serve")."""
+    from mixkit.bench.models import build_parser as bench_models_parser
     from mixkit.bench.serve import build_parser as bench_serve_parser
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return {**sub.choices, "bench serve": bench_serve_parser()}
+    return {**sub.choices, "bench serve": bench_serve_parser(), "bench models": bench_models_parser()}
 
 
 def _bad_inputs(tmp: Path):
@@ -664,7 +665,8 @@ def _commands_in(text: str) -> list[list[str]]:
                     continue
                 words = shlex.split(part, comments=True)
                 words = words[words.index("mixkit") + 1:]
-                found.append([" ".join(words[:2]), *words[2:]] if words[:2] == ["bench", "serve"] else words)
+                two = " ".join(words[:2])
+                found.append([two, *words[2:]] if two in ("bench serve", "bench models") else words)
     return found
 
 

@@ -313,16 +313,6 @@ def test_fallbacks_are_reported_and_strict_raises():
     assert mh.counters["flash_attn"] == 2
 
 
-def test_rope_scaling_is_left_alone():
-    cls, config = _config("llama")
-    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
-    model = cls(config).eval()
-    report = mh.patch(model)
-    assert "rope" not in report["patched"] and "linear" in report["left_alone"]["rope"]
-    with pytest.raises(mh.MixkitFallback, match="RoPE left alone"):
-        mh.patch(model, strict=True)
-
-
 @pytest.mark.slow
 def test_torch_compile_fullgraph_forward():
     model = make_model("mistral", layers=1)  # one layer: inductor's compile time is most of this test

@@ -145,7 +145,9 @@ def test_plan_tables(host, D):
     for name, size in (("lds_k", c["lds_k"]), ("lds_vt", c["lds_vt"])):
         off = t[name]
         assert len(np.unique(off)) == off.size and off.min() >= 0 and off.max() < size
-        assert (off[:, 1:] - off[:, :-1] == 1).all()  # 8-element fragments are contiguous
+        frag = off.reshape(off.shape[0], -1, 8)  # 16-byte fragments are contiguous (whole rows need not be:
+        assert (frag[..., 1:] - frag[..., :-1] == 1).all()  # the bank rotations move fragments within a row)
+        assert (frag[..., 0] % 8 == 0).all()
     assert (t["lds_k"][t["stage_row"], t["stage_col"]] % 8 == 0).all()
     # 16-byte fragment reads: aligned and inside a row.
     for kc in range(D // 16):

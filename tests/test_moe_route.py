@@ -40,6 +40,13 @@ def route_mistral(logits, top_k):
     return torch.softmax(vals, dim=-1), ids
 
 
+def route_hf_unnormalized(logits, top_k):
+    """Hugging Face's OLMoE / Qwen3-MoE router without norm_topk_prob: the
+    softmax over all experts in float32, then its top_k entries as they are."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.topk(probs, top_k, dim=-1)
+
+
 def route_sorted(logits, top_k):
     """Ties to the lower index: a stable descending sort keeps equal logits in
     index order (NaN sorts above every number, as in topk)."""
@@ -71,8 +78,8 @@ def moe_ref(x, weights, ids, num_experts, expert_fn):
     return y
 
 
-def _check_route(logits, top_k, expect):
-    weights, ids = moe.moe_route(logits, top_k)
+def _check_route(logits, top_k, expect, renormalize=True):
+    weights, ids = moe.moe_route(logits, top_k, renormalize=renormalize)
     w_ref, ids_ref = expect(logits, top_k)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
     assert torch.equal(ids.long(), ids_ref), (ids, ids_ref)
@@ -87,6 +94,18 @@ def _check_route(logits, top_k, expect):
 @pytest.mark.parametrize("tokens,experts,top_k,_hidden", SHAPES)
 def test_route_matches_mistral_reference(tokens, experts, top_k, _hidden, dtype, device):
     _check_route(_tie_free_logits(tokens, experts, dtype, device), top_k, route_mistral)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,experts,top_k,_hidden", SHAPES)
+def test_route_without_renormalization_matches_hf(tokens, experts, top_k, _hidden, dtype, device):
+    """OLMoE's router: the weights are the full softmax's top-k entries and sum
+    to less than 1 unless k = E."""
+    weights, _ = _check_route(_tie_free_logits(tokens, experts, dtype, device), top_k, route_hf_unnormalized,
+                              renormalize=False)
+    if top_k <= 2 < experts:  # logits 0.5 apart: the unselected experts hold a visible share
+        assert (weights.sum(-1) < 0.99).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,6 +162,36 @@ def test_route_gradient(experts, top_k, dtype, device):
     assert grad.dtype == dtype
     ref.assert_close(grad, grad_ref, dtype, "grad_logits", scale=g.abs().max().item())
     assert (grad.float()[grad_ref == 0] == 0).all(), "unselected experts get no gradient"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (3, 1), (64, 8), (256, 7)])
+def test_route_gradient_without_renormalization(experts, top_k, dtype, device):
+    """Every expert's logit moves the full softmax, so every one gets a gradient."""
+    logits = _tie_free_logits(33, experts, dtype, device)
+    g = torch.randn(33, top_k, generator=torch.Generator().manual_seed(2)).to(on(device))
+    leaf = logits.clone().requires_grad_(True)
+    weights, _ = moe.moe_route(leaf, top_k, renormalize=False)
+    (grad,) = torch.autograd.grad(weights, leaf, g)
+    leaf_ref = logits.float().requires_grad_(True)
+    w_ref, _ = route_hf_unnormalized(leaf_ref, top_k)
+    (grad_ref,) = torch.autograd.grad(w_ref, leaf_ref, g)
+    assert grad.dtype == dtype
+    ref.assert_close(grad, grad_ref, dtype, "grad_logits", scale=g.abs().max().item())
+    if top_k < experts <= 64 and dtype == torch.float32:  # at E = 256 the smallest probabilities underflow
+        assert (grad_ref != 0).float().mean() > 0.9 and (grad != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_without_renormalization_nan_and_inf(device):
+    logits = _tie_free_logits(3, 8, torch.float32, device)
+    logits[1, 5] = float("nan")
+    logits[2] = float("-inf")
+    logits[2, 4] = 0.0
+    weights, ids = moe.moe_route(logits, 2, renormalize=False)
+    assert torch.isnan(weights[1]).all() and torch.isfinite(weights[0]).all()
+    assert ids[2].tolist() == [4, 0] and weights[2].tolist() == [1.0, 0.0]
 
 
 # ---- permute / unpermute --------------------------------------------------------
@@ -351,7 +400,7 @@ def test_row_count_beyond_int32_raises_and_int64_elements_pass():
     with pytest.raises(ValueError, match="exceeds the int32 row map"):
         _core.moe_gather(0, 0, 0, 0, 8, 8, 0, 8, 0, 0, 2 ** 30, 2, 64)
     with pytest.raises(ValueError, match="top_k must be in \\[1, experts\\]"):
-        _core.moe_route(0, 0, 0, 0, 8, 8, 8, 4, 8, 9)
+        _core.moe_route(0, 0, 0, 0, 8, 8, 8, 4, 8, 9, True)
     with pytest.raises(ValueError, match="null"):
         _core.moe_permute(0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 4, 2, 16, 8)
 
@@ -362,6 +411,7 @@ def test_row_count_beyond_int32_raises_and_int64_elements_pass():
 def test_opcheck(device):
     logits = _tie_free_logits(6, 8, torch.float32, device).requires_grad_(True)
     torch.library.opcheck(torch.ops.mixkit.moe_route.default, (logits, 2))
+    torch.library.opcheck(torch.ops.mixkit.moe_route.default, (logits, 3, False))
     weights, ids = moe.moe_route(logits.detach(), 2)
     x = torch.randn(6, 24, device=on(device), requires_grad=True)
     torch.library.opcheck(torch.ops.mixkit.moe_permute.default, (x, ids, 8))

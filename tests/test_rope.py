@@ -125,3 +125,96 @@ def test_empty_and_single_token(device):
     q, k = _qk(1, 1, 4, 2, 64, torch.float32, device)
     qo, _ = ops.rope(q, k, torch.zeros(1, dtype=torch.int64, device=on(device)))
     torch.testing.assert_close(qo, q)  # position 0 is the identity rotation
+
+
+# ---- scaled RoPE (linear, YaRN) ------------------------------------------------------
+
+def _hf_table(kind, head_dim, theta, **params):
+    """transformers' own frequency table and attention factor for the scaling."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                                      max_position_embeddings=4096,
+                                      rope_parameters={"rope_type": kind, "rope_theta": theta, **params})
+    return ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+
+
+SCALINGS = [("linear", dict(factor=4.0)),
+            ("yarn", dict(factor=32.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+                          truncate=False)),  # gpt-oss
+            ("yarn", dict(factor=8.0, original_max_position_embeddings=2048)),
+            ("yarn", dict(factor=4.0, original_max_position_embeddings=1024, attention_factor=0.9, beta_fast=16))]
+
+
+@pytest.mark.parametrize("kind,params", SCALINGS)
+@pytest.mark.parametrize("head_dim", [64, 128, 10])
+def test_frequency_table_equals_transformers(kind, params, head_dim):
+    table, factor = ops.rope_frequencies(head_dim, 150000.0, {"rope_type": kind, **params})
+    hf_table, hf_factor = _hf_table(kind, head_dim, 150000.0, **params)
+    assert table.dtype == torch.float32
+    assert torch.equal(table, hf_table.float()), (table - hf_table).abs().max()
+    assert factor == pytest.approx(hf_factor, rel=1e-12)
+    if kind == "yarn":
+        assert factor != 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("kind,params", SCALINGS[:2])
+def test_scaled_rope_forward_backward(kind, params, interleaved, dtype, device):
+    b, s, hq, hkv, d = 2, 37, 6, 2, 64
+    q, k = _qk(b, s, hq, hkv, d, dtype, device)
+    pos = torch.arange(s, device=on(device)) * 97 + 5  # angles well past one turn
+    scaling = {"rope_type": kind, **params}
+    table, factor = ops.rope_frequencies(d, 150000.0, scaling)
+    q_, k_ = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    qo, ko = ops.rope(q_, k_, pos, 150000.0, interleaved=interleaved, scaling=scaling)
+    ref.assert_close(qo, ref.rope(q, pos, 150000.0, interleaved, table, factor), dtype, "q")
+    ref.assert_close(ko, ref.rope(k, pos, 150000.0, interleaved, table, factor), dtype, "k")
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko), (gq, gk))
+    q32, k32 = q.float().requires_grad_(True), k.float().requires_grad_(True)
+    torch.autograd.backward((ref.rope(q32, pos, 150000.0, interleaved, table, factor),
+                             ref.rope(k32, pos, 150000.0, interleaved, table, factor)), (gq.float(), gk.float()))
+    ref.assert_close(q_.grad, q32.grad, dtype, "dq")
+    ref.assert_close(k_.grad, k32.grad, dtype, "dk")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_yarn_matches_hf_rotary_formula(device):
+    """gpt-oss's RoPE as transformers applies it: its cos/sin table times the
+    attention factor, half-split. And plain RoPE (no scaling) differs from it."""
+    d, theta, scaling = 64, 150000.0, {"rope_type": "yarn", **SCALINGS[1][1]}
+    inv_freq, attention = _hf_table("yarn", d, theta, **SCALINGS[1][1])
+    q, k = _qk(1, 50, 3, 1, d, torch.float32, device)
+    pos = torch.arange(50, device=on(device)) * 31
+    freqs = pos.float()[:, None] * inv_freq.to(on(device))[None, :]
+    cos, sin = (freqs.cos() * attention)[None, :, None, :], (freqs.sin() * attention)[None, :, None, :]
+    x0, x1 = q[..., : d // 2], q[..., d // 2:]
+    expect = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    qo, _ = ops.rope(q, k, pos, theta, scaling=scaling)
+    torch.testing.assert_close(qo, expect, rtol=1e-5, atol=2e-5)
+    assert (ops.rope(q, k, pos, theta)[0] - expect).abs().max() > 0.1
+
+
+def test_scaling_bad_input():
+    q, k = _qk(1, 3, 2, 1, 16, torch.float32, "cpu")
+    pos = torch.arange(3)
+    with pytest.raises(ValueError, match="rope_type 'longrope' is not supported"):
+        ops.rope(q, k, pos, scaling={"rope_type": "longrope", "factor": 2.0})
+    with pytest.raises(ValueError, match="does not take 'low_freq_factor'"):
+        ops.rope(q, k, pos, scaling={"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0})
+    with pytest.raises(ValueError, match="factor"):
+        ops.rope(q, k, pos, scaling={"rope_type": "linear", "factor": float("nan")})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        ops.rope(q, k, pos, scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(TypeError, match="scaling must be a dict"):
+        ops.rope(q, k, pos, scaling=2.0)
+    with pytest.raises(ValueError, match="inv_freq must have shape"):
+        torch.ops.mixkit.rope(q, k, pos, 1e4, False, False, torch.ones(3), 1.0)
+    with pytest.raises(TypeError, match="inv_freq must have dtype"):
+        torch.ops.mixkit.rope(q, k, pos, 1e4, False, False, torch.ones(8, dtype=torch.float64), 1.0)
+    with pytest.raises(ValueError, match="attention_factor"):
+        torch.ops.mixkit.rope(q, k, pos, 1e4, False, False, torch.ones(8), 0.0)

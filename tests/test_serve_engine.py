@@ -266,3 +266,28 @@ def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path):
     want = [o.token_ids for o in LLM(worker.model(), **worker.ENGINE).generate(worker.PROMPTS, worker.PARAMS)]
     assert got["offline"] == want
     assert got["served"] == want
+
+
+def test_engine_loop_tells_the_other_ranks_it_stops_whenever_stop_lands():
+    """A stop() that lands between the broadcast of a step's commands and the
+    loop's own check must still reach the other ranks: the loop's last
+    broadcast says stop, or the followers wait for it forever."""
+    from mixkit.serve.server import EngineLoop
+
+    class Engine:
+        def has_work(self):
+            return False
+
+    class Leader:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, commands, stop=False):
+            self.sent.append(stop)
+            if len(self.sent) == 1:
+                loop.stopping = True  # stop() arrives right after the first broadcast
+
+    leader = Leader()
+    loop = EngineLoop(Engine(), leader)
+    loop._run()
+    assert leader.sent[-1] is True and leader.sent.count(True) == 1

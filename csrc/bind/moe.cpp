@@ -9,10 +9,10 @@ MIXKIT_BIND(moe) {
   m.def(
       "moe_route",
       [](int backend, int device, uintptr_t stream, int dtype, uintptr_t logits, uintptr_t weights,
-         uintptr_t expert_ids, int64_t tokens, int64_t experts, int64_t top_k) {
+         uintptr_t expert_ids, int64_t tokens, int64_t experts, int64_t top_k, bool renormalize) {
         const MoeRouteArgs a{DType(dtype),       ptr<const void>(logits), ptr<float>(weights),
                              ptr<int32_t>(expert_ids), tokens,              experts,
-                             top_k};
+                             top_k,              renormalize};
         on_backend(backend, [&] { moe_route_cpu(a); }, [&] { moe_route_gpu(a, device, stream_ptr(stream)); });
       },
       nb::call_guard<nb::gil_scoped_release>());
@@ -20,12 +20,14 @@ MIXKIT_BIND(moe) {
   m.def(
       "moe_route_bwd",
       [](int backend, int device, uintptr_t stream, int dtype, uintptr_t grad_weights, uintptr_t weights,
-         uintptr_t expert_ids, uintptr_t grad_logits, int64_t tokens, int64_t experts, int64_t top_k) {
+         uintptr_t expert_ids, uintptr_t grad_logits, uintptr_t logits, int64_t tokens, int64_t experts,
+         int64_t top_k) {
         const MoeRouteBwdArgs a{DType(dtype),
                                 ptr<const float>(grad_weights),
                                 ptr<const float>(weights),
                                 ptr<const int32_t>(expert_ids),
                                 ptr<void>(grad_logits),
+                                ptr<const void>(logits),
                                 tokens,
                                 experts,
                                 top_k};

@@ -22,6 +22,10 @@ namespace mixkit {
 // has 8, DeepSeek-V3 256.
 constexpr int64_t kMoeMaxExperts = 256;
 
+// The weights are a float32 softmax relative to the largest logit, over the
+// k selected logits (renormalize: Mixtral, Qwen3-MoE's norm_topk_prob,
+// gpt-oss) or over all E with only the selected k kept (OLMoE, Qwen3-MoE
+// without norm_topk_prob): then they sum to less than 1.
 struct MoeRouteArgs {
   DType dtype;           // of logits
   const void* logits;    // (tokens, experts), contiguous
@@ -30,15 +34,20 @@ struct MoeRouteArgs {
   int64_t tokens;
   int64_t experts;
   int64_t top_k;
+  bool renormalize;
 };
 
-// grad_logits[t, ids[t, j]] = w_j * (g_j - sum_i w_i g_i); zero elsewhere.
+// With g = grad_weights and dot = sum_j w_j g_j:
+//   renormalized: grad_logits[t, ids[t, j]] = w_j (g_j - dot), zero elsewhere;
+//   otherwise (logits given): grad_logits[t, i] = p_i (g_j [i = ids[t, j]] - dot)
+//   for every expert i, p the full softmax of the logits, recomputed here.
 struct MoeRouteBwdArgs {
-  DType dtype;                 // of grad_logits
+  DType dtype;                 // of grad_logits (and of logits)
   const float* grad_weights;   // (tokens, top_k)
   const float* weights;        // (tokens, top_k), the forward output
   const int32_t* expert_ids;   // (tokens, top_k)
   void* grad_logits;           // (tokens, experts)
+  const void* logits;          // (tokens, experts) without renormalization, else null
   int64_t tokens;
   int64_t experts;
   int64_t top_k;

@@ -8,6 +8,7 @@
 // call from Python raises instead of touching memory it should not.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -70,6 +71,12 @@ struct RopeArgs {
   int64_t heads[2];
   int64_t stride_token[2];  // input strides in elements
   int64_t stride_head[2];
+  // Scaled RoPE (linear, YaRN): a (head_dim / 2,) float32 frequency table on
+  // the tensors' device, computed in Python as Hugging Face computes it, in
+  // place of theta^(-2i/d) (null: the plain frequencies); and the factor that
+  // multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+  const float* inv_freq;
+  float attention_factor;
 };
 
 // theta^(-2i/d), computed in double and rounded once, so every backend gets
@@ -114,6 +121,7 @@ inline void check(const RopeArgs& a) {
   require(a.head_dim > 0 && a.head_dim % 2 == 0, "head_dim must be even and > 0");
   require(a.head_dim <= 1024, "head_dim must be <= 1024");
   require(a.theta > 0.f, "theta must be > 0");
+  require(a.attention_factor > 0.f && a.attention_factor < INFINITY, "attention_factor must be finite and > 0");
   for (int i = 0; i < 2; ++i) {
     require(a.heads[i] >= 0 && a.heads[i] <= 65536, "head count out of range");
     require(a.tokens == 0 || a.heads[i] == 0 || (a.in[i] && a.out[i]), "null tensor pointer");

@@ -67,6 +67,12 @@ void gemm(const GroupedGemmArgs& g, Store&& store) {
           }
         }
       }
+      if (g.bias) {
+        const T* bias = static_cast<const T*>(g.bias) + t.e * N;
+        for (int64_t j = 0; j < N; ++j) brow[j] = to_f32(bias[j]);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = 0; j < N; ++j) acc[r * N + j] += brow[j];
+      }
       for (int64_t r = 0; r < m; ++r) store(t.r0 + r, acc.data() + r * N);
     }
   }
@@ -82,22 +88,22 @@ void gemm(const GroupedGemmArgs& g) {
   });
 }
 
-// The same math as the GPU's fused epilogue: silu(gate) * up from the
-// float32 sums, one rounding.
+// The same math as the GPU's fused epilogue: the gated activation from the
+// float32 sums (bias included), one rounding.
 template <class T>
 void swiglu(const GroupedSwigluArgs& s) {
   const int64_t F = s.ffn;
-  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, nullptr, s.rows, s.k, 2 * F, s.experts, true};
+  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, nullptr, s.rows, s.k, 2 * F, s.experts, s.trans_b, s.bias};
   T* act = static_cast<T*>(s.act);
   T* h = static_cast<T*>(s.h);
   const T zero = from_f32<T>(0.f);
   std::fill(act + s.offsets[s.experts] * F, act + s.rows * F, zero);
   if (h) std::fill(h + s.offsets[s.experts] * 2 * F, h + s.rows * 2 * F, zero);
+  const int64_t gate_step = s.interleaved ? 2 : 1, up_at = s.interleaved ? 1 : F;
   gemm<T>(g, [&](int64_t row, const float* acc) {
-    for (int64_t j = 0; j < F; ++j) {
-      const float gate = acc[j];
-      act[row * F + j] = from_f32<T>(gate / (1.f + std::exp(-gate)) * acc[F + j]);
-    }
+    for (int64_t j = 0; j < F; ++j)
+      act[row * F + j] = from_f32<T>(glu(acc[gate_step * j], acc[gate_step * j + up_at], s.activation, s.alpha,
+                                         s.limit));
     if (h)
       for (int64_t j = 0; j < 2 * F; ++j) h[row * 2 * F + j] = from_f32<T>(acc[j]);
   });
@@ -132,7 +138,31 @@ void wgrad(const GroupedWgradArgs& g) {
   }
 }
 
+template <class T>
+void bias_grad(const GroupedBiasGradArgs& g) {
+  const int64_t N = g.n;
+  const T* DY = static_cast<const T*>(g.dy);
+  T* DB = static_cast<T*>(g.db);
+#pragma omp parallel if (g.rows * N > kCpuParallelGrain)
+  {
+    std::vector<float> acc(N);
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < g.experts; ++e) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t r = g.offsets[e]; r < g.offsets[e + 1]; ++r)
+        for (int64_t j = 0; j < N; ++j) acc[j] += to_f32(DY[r * N + j]);
+      for (int64_t j = 0; j < N; ++j) DB[e * N + j] = from_f32<T>(acc[j]);
+    }
+  }
+}
+
 }  // namespace
+
+void grouped_bias_grad_cpu(const GroupedBiasGradArgs& a) {
+  check(a);
+  check_offsets(a.offsets, a.experts, a.rows);
+  dispatch_dtype(a.dtype, [&](auto t) { bias_grad<decltype(t)>(a); });
+}
 
 void grouped_gemm_cpu(const GroupedGemmArgs& a) {
   check(a);

@@ -36,6 +36,10 @@ void route(const MoeRouteArgs& a) {
         w[j] = std::exp(v[order[j]] - m);
         sum += w[j];
       }
+      if (!a.renormalize) {
+        sum = 0.f;
+        for (int64_t e = 0; e < E; ++e) sum += std::exp(v[e] - m);
+      }
       const float inv = 1.f / sum;
       for (int64_t j = 0; j < k; ++j) w[j] *= inv;
     }
@@ -46,17 +50,33 @@ template <class T>
 void route_bwd(const MoeRouteBwdArgs& a) {
   const int64_t E = a.experts, k = a.top_k;
   T* dl = static_cast<T*>(a.grad_logits);
+  const T* logits = static_cast<const T*>(a.logits);
   const T zero = from_f32<T>(0.f);
-#pragma omp parallel for schedule(static) if (a.tokens * E > kCpuParallelGrain)
-  for (int64_t t = 0; t < a.tokens; ++t) {
-    const float* w = a.weights + t * k;
-    const float* g = a.grad_weights + t * k;
-    float dot = 0.f;
-    for (int64_t j = 0; j < k; ++j) dot += w[j] * g[j];
-    std::fill(dl + t * E, dl + (t + 1) * E, zero);
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t e = a.expert_ids[t * k + j];  // range-checked before the parallel region
-      dl[t * E + e] = from_f32<T>(w[j] * (g[j] - dot));
+#pragma omp parallel if (a.tokens * E > kCpuParallelGrain)
+  {
+    std::vector<float> gsel(logits ? E : 0);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      const float* w = a.weights + t * k;
+      const float* g = a.grad_weights + t * k;
+      const int32_t* ids = a.expert_ids + t * k;  // range-checked before the parallel region
+      float dot = 0.f;
+      for (int64_t j = 0; j < k; ++j) dot += w[j] * g[j];
+      if (!logits) {
+        std::fill(dl + t * E, dl + (t + 1) * E, zero);
+        for (int64_t j = 0; j < k; ++j) dl[t * E + ids[j]] = from_f32<T>(w[j] * (g[j] - dot));
+        continue;
+      }
+      // Every expert's logit moves the full softmax's denominator.
+      const T* l = logits + t * E;
+      float m = -INFINITY;
+      for (int64_t e = 0; e < E; ++e) m = std::max(m, to_f32(l[e]));
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += std::exp(to_f32(l[e]) - m);
+      std::fill(gsel.begin(), gsel.end(), 0.f);
+      for (int64_t j = 0; j < k; ++j) gsel[ids[j]] = g[j];
+      const float inv = 1.f / sum;
+      for (int64_t e = 0; e < E; ++e) dl[t * E + e] = from_f32<T>(std::exp(to_f32(l[e]) - m) * inv * (gsel[e] - dot));
     }
   }
 }

@@ -12,8 +12,8 @@ void rope(const RopeArgs& a) {
   const int64_t d = a.head_dim, half = d / 2;
   const P* pos = static_cast<const P*>(a.positions);
   std::vector<float> inv_freq(half);
-  for (int64_t i = 0; i < half; ++i) inv_freq[i] = rope_inv_freq(a.theta, i, d);
-  const float sign = a.inverse ? -1.f : 1.f;
+  for (int64_t i = 0; i < half; ++i) inv_freq[i] = a.inv_freq ? a.inv_freq[i] : rope_inv_freq(a.theta, i, d);
+  const float sign = a.inverse ? -1.f : 1.f, scale = a.attention_factor;
   const int64_t work = a.tokens * (a.heads[0] + a.heads[1]) * d;
 #pragma omp parallel if (work > kCpuParallelGrain)
   {
@@ -24,8 +24,8 @@ void rope(const RopeArgs& a) {
       const float p = float(pos[t]);
       for (int64_t i = 0; i < half; ++i) {
         const float ang = p * inv_freq[i];
-        cs[i] = std::cos(ang);
-        sn[i] = sign * std::sin(ang);
+        cs[i] = scale * std::cos(ang);
+        sn[i] = sign * scale * std::sin(ang);
       }
       for (int which = 0; which < 2; ++which) {
         const T* in = static_cast<const T*>(a.in[which]);

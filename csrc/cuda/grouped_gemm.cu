@@ -18,9 +18,14 @@
 // offsets walk, and the launch shape depends only on tensor shapes: the call
 // captures in a CUDA graph.
 //
-// Fused SwiGLU (grouped_swiglu_gpu): the forward kernel with SWIGLU = true,
-// 64 output columns per CTA whose gate and up rows of w13 fill the 128-row
-// weight tile; silu(gate) * up in the epilogue (details at the kernel).
+// Fused SwiGLU (grouped_swiglu_gpu): with w13's gate and up blocks
+// (Mixtral), the forward kernel with EPI = kEpiSwiglu, 64 output columns per
+// CTA whose gate and up rows of w13 fill the 128-row weight tile; with
+// interleaved (gate, up) columns (gpt-oss, either weight layout), the plain
+// forward tile over h's 2F columns with EPI = kEpiGluPairs: the mma's
+// accumulator pairs are adjacent columns, i.e. one (gate, up) pair, so each
+// thread computes its outputs alone (details at the kernel). The optional
+// bias is added in float32 in every epilogue.
 //
 // Weight gradient: the same 128x128 tile, warps and mma, with the reduction
 // running over the expert's rows (BK = 32 per step) instead of over K: both
@@ -48,7 +53,38 @@ void check_gpu_shape(int64_t k, int64_t n, std::initializer_list<const void*> pt
   for (const void* p : ptrs) require(p == nullptr || aligned_to(p, 16), "tensor pointers must be 16-byte aligned");
 }
 
+// dbias[e, n]: one thread per (expert, column), a block per 256 columns of
+// one expert; the thread walks the expert's rows (consecutive threads read
+// consecutive columns of a row) and sums in float32: deterministic. Bias
+// gradients are (E, N), small next to the weight gradient.
+constexpr int kBiasThreads = 256;
+
+template <class T>
+__global__ void __launch_bounds__(kBiasThreads) grouped_bias_grad_kernel(GroupedBiasGradArgs g) {
+  const int64_t col = int64_t(blockIdx.x) * kBiasThreads + threadIdx.x;
+  const int e = blockIdx.y;
+  if (col >= g.n) return;
+  const T* dy = static_cast<const T*>(g.dy);
+  float acc = 0.f;
+  for (int64_t r = g.offsets[e]; r < g.offsets[e + 1]; ++r) acc += to_f32(dy[r * g.n + col]);
+  static_cast<T*>(g.db)[e * g.n + col] = from_f32<T>(acc);
+}
+
 }  // namespace
+
+// Empty experts write their zeros: no early return for rows == 0.
+void grouped_bias_grad_gpu(const GroupedBiasGradArgs& g, int device, void* stream) {
+  check(g);
+  require(g.dtype != DType::f32, "the GPU grouped bias gradient takes bfloat16 or float16 (float32 runs on the CPU)");
+  require((g.n + kBiasThreads - 1) / kBiasThreads <= 0x7fffffff, "N_out too large for the grid");
+  DeviceGuard guard(device);
+  const dim3 grid(unsigned((g.n + kBiasThreads - 1) / kBiasThreads), unsigned(g.experts));
+  const auto s = static_cast<gpuStream_t>(stream);
+  if (g.dtype == DType::bf16) gpu_launch(grouped_bias_grad_kernel<bf16>, grid, kBiasThreads, 0, s, g);
+  else gpu_launch(grouped_bias_grad_kernel<f16>, grid, kBiasThreads, 0, s, g);
+  gpu_check(gpuGetLastError(), "launching grouped_bias_grad_kernel");
+}
+
 }  // namespace mixkit
 
 #if !MIXKIT_AMD
@@ -57,8 +93,8 @@ void check_gpu_shape(int64_t k, int64_t n, std::initializer_list<const void*> pt
 
 #ifdef MIXKIT_WITH_SM90
 namespace mixkit::sm90 {  // grouped_gemm_sm90.cuh, built for sm_90a only (CMakeLists.txt)
-template <class T, bool TRANS_B, bool SWIGLU>
-void grouped_gemm(const GroupedGemmArgs& g, gpuStream_t stream, T* h);
+template <class T, bool TRANS_B, int EPI>
+void grouped_gemm(const GroupedGemmArgs& g, gpuStream_t stream, T* h, GluParams glu);
 }
 #endif
 
@@ -82,33 +118,39 @@ __device__ __forceinline__ int swz_n(int r, int c) { return r * BN + ((c ^ (r & 
 
 // ============================== kernels ======================================
 
-// SWIGLU (with TRANS_B; g.b = w13 (E, 2F, K), g.n = F, g.c = act (rows, F),
-// h = (rows, 2F) or null): the CTA owns BN / 2 = 64 output columns n0.. and
-// stages w13's gate rows n0.. as Bs rows 0-63 and its up rows F + n0.. as
-// rows 64-127, so the main loop is the plain one. Each warp's 64 columns are
-// 32 gate then the same 32 up columns (acc[][0..3] and acc[][4..7]), so one
-// thread holds gate and up of the same outputs: silu(g) * u in float32 in the
-// epilogue, one rounding, and the register budget of the 128-wide tile.
-template <class T, bool TRANS_B, bool SWIGLU>
-__global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs g, T* h) {
+// kEpiSwiglu (with TRANS_B; g.b = w13 (E, 2F, K), g.n = F, g.c = act
+// (rows, F), h = (rows, 2F) or null): the CTA owns BN / 2 = 64 output columns
+// n0.. and stages w13's gate rows n0.. as Bs rows 0-63 and its up rows F + n0..
+// as rows 64-127, so the main loop is the plain one. Each warp's 64 columns
+// are 32 gate then the same 32 up columns (acc[][0..3] and acc[][4..7]), so
+// one thread holds gate and up of the same outputs: the activation in float32
+// in the epilogue, one rounding, and the register budget of the 128-wide tile.
+// kEpiGluPairs (interleaved w13, g.n = 2F, g.c = act (rows, F), h (rows, 2F)):
+// the plain tile; a thread's accumulator pair (c2, c2 + 1) is gate and up of
+// act column (col / 2), stored as one 16-bit value.
+template <class T, bool TRANS_B, int EPI>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs g, T* h, GluParams glu_p) {
+  constexpr bool SWIGLU = EPI == kEpiSwiglu;
   static_assert(!SWIGLU || TRANS_B, "the fused SwiGLU reads w13 in nn.Linear's (2F, K) layout");
   constexpr int kOutCols = SWIGLU ? BN / 2 : BN;
   __shared__ __align__(128) T As[kStages][BM * BK];
   __shared__ __align__(128) T Bs[kStages][BN * BK];
 
-  const int64_t K = g.k, N = g.n;  // with SWIGLU, N = F
+  const int64_t K = g.k, N = g.n;  // with SWIGLU, N = F; with pairs, N = 2F
   const int64_t n0 = int64_t(blockIdx.y) * kOutCols;
   int expert = 0;
   int64_t row0, row1;
   T* C = static_cast<T*>(g.c);
   if (!find_tile<BM>(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
     // Rows after offsets[E] have no expert: zero our columns of them.
-    zero_bad_rows<T, SWIGLU>(C, h, row0, row1, n0, min(int64_t(kOutCols), N - n0), N, threadIdx.x, kThreads);
+    zero_bad_rows<T, EPI>(C, h, row0, row1, n0, min(int64_t(kOutCols), N - n0), N, threadIdx.x, kThreads);
     return;
   }
 
   const T* A = static_cast<const T*>(g.a);
   const T* B = static_cast<const T*>(g.b) + int64_t(expert) * K * N * (SWIGLU ? 2 : 1);
+  const T* bias = g.bias ? static_cast<const T*>(g.bias) + int64_t(expert) * N * (SWIGLU ? 2 : 1) : nullptr;
+  auto bias_at = [&](int64_t col) { return bias ? to_f32(bias[col]) : 0.f; };
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = (warp & 1) * 64, wn = (warp >> 1) * 64;
 
@@ -217,16 +259,32 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
         for (int ni = 0; ni < 4; ++ni) {
           const int64_t col = n0 + (warp >> 1) * 32 + ni * 8 + c2;
           if (col >= N) continue;
-          const float* gate = &acc[mi][ni][half * 2];
-          const float* up = &acc[mi][ni + 4][half * 2];
-          // silu(x) = x / (1 + e^-x); __expf's few-ulp error is far below
-          // the output rounding, and e^-x = inf gives the right -0 limit.
-          store2(C + row * N + col, gate[0] / (1.f + __expf(-gate[0])) * up[0],
-                 gate[1] / (1.f + __expf(-gate[1])) * up[1]);
+          const float gate[2] = {acc[mi][ni][half * 2] + bias_at(col), acc[mi][ni][half * 2 + 1] + bias_at(col + 1)};
+          const float up[2] = {acc[mi][ni + 4][half * 2] + bias_at(N + col),
+                               acc[mi][ni + 4][half * 2 + 1] + bias_at(N + col + 1)};
+          store2(C + row * N + col, glu(gate[0], up[0], glu_p.activation, glu_p.alpha, glu_p.limit),
+                 glu(gate[1], up[1], glu_p.activation, glu_p.alpha, glu_p.limit));
           if (h) {
             store2(h + row * 2 * N + col, gate[0], gate[1]);
             store2(h + row * 2 * N + N + col, up[0], up[1]);
           }
+        }
+      }
+    }
+  } else if constexpr (EPI == kEpiGluPairs) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
+        if (row >= row1) continue;
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni) {
+          const int64_t col = n0 + wn + ni * 8 + c2;  // even: gate, col + 1: its up
+          if (col >= N) continue;
+          const float gate = acc[mi][ni][half * 2] + bias_at(col), up = acc[mi][ni][half * 2 + 1] + bias_at(col + 1);
+          C[row * (N / 2) + col / 2] = from_f32<T>(glu(gate, up, glu_p.activation, glu_p.alpha, glu_p.limit));
+          if (h) store2(h + row * N + col, gate, up);
         }
       }
     }
@@ -241,8 +299,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
         for (int ni = 0; ni < 8; ++ni) {
           const int64_t col = n0 + wn + ni * 8 + c2;
           if (col >= N) continue;
-          const T lo = from_f32<T>(acc[mi][ni][half * 2]), hi = from_f32<T>(acc[mi][ni][half * 2 + 1]);
-          *reinterpret_cast<uint32_t*>(C + row * N + col) = uint32_t(lo.bits) | (uint32_t(hi.bits) << 16);
+          store2(C + row * N + col, acc[mi][ni][half * 2] + bias_at(col), acc[mi][ni][half * 2 + 1] + bias_at(col + 1));
         }
       }
     }
@@ -397,6 +454,26 @@ __global__ void __launch_bounds__(kThreads) grouped_wgrad_kernel(GroupedWgradArg
 
 gpuStream_t as_stream(void* s) { return static_cast<gpuStream_t>(s); }
 
+// The CUDA kernel for (T, trans_b, EPI): the wgmma one on capability 9.0, else sm_80's.
+template <class T, int EPI>
+void launch_forward(const GroupedGemmArgs& g, int device, void* stream, T* h, GluParams glu) {
+  constexpr int kOutCols = EPI == kEpiSwiglu ? BN / 2 : BN;
+  const dim3 grid(unsigned((g.rows + BM - 1) / BM + g.experts + 1), unsigned((g.n + kOutCols - 1) / kOutCols));
+  const bool hopper = hopper_or_sm80(device) == 90;
+#ifdef MIXKIT_WITH_SM90
+  if (hopper) {
+    if (g.trans_b) sm90::grouped_gemm<T, true, EPI>(g, as_stream(stream), h, glu);
+    else if constexpr (EPI != kEpiSwiglu) sm90::grouped_gemm<T, false, EPI>(g, as_stream(stream), h, glu);
+    return;
+  }
+#endif
+  (void)hopper;
+  if (g.trans_b)
+    gpu_launch(grouped_gemm_kernel<T, true, EPI>, grid, kThreads, 0, as_stream(stream), g, h, glu);
+  else if constexpr (EPI != kEpiSwiglu)
+    gpu_launch(grouped_gemm_kernel<T, false, EPI>, grid, kThreads, 0, as_stream(stream), g, h, glu);
+}
+
 }  // namespace
 
 void grouped_gemm_gpu(const GroupedGemmArgs& g, int device, void* stream) {
@@ -406,48 +483,28 @@ void grouped_gemm_gpu(const GroupedGemmArgs& g, int device, void* stream) {
   require((g.n + BN - 1) / BN <= 65535, "N_out too large for the grid (at most 65535 * 128)");
   if (g.rows == 0) return;
   DeviceGuard guard(device);
-  const dim3 grid(unsigned((g.rows + BM - 1) / BM + g.experts + 1), unsigned((g.n + BN - 1) / BN));
-  const bool hopper = hopper_or_sm80(device) == 90;
-  auto launch = [&](auto t) {
-    using T = decltype(t);
-#ifdef MIXKIT_WITH_SM90
-    if (hopper) {
-      if (g.trans_b) sm90::grouped_gemm<T, true, false>(g, as_stream(stream), nullptr);
-      else sm90::grouped_gemm<T, false, false>(g, as_stream(stream), nullptr);
-      return;
-    }
-#endif
-    (void)hopper;
-    if (g.trans_b)
-      gpu_launch(grouped_gemm_kernel<T, true, false>, grid, kThreads, 0, as_stream(stream), g, nullptr);
-    else
-      gpu_launch(grouped_gemm_kernel<T, false, false>, grid, kThreads, 0, as_stream(stream), g, nullptr);
-  };
-  if (g.dtype == DType::bf16) launch(bf16{});
-  else launch(f16{});
+  if (g.dtype == DType::bf16) launch_forward<bf16, kEpiPlain>(g, device, stream, nullptr, GluParams{});
+  else launch_forward<f16, kEpiPlain>(g, device, stream, nullptr, GluParams{});
   gpu_check(gpuGetLastError(), "launching grouped_gemm_kernel");
 }
 
+// Gate and up blocks: the 64-column kEpiSwiglu tile over F; interleaved
+// pairs: the plain tile over h's 2F columns with the pairs epilogue.
 void grouped_swiglu_gpu(const GroupedSwigluArgs& s, int device, void* stream) {
   check(s);
   require(s.dtype != DType::f32, "the GPU fused SwiGLU GEMM takes bfloat16 or float16 (float32 runs on the CPU only)");
   check_gpu_shape(s.k, s.ffn, {s.x, s.w13, s.act, s.h});
-  require((s.ffn + BN / 2 - 1) / (BN / 2) <= 65535, "ffn too large for the grid (at most 65535 * 64)");
+  require((2 * s.ffn + BN - 1) / BN <= 65535, "ffn too large for the grid (at most 65535 * 64)");
   if (s.rows == 0) return;
   DeviceGuard guard(device);
-  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.ffn, s.experts, true};
-  const dim3 grid(unsigned((s.rows + BM - 1) / BM + s.experts + 1), unsigned((s.ffn + BN / 2 - 1) / (BN / 2)));
-  const bool hopper = hopper_or_sm80(device) == 90;
+  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.interleaved ? 2 * s.ffn : s.ffn,
+                          s.experts, s.trans_b, s.bias};
+  const GluParams glu{s.activation, s.alpha, s.limit};
   auto launch = [&](auto t) {
     using T = decltype(t);
-#ifdef MIXKIT_WITH_SM90
-    if (hopper) {
-      sm90::grouped_gemm<T, true, true>(g, as_stream(stream), static_cast<T*>(s.h));
-      return;
-    }
-#endif
-    (void)hopper;
-    gpu_launch(grouped_gemm_kernel<T, true, true>, grid, kThreads, 0, as_stream(stream), g, static_cast<T*>(s.h));
+    T* h = static_cast<T*>(s.h);
+    if (s.interleaved) launch_forward<T, kEpiGluPairs>(g, device, stream, h, glu);
+    else launch_forward<T, kEpiSwiglu>(g, device, stream, h, glu);
   };
   if (s.dtype == DType::bf16) launch(bf16{});
   else launch(f16{});

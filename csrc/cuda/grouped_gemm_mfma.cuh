@@ -28,12 +28,17 @@
 // read rows 8 apart, which land on the same 16 banks (whether that costs a
 // cycle depends on how the LDS schedules 16-bit reads: unmeasured).
 //
-// Fused SwiGLU (SWIGLU = true, trans_b, w13 (E, 2F, K)): 64 output columns
-// per workgroup; B tile rows 0-63 are w13's gate rows n0.., rows 64-127 its
-// up rows F + n0... Wave w's accumulator column u = 0 holds 32 gate columns
-// and u = 1 the up columns of the same outputs, and a lane owns the same
-// (row, column) in both, so silu(gate) * up is computed in float32 in the
-// epilogue from the unrounded sums, rounded once.
+// Fused SwiGLU, gate and up blocks (EPI = kEpiSwiglu, trans_b, w13 (E, 2F,
+// K)): 64 output columns per workgroup; B tile rows 0-63 are w13's gate rows
+// n0.., rows 64-127 its up rows F + n0... Wave w's accumulator column u = 0
+// holds 32 gate columns and u = 1 the up columns of the same outputs, and a
+// lane owns the same (row, column) in both, so the activation is computed in
+// float32 in the epilogue from the unrounded sums, rounded once.
+// Interleaved (gate, up) columns (EPI = kEpiGluPairs, gpt-oss, either
+// layout): the plain tile over h's 2F columns; a lane owns one column, and
+// lanes l and l ^ 1 own the adjacent columns 2j and 2j + 1 of the same rows
+// (mfma.cuh's d_col), so one shuffle brings the up value to the gate's lane,
+// which writes act column j. The optional bias is added in every epilogue.
 //
 // Scheduling without a host sync, as in CUDA: grid.x = ceil(rows / 128) +
 // experts + 1 slots, grid.y = n-tiles; each workgroup walks the device-side
@@ -169,11 +174,13 @@ template <class T> struct Elem;  // the 16-bit scalar the builtin's operand vect
 template <> struct Elem<bf16> { using type = short; };
 template <> struct Elem<f16> { using type = _Float16; };
 
-// With SWIGLU (implies TRANS_B): g.b = w13 (E, 2F, K), g.n = F, g.c = act
-// (rows, F), h = (rows, 2F) pre-activations or null.
-template <class T, bool TRANS_B, bool SWIGLU>
-__global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmArgs g, T* h) {
+// kEpiSwiglu (implies TRANS_B): g.b = w13 (E, 2F, K), g.n = F, g.c = act
+// (rows, F), h = (rows, 2F) pre-activations or null. kEpiGluPairs: g.n = 2F,
+// g.c = act (rows, F), h (rows, 2F) or null.
+template <class T, bool TRANS_B, int EPI>
+__global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmArgs g, T* h, GluParams glu_p) {
   using namespace gg;
+  constexpr bool SWIGLU = EPI == kEpiSwiglu;
   static_assert(!SWIGLU || TRANS_B, "the fused SwiGLU reads w13 in nn.Linear's (2F, K) layout");
   using Op = typename Operand<T>::type;
   using E = typename Elem<T>::type;
@@ -193,6 +200,10 @@ __global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmA
   int64_t row0, row1;
   T* C = static_cast<T*>(g.c);
   if (!find_tile(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
+    if (EPI == kEpiGluPairs) {
+      mixkit::zero_bad_rows<T, EPI>(C, h, row0, row1, n0, N - n0 < kOutCols ? N - n0 : kOutCols, N, tid, kThreads);
+      return;
+    }
     // Rows after offsets[E] have no expert: zero our columns of them, 16
     // bytes at a time (n0 and N are multiples of 8).
     const int64_t chunks = (N - n0 < kOutCols ? N - n0 : kOutCols) / 8;
@@ -209,6 +220,8 @@ __global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmA
 
   const T* A = static_cast<const T*>(g.a);
   const T* B = static_cast<const T*>(g.b) + int64_t(expert) * K * N * (SWIGLU ? 2 : 1);
+  const T* bias = g.bias ? static_cast<const T*>(g.bias) + int64_t(expert) * N * (SWIGLU ? 2 : 1) : nullptr;
+  auto bias_at = [&](int64_t col) { return bias ? to_f32(bias[col]) : 0.f; };
 
   // Global -> registers for the slice at k0. K and N are multiples of 8, so a
   // 16-byte chunk is all in or all out; out-of-range chunks stage zeros.
@@ -297,14 +310,31 @@ __global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmA
         for (int r = 0; r < kAccRegs; ++r) {
           const int64_t row = row0 + out_row(w, t, lane, r);
           if (row >= row1) continue;
-          const float gate = acc[t][0][r], up = acc[t][1][r];
-          // silu(x) = x / (1 + e^-x); __expf's few-ulp error is far below the
-          // output rounding, and e^-x = inf gives the right -0 limit.
-          C[row * N + col] = from_f32<T>(gate / (1.f + __expf(-gate)) * up);
+          const float gate = acc[t][0][r] + bias_at(col), up = acc[t][1][r] + bias_at(N + col);
+          C[row * N + col] = from_f32<T>(glu(gate, up, glu_p.activation, glu_p.alpha, glu_p.limit));
           if (h) {
             h[row * 2 * N + col] = from_f32<T>(gate);
             h[row * 2 * N + N + col] = from_f32<T>(up);
           }
+        }
+    }
+  } else if constexpr (EPI == kEpiGluPairs) {
+    // Every lane reaches every shuffle; the bounds checks come after it.
+#pragma unroll
+    for (int u = 0; u < kTilesN; ++u) {
+      const int64_t col = n0 + out_col(w, u, lane, 0);  // even lanes: a gate column; odd: its up
+      const float b = col < N ? bias_at(col) : 0.f;
+#pragma unroll
+      for (int t = 0; t < kTilesM; ++t)
+#pragma unroll
+        for (int r = 0; r < kAccRegs; ++r) {
+          const float v = acc[t][u][r] + b;
+          const float up = shfl_xor(v, 1);
+          const int64_t row = row0 + out_row(w, t, lane, r);
+          if (col >= N || row >= row1) continue;
+          if (h) h[row * N + col] = from_f32<T>(v);
+          if (lane % 2 == 0) C[row * (N / 2) + col / 2] = from_f32<T>(glu(v, up, glu_p.activation, glu_p.alpha,
+                                                                                glu_p.limit));
         }
     }
   } else {
@@ -317,7 +347,7 @@ __global__ void __launch_bounds__(gg::kThreads) grouped_gemm_kernel(GroupedGemmA
 #pragma unroll
         for (int r = 0; r < kAccRegs; ++r) {
           const int64_t row = row0 + out_row(w, t, lane, r);
-          if (row < row1) C[row * N + col] = from_f32<T>(acc[t][u][r]);
+          if (row < row1) C[row * N + col] = from_f32<T>(acc[t][u][r] + bias_at(col));
         }
     }
   }
@@ -423,15 +453,27 @@ __global__ void __launch_bounds__(gg::kThreads) grouped_wgrad_kernel(GroupedWgra
 // the device, as for the CUDA kernel; they also check the launch error.
 template <class T, bool TRANS_B> void grouped_gemm(const GroupedGemmArgs& g, hipStream_t stream) {
   const dim3 grid(unsigned((g.rows + gg::kBM - 1) / gg::kBM + g.experts + 1), unsigned((g.n + gg::kBN - 1) / gg::kBN));
-  gpu_launch((grouped_gemm_kernel<T, TRANS_B, false>), grid, dim3(gg::kThreads), 0, stream, g,
-             static_cast<T*>(nullptr));
+  gpu_launch((grouped_gemm_kernel<T, TRANS_B, kEpiPlain>), grid, dim3(gg::kThreads), 0, stream, g,
+             static_cast<T*>(nullptr), GluParams{});
 }
 
+// Gate and up blocks: 64 act columns a workgroup; interleaved pairs: the
+// plain tile over h's 2F columns.
 template <class T> void grouped_swiglu(const GroupedSwigluArgs& s, hipStream_t stream) {
-  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.ffn, s.experts, true};
-  const dim3 grid(unsigned((s.rows + gg::kBM - 1) / gg::kBM + s.experts + 1),
-                  unsigned((s.ffn + gg::kSwigluCols - 1) / gg::kSwigluCols));
-  gpu_launch((grouped_gemm_kernel<T, true, true>), grid, dim3(gg::kThreads), 0, stream, g, static_cast<T*>(s.h));
+  const GluParams glu{s.activation, s.alpha, s.limit};
+  T* h = static_cast<T*>(s.h);
+  const int64_t tiles_m = (s.rows + gg::kBM - 1) / gg::kBM + s.experts + 1;
+  if (s.interleaved) {
+    const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, 2 * s.ffn, s.experts, s.trans_b,
+                            s.bias};
+    const dim3 grid(unsigned(tiles_m), unsigned((2 * s.ffn + gg::kBN - 1) / gg::kBN));
+    if (s.trans_b) gpu_launch((grouped_gemm_kernel<T, true, kEpiGluPairs>), grid, dim3(gg::kThreads), 0, stream, g, h, glu);
+    else gpu_launch((grouped_gemm_kernel<T, false, kEpiGluPairs>), grid, dim3(gg::kThreads), 0, stream, g, h, glu);
+    return;
+  }
+  const GroupedGemmArgs g{s.dtype, s.x, s.w13, s.offsets, s.act, s.rows, s.k, s.ffn, s.experts, true, s.bias};
+  const dim3 grid(unsigned(tiles_m), unsigned((s.ffn + gg::kSwigluCols - 1) / gg::kSwigluCols));
+  gpu_launch((grouped_gemm_kernel<T, true, kEpiSwiglu>), grid, dim3(gg::kThreads), 0, stream, g, h, glu);
 }
 
 // The caller (grouped_wgrad_gpu) checks as for the forward, except that it

@@ -27,16 +27,18 @@
 // mbarriers, keeping one wgmma group in flight across the barrier, and a
 // persistent tile scheduler.
 //
-// Scheduling, the bad-id rows and the fused SwiGLU epilogue are the sm_80
+// Scheduling, the bad-id rows and the fused SwiGLU epilogues are the sm_80
 // kernel's (grouped_gemm.cu): grid.x = ceil(rows / 128) + experts + 1 slots
 // walking the device offsets (no host sync, graph-capturable), grid.y the
-// n-tiles. With SWIGLU the CTA owns 64 output columns n0..: B tile rows 0-63
-// are w13's gate rows n0.., rows 64-127 its up rows F + n0.., so accumulator
-// column j < 64 is gate and j + 64 the matching up: d[4i + e] and
-// d[32 + 4i + e] of the same thread. SWIGLU without TRANS_B (w13 stored
-// (E, K, 2F), gate columns then up columns) works the same way, with the two
-// MN-major column blocks as gate and up; GroupedSwigluArgs only describes
-// the (E, 2F, K) layout today, so only <T, true, true> is reachable from it.
+// n-tiles. With kEpiSwiglu the CTA owns 64 output columns n0..: B tile rows
+// 0-63 are w13's gate rows n0.., rows 64-127 its up rows F + n0.., so
+// accumulator column j < 64 is gate and j + 64 the matching up: d[4i + e] and
+// d[32 + 4i + e] of the same thread. (kEpiSwiglu without TRANS_B, w13 stored
+// (E, K, 2F) as gate columns then up columns, would work the same way with
+// the two MN-major column blocks as gate and up; no caller needs it, so it
+// is not instantiated.) kEpiGluPairs (interleaved gate/up columns, gpt-oss)
+// is the plain tile over h's 2F columns: a thread's pair d[4i + 2 half],
+// d[4i + 2 half + 1] is one (gate, up) pair.
 #pragma once
 
 #include <cstdint>
@@ -65,27 +67,30 @@ constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + the round-up to 1
 __device__ __forceinline__ uint32_t swz128(int r, int c) { return uint32_t(r * 128 + (((c ^ r) & 7) << 4)); }
 
 
-template <class T, bool TRANS_B, bool SWIGLU>
-__global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmArgs g, T* h) {
+template <class T, bool TRANS_B, int EPI>
+__global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmArgs g, T* h, GluParams glu_p) {
+  constexpr bool SWIGLU = EPI == kEpiSwiglu;
   constexpr int kOutCols = SWIGLU ? BN / 2 : BN;
   MIXKIT_DYNAMIC_SMEM(smem_raw, 16);
   // The swizzle is a function of address bits 4-9: tiles start on 1024-byte
   // boundaries, rounded up at run time (see flash_attn_fwd_sm90.cuh).
   unsigned char* smem = smem_raw + ((1024u - (sm80::smem_addr(smem_raw) & 1023u)) & 1023u);
 
-  const int64_t K = g.k, N = g.n;  // with SWIGLU, N = F
+  const int64_t K = g.k, N = g.n;  // with SWIGLU, N = F; with pairs, N = 2F
   const int64_t n0 = int64_t(blockIdx.y) * kOutCols;
   int expert = 0;
   int64_t row0, row1;
   T* C = static_cast<T*>(g.c);
   if (!find_tile<BM>(g.offsets, int(g.experts), g.rows, blockIdx.x, expert, row0, row1)) {
     // Rows after offsets[E] have no expert: zero our columns of them.
-    zero_bad_rows<T, SWIGLU>(C, h, row0, row1, n0, min(int64_t(kOutCols), N - n0), N, threadIdx.x, kThreads);
+    zero_bad_rows<T, EPI>(C, h, row0, row1, n0, min(int64_t(kOutCols), N - n0), N, threadIdx.x, kThreads);
     return;
   }
 
   const T* A = static_cast<const T*>(g.a);
   const T* B = static_cast<const T*>(g.b) + int64_t(expert) * K * N * (SWIGLU ? 2 : 1);
+  const T* bias = g.bias ? static_cast<const T*>(g.bias) + int64_t(expert) * N * (SWIGLU ? 2 : 1) : nullptr;
+  auto bias_at = [&](int64_t col) { return bias ? to_f32(bias[col]) : 0.f; };
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const uint32_t smem_base = sm80::smem_addr(smem);
 
@@ -186,15 +191,22 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmAr
       if (col >= N) continue;
       const float* d = &acc[4 * i + 2 * half];
       if constexpr (SWIGLU) {
-        const float* up = &acc[BN / 4 + 4 * i + 2 * half];  // column j + 64
-        // silu(x) = x / (1 + e^-x), as the sm_80 kernel: float32, one rounding.
-        store2(C + row * N + col, d[0] / (1.f + __expf(-d[0])) * up[0], d[1] / (1.f + __expf(-d[1])) * up[1]);
+        const float* u = &acc[BN / 4 + 4 * i + 2 * half];  // column j + 64
+        const float gate[2] = {d[0] + bias_at(col), d[1] + bias_at(col + 1)};
+        const float up[2] = {u[0] + bias_at(N + col), u[1] + bias_at(N + col + 1)};
+        // As the sm_80 kernel: float32, one rounding.
+        store2(C + row * N + col, glu(gate[0], up[0], glu_p.activation, glu_p.alpha, glu_p.limit),
+               glu(gate[1], up[1], glu_p.activation, glu_p.alpha, glu_p.limit));
         if (h) {
-          store2(h + row * 2 * N + col, d[0], d[1]);
+          store2(h + row * 2 * N + col, gate[0], gate[1]);
           store2(h + row * 2 * N + N + col, up[0], up[1]);
         }
+      } else if constexpr (EPI == kEpiGluPairs) {
+        const float gate = d[0] + bias_at(col), up = d[1] + bias_at(col + 1);  // col is even
+        C[row * (N / 2) + col / 2] = from_f32<T>(glu(gate, up, glu_p.activation, glu_p.alpha, glu_p.limit));
+        if (h) store2(h + row * N + col, gate, up);
       } else {
-        store2(C + row * N + col, d[0], d[1]);
+        store2(C + row * N + col, d[0] + bias_at(col), d[1] + bias_at(col + 1));
       }
     }
   }
@@ -203,20 +215,20 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmAr
 }  // namespace gg
 
 // Same checks, grid and semantics as grouped_gemm.cu's launchers, which call
-// this on capability 9.0 after their own argument checks. SWIGLU: g is the
-// forward-GEMM view of GroupedSwigluArgs (b = w13, n = ffn, c = act, trans_b)
-// and h the pre-activations or null.
-template <class T, bool TRANS_B, bool SWIGLU>
-void grouped_gemm(const GroupedGemmArgs& g, gpuStream_t stream, T* h = nullptr) {
+// this on capability 9.0 after their own argument checks. kEpiSwiglu and
+// kEpiGluPairs: g is the forward-GEMM view of GroupedSwigluArgs (b = w13,
+// n = ffn or 2 ffn, c = act, trans_b, bias) and h the pre-activations or null.
+template <class T, bool TRANS_B, int EPI>
+void grouped_gemm(const GroupedGemmArgs& g, gpuStream_t stream, T* h, GluParams glu) {
   if (g.rows == 0) return;
-  constexpr int kOutCols = SWIGLU ? gg::BN / 2 : gg::BN;
+  constexpr int kOutCols = EPI == kEpiSwiglu ? gg::BN / 2 : gg::BN;
   const dim3 grid(unsigned((g.rows + gg::BM - 1) / gg::BM + g.experts + 1),
                   unsigned((g.n + kOutCols - 1) / kOutCols));
-  auto kernel = gg::grouped_gemm_kernel<T, TRANS_B, SWIGLU>;
+  auto kernel = gg::grouped_gemm_kernel<T, TRANS_B, EPI>;
   // Above 48 KB of dynamic shared memory needs the attribute; cheap, and
   // allowed during graph capture.
   gpu_check(gpuSetMaxDynamicSharedMemory(kernel, gg::kSmemBytes), "configuring the sm90 grouped_gemm_kernel");
-  gpu_launch(kernel, grid, gg::kThreads, gg::kSmemBytes, stream, g, h);
+  gpu_launch(kernel, grid, gg::kThreads, gg::kSmemBytes, stream, g, h, glu);
   gpu_check(gpuGetLastError(), "launching the sm90 grouped_gemm_kernel");
 }
 

@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeRouteArgs a
       v[i] = present ? to_f32(logits[t * E + e]) : -INFINITY;
       if (!present) taken |= 1u << i;
     }
+    const unsigned absent = taken;
     float top = 0.f, sum = 0.f;
     for (int j = 0; j < k; ++j) {
       float bv = -INFINITY;
@@ -83,6 +84,15 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeRouteArgs a
         a.expert_ids[t * k + j] = bi;
       }
     }
+    if (!a.renormalize) {
+      // The full softmax's denominator: each lane's present logits, then a
+      // butterfly over the group (every lane reaches it, as above).
+      sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i)
+        if (!((absent >> i) & 1u)) sum += expf(v[i] - top);
+      for (int m = group / 2; m > 0; m >>= 1) sum += shfl_xor(sum, m);
+    }
     if (!active) continue;
     const float inv = 1.f / sum;
     for (int j = lane; j < k; j += group) a.weights[t * k + j] *= inv;
@@ -90,21 +100,40 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeRouteArgs a
 }
 
 // One thread per token: E + k stores, negligible next to the layer's GEMMs.
+// Without renormalization (logits given) every expert gets p_e (g_sel - dot),
+// with the full softmax p recomputed from the logits in two passes and g_sel
+// found by scanning the token's k ids (k <= E <= 256; no per-thread array).
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) moe_route_bwd_kernel(MoeRouteBwdArgs a) {
   const int64_t E = a.experts, k = a.top_k;
   T* dl = static_cast<T*>(a.grad_logits);
+  const T* logits = static_cast<const T*>(a.logits);
   const T zero = from_f32<T>(0.f);
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < a.tokens;
        t += int64_t(gridDim.x) * blockDim.x) {
     const float* w = a.weights + t * k;
     const float* g = a.grad_weights + t * k;
+    const int32_t* ids = a.expert_ids + t * k;
     float dot = 0.f;
     for (int64_t j = 0; j < k; ++j) dot += w[j] * g[j];
-    for (int64_t e = 0; e < E; ++e) dl[t * E + e] = zero;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t e = a.expert_ids[t * k + j];
-      if (e >= 0 && e < E) dl[t * E + e] = from_f32<T>(w[j] * (g[j] - dot));
+    if (!logits) {
+      for (int64_t e = 0; e < E; ++e) dl[t * E + e] = zero;
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = ids[j];
+        if (e >= 0 && e < E) dl[t * E + e] = from_f32<T>(w[j] * (g[j] - dot));
+      }
+      continue;
+    }
+    const T* l = logits + t * E;
+    float m = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) m = fmaxf(m, to_f32(l[e]));
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += expf(to_f32(l[e]) - m);
+    const float inv = 1.f / sum;
+    for (int64_t e = 0; e < E; ++e) {
+      float gs = 0.f;
+      for (int64_t j = 0; j < k; ++j) gs = ids[j] == e ? g[j] : gs;
+      dl[t * E + e] = from_f32<T>(expf(to_f32(l[e]) - m) * inv * (gs - dot));
     }
   }
 }

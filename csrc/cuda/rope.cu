@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(RopeArgs a) {
   __shared__ float inv_freq[kMaxHalf];
   const int half = int(a.head_dim / 2);
   for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < half; i += blockDim.x * blockDim.y)
-    inv_freq[i] = rope_inv_freq(a.theta, i, a.head_dim);
+    inv_freq[i] = a.inv_freq ? a.inv_freq[i] : rope_inv_freq(a.theta, i, a.head_dim);
   __syncthreads();
 
   const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -37,7 +37,8 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(RopeArgs a) {
     // sincosf, not __sincosf: the fast intrinsic loses accuracy for the large
     // angles that long contexts produce.
     sincosf(pos * inv_freq[i0 + p], &s[p], &c[p]);
-    if (a.inverse) s[p] = -s[p];
+    c[p] *= a.attention_factor;
+    s[p] *= a.inverse ? -a.attention_factor : a.attention_factor;
   }
 
   // q heads then k heads, split over blockIdx.y when there are few tokens

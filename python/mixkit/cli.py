@@ -620,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
                 from mixkit.bench.serve import main as bench_serve
                 command = "bench serve"
                 return bench_serve(argv[2:])
+            if argv[:2] == ["bench", "models"]:  # so has the model-level one (python -m mixkit.bench.models)
+                from mixkit.bench.models import main as bench_models
+                command = "bench models"
+                return bench_models(argv[2:])
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help, or a bad option (its one line is printed): a code, for callers of main
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE

@@ -89,7 +89,12 @@ except ImportError:  # pragma: no cover - depends on the installed version
     ExpertsInterface = None
 
 NAME = "mixkit"
-SUPPORTED = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM", "OlmoForCausalLM")
+# transformers.models.<family>: every model class of these families (base
+# model, causal LM, sequence/token classification, QA heads) can be patched.
+SUPPORTED = ("mistral", "mixtral", "llama", "olmo", "olmo2", "olmoe", "qwen3_moe", "ministral", "gemma2", "gemma3",
+             "gpt_oss")
+# Gemma 3's multimodal classes carry a vision tower mixkit does not patch.
+_UNSUPPORTED_CLASSES = ("Gemma3ForConditionalGeneration", "Gemma3Model", "Gemma3ForSequenceClassification")
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 
 # What ran: "flash_attn", "flash_attn_varlen", "decode_attn", "rms_norm",
@@ -346,31 +351,61 @@ def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 # ---- experts -----------------------------------------------------------------------
 
+def _expert_gate(module):
+    """How the experts gate: ("swiglu_oss", None) for gpt-oss's clamped
+    SwiGLU, ("act", act_fn) for transformers' default act_fn(gate) * up, or
+    (None, reason) for a gate mixkit does not know."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover - transformers versions before custom gates
+        _default_apply_gate = None
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is None or gate is _default_apply_gate:
+        return "act", getattr(module, "act_fn", None)
+    if type(module).__name__ == "GptOssExperts" and hasattr(module, "alpha") and hasattr(module, "limit"):
+        return "swiglu_oss", None
+    return None, f"custom gate function {type(module).__name__}._apply_gate"
+
+
 def _experts_fallback(module):
-    if not getattr(module, "has_gate", True) or getattr(module, "has_bias", False):
-        return "experts without a gate or with biases"
-    if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
-        return "transposed or interleaved expert weights"
-    act = getattr(module, "act_fn", None)
-    if not isinstance(act, torch.nn.SiLU) and type(act).__name__ != "SiLUActivation":
-        return "expert activation is not SiLU"
+    if not getattr(module, "has_gate", True):
+        return "experts without a gate"
     if getattr(module, "has_post_expert_norm", False):
         return "post-expert norm"
-    return None
+    kind, why = _expert_gate(module)
+    return why if kind is None else None
 
 
 def mixkit_experts(module, hidden_states, top_k_index, top_k_weights):
     """`ExpertsInterface` entry: HF's router stays (router logits and the aux
     loss are untouched); the experts run as ops.moe_experts on HF's own
-    gate_up_proj (E, 2F, H) and down_proj (E, H, F), no copies."""
+    tensors, no copies: gate_up_proj (E, 2F, H) and down_proj (E, H, F)
+    (Mixtral, OLMoE, Qwen3-MoE), or gpt-oss's transposed, interleaved
+    (E, H, 2F) / (E, F, H) with their biases and its clamped SwiGLU. Any other
+    gate activation runs between the grouped GEMMs. What mixkit cannot serve
+    goes to transformers' grouped_mm experts (what it would pick itself),
+    never to the per-expert loop."""
     reason = _experts_fallback(module)
     if reason is None and hidden_states.dtype != module.gate_up_proj.dtype:
         reason = "hidden states and expert weights differ in dtype"
     if reason is not None:
+        try:
+            from transformers.integrations.moe import grouped_mm_experts_forward as hf_experts
+        except ImportError:  # pragma: no cover - a transformers version without grouped_mm experts
+            hf_experts = type(module).forward.__wrapped__
         _count(f"fallback: {reason}")
-        return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
+        return hf_experts(module, hidden_states, top_k_index, top_k_weights)
+    kind, act = _expert_gate(module)
+    kw = dict(transposed=bool(getattr(module, "is_transposed", False)),
+              interleaved=not getattr(module, "is_concatenated", True))
+    if getattr(module, "has_bias", False):
+        kw.update(w13_bias=module.gate_up_proj_bias, w2_bias=module.down_proj_bias)
+    if kind == "swiglu_oss":
+        kw.update(activation="swiglu_oss", swiglu_alpha=float(module.alpha), swiglu_limit=float(module.limit))
+    elif not (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        kw.update(activation=act)
     _count("moe_experts")
-    out = ops.moe_experts(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj)
+    out = ops.moe_experts(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj, **kw)
     return out.to(hidden_states.dtype)
 
 
@@ -397,16 +432,26 @@ def _rms_forward(self, hidden_states):
     return ops.rms_norm(hidden_states.contiguous(), self.weight, eps=self.variance_epsilon)
 
 
+def _unit_offset_rms_forward(self, x):
+    """Gemma's RMSNorm, y = norm(x) * (1 + w): 1 + w formed in float32 (as
+    transformers does) and rounded once to x's dtype for the kernel."""
+    _count("rms_norm")
+    return ops.rms_norm(x.contiguous(), (1.0 + self.weight.float()).to(x.dtype), eps=self.eps)
+
+
 def _layer_norm_forward(self, hidden_states):
     _count("layer_norm")
     return ops.layer_norm(hidden_states.contiguous(), eps=1e-5)
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
-    """HF's Mistral/Mixtral/Llama/OLMo attention forward with ops.rope in place
-    of apply_rotary_pos_emb: q and k are rotated in (B, S, heads, D) layout
-    straight from the projections, from position_ids (what HF's rotary
-    module turns into cos/sin)."""
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """transformers' attention forward of every supported family, with
+    ops.rope in place of apply_rotary_pos_emb: q and k are rotated in
+    (B, S, heads, D) layout straight from the projections (after the q/k
+    norms and clip_qkv where the family has them), from position_ids (what
+    transformers' rotary module turns into cos/sin), with the layer's RoPE
+    base and scaling. The attention call gets what the family's own forward
+    passes: the layer's window, Gemma 2's softcap, gpt-oss's sinks."""
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         _count("fallback: rope without position_ids")
@@ -415,11 +460,19 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    per_head = q_norm is not None and q_norm.weight.shape[0] == self.head_dim
+    if q_norm is not None and not per_head:  # OLMo 2, OLMoE: over the whole projection
+        q, k = q_norm(q), k_norm(k)
     clip = getattr(self.config, "clip_qkv", None)
-    if clip is not None:  # OLMo
+    if clip is not None:  # OLMo, OLMoE
         q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    q, k = q.view(hidden_shape), k.view(hidden_shape)
+    if per_head:  # Qwen3, Gemma 3
+        q, k = q_norm(q), k_norm(k)
     b, s = input_shape
-    q, k = ops.rope(q.view(hidden_shape), k.view(hidden_shape), position_ids.expand(b, s), theta=self._mixkit_theta)
+    theta, scaling = self._mixkit_rope
+    q, k = ops.rope(q, k, position_ids.expand(b, s), theta=theta, scaling=scaling)
     _count("rope")
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(hidden_shape).transpose(1, 2)
     if cache is not None:
@@ -428,10 +481,18 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     eager = getattr(sys.modules[self._mixkit_base.__module__], "eager_attention_forward")
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     extra = {}
-    if type(self).__name__.startswith(("Mistral", "Mixtral")):  # the families whose HF code passes the window
+    name = type(self).__name__
+    if hasattr(self, "sliding_window"):  # the families with per-layer windows keep the layer's
+        extra["sliding_window"] = self.sliding_window
+    elif name.startswith(("Mistral", "Mixtral", "Olmoe")):  # the ones whose forward passes the config's
         extra["sliding_window"] = getattr(self.config, "sliding_window", None)
-    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-                             scaling=self.scaling, **extra, **kwargs)
+    if name.startswith("Gemma2"):
+        extra["softcap"] = self.attn_logit_softcapping
+    if getattr(self, "sinks", None) is not None:  # gpt-oss
+        extra["s_aux"] = self.sinks
+    dropout = 0.0 if not self.training else self.attention_dropout
+    out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra,
+                             **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
 
@@ -467,17 +528,40 @@ def _restore(module) -> bool:
     return True
 
 
-def _rope_theta(config):
+def _rope_params(config, layer_type=None):
+    """((theta, scaling or None), None) for one attention layer, or (None,
+    why not). Gemma 3 keeps one rope_parameters per layer type."""
+    from .ops.rope import scaling_kind
+
     params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if rope_type != "default":
-        return None, f"rope_type {rope_type!r}: mixkit.ops.rope has plain RoPE only ('default')"
     if theta is None:
         return None, "no rope_theta in the config"
-    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+    if params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) not in (None, 1, 1.0):
         return None, "partial rotary embedding"
-    return float(theta), None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type") == "yarn":  # transformers reads these from the config when absent
+        scaling.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings",
+                                                                       config.max_position_embeddings))
+        if scaling.get("factor") is None:
+            scaling["max_position_embeddings"] = config.max_position_embeddings
+    try:
+        kind = scaling_kind(scaling)
+    except (TypeError, ValueError) as e:
+        return None, f"{e} (mixkit.ops.rope computes default, linear and yarn)"
+    return (float(theta), None if kind == "default" else scaling), None
+
+
+def _family(model) -> str | None:
+    """The supported family a model class belongs to (also for a user's
+    subclass of one), or None."""
+    for cls in type(model).__mro__:
+        parts = cls.__module__.split(".")
+        if len(parts) >= 4 and parts[:2] == ["transformers", "models"] and parts[2] in SUPPORTED:
+            return None if cls.__name__ in _UNSUPPORTED_CLASSES else parts[2]
+    return None
 
 
 _SAVED = weakref.WeakKeyDictionary()
@@ -485,7 +569,10 @@ _SAVED = weakref.WeakKeyDictionary()
 
 def patch(model, *, attention: bool = True, norms: bool = True, rope: bool = True, moe: bool = True,
           strict: bool = False) -> dict:
-    """Put mixkit's ops into a loaded Mistral, Mixtral, Llama or OLMo model.
+    """Put mixkit's ops into a loaded model of a supported family (SUPPORTED:
+    Mistral, Mixtral, Llama, OLMo, OLMo 2, OLMoE, Qwen3-MoE, Ministral,
+    Gemma 2, Gemma 3 text, gpt-oss), any of its classes: the base model,
+    the causal LM, the sequence and token classification and QA heads.
 
     Returns {"model", "patched": {part: what}, "left_alone": {part: why},
     "falls_back": [conditions under which attention calls use HF's path]}.
@@ -494,14 +581,18 @@ def patch(model, *, attention: bool = True, norms: bool = True, rope: bool = Tru
     they would fall back.
     """
     name = type(model).__name__
-    if name not in SUPPORTED:
-        raise TypeError(f"mixkit.hf.patch supports {', '.join(SUPPORTED)}; got {name}")
+    family = _family(model)
+    if family is None:
+        raise TypeError(f"mixkit.hf.patch supports the model classes of transformers' {', '.join(SUPPORTED)} "
+                        f"(not {', '.join(_UNSUPPORTED_CLASSES)}); got {name}")
     config = model.config
     saved = _SAVED.setdefault(model, {"attn": config._attn_implementation,
                                       "experts": getattr(config, "_experts_implementation", None)})
     patched, left = {}, {}
 
-    attn_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
+    prefix = f"transformers.models.{family}."
+    attn_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")
+                    and type(m).__module__.startswith(prefix)]
     if attention:
         if config._attn_implementation != NAME:
             model.set_attn_implementation(NAME)
@@ -518,6 +609,9 @@ def patch(model, *, attention: bool = True, norms: bool = True, rope: bool = Tru
             if cname.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
                 _swap(m, _rms_forward)
                 count += 1
+            elif cname in ("Gemma2RMSNorm", "Gemma3RMSNorm") and hasattr(m, "eps"):
+                _swap(m, _unit_offset_rms_forward)
+                count += 1
             elif cname == "OlmoLayerNorm":
                 _swap(m, _layer_norm_forward)
                 count += 1
@@ -526,15 +620,17 @@ def patch(model, *, attention: bool = True, norms: bool = True, rope: bool = Tru
         left["norms"] = "not requested"
 
     if rope:
-        theta, why = _rope_theta(config)
-        if theta is None:
+        per_layer = [_rope_params(config, getattr(m, "layer_type", None)) for m in attn_modules]
+        why = next((w for p, w in per_layer if p is None), None)
+        if why is not None:
             if strict:
                 raise MixkitFallback(f"mixkit.hf.patch: RoPE left alone: {why}")
             left["rope"] = why
         else:
-            for m in attn_modules:
-                _swap(m, _attention_forward, _mixkit_theta=theta)
-            patched["rope"] = f"mixkit.ops.rope (theta {theta:g}) in {len(attn_modules)} attention layers"
+            for m, (params, _) in zip(attn_modules, per_layer):
+                _swap(m, _attention_forward, _mixkit_rope=params)
+            kinds = sorted({f"theta {t:g}" + (f" {sc['rope_type']}" if sc else "") for (t, sc), _ in per_layer})
+            patched["rope"] = f"mixkit.ops.rope ({', '.join(kinds)}) in {len(attn_modules)} attention layers"
     else:
         left["rope"] = "not requested"
 

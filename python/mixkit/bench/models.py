@@ -1,7 +1,8 @@
 """Model-level (end-to-end) benchmarks: Mistral 7B decode and prefill, and a
 Mixtral 8x7B layer stack, against Hugging Face transformers on the same GPU.
 
-    python -m mixkit.bench.models [--device cuda|cpu] [--quick] [--out FILE.json]
+    mixkit bench models [--device cuda|cpu] [--quick] [--sections families,hf] [--out FILE.json]
+    python -m mixkit.bench.models ...            (the same)
 
 Random weights at the real shapes, built straight on the device in the
 benchmark dtype (meta init, to_empty, normal_ on the device: no float32 copy
@@ -18,6 +19,13 @@ Rows (one dict per measurement, like bench.harness rows):
 - prefill / <model> T=t: one forward over t tokens, batch 1, no cache.
 - moe_decode / mixtral-8x7b[n layers]: decode over a stack of n Mixtral layers
   (plus embedding, final norm and LM head), mixkit and transformers.
+- family_prefill, family_decode / tiny-gpt-oss, tiny-qwen3-moe: the newer
+  MoE families at their tiny configs (gpt-oss: sinks, alternating windows,
+  biases, the clamped SwiGLU, YaRN; Qwen3-MoE: per-head q/k norms, top-4 of
+  8, a dense layer), mixkit against transformers on the same weights (the
+  mixkit model saved with mixkit.models.save and read by transformers'
+  from_pretrained; transformers' gpt-oss has no sdpa path, so its rows use
+  eager attention).
 
 Rooflines. Decode is memory bound: a step must read every weight matrix it
 touches once, whatever the batch, plus the visible KV cache:
@@ -61,7 +69,8 @@ from mixkit.bench import harness
 from mixkit.bench.flash_attn import visible_pairs
 from mixkit.models import CONFIGS, ModelArgs, Transformer
 
-SECTIONS = ("mixkit", "hf", "compile", "mixtral")
+SECTIONS = ("mixkit", "hf", "compile", "mixtral", "families")
+FAMILIES = ("tiny-gpt-oss", "tiny-qwen3-moe")
 BATCHES = (1, 32)
 
 
@@ -191,9 +200,9 @@ class MixkitDecoder:
     def __init__(self, model: Transformer, prompt: torch.Tensor, max_len: int):
         self.model = model
         b, ctx = prompt.shape
-        window = model.args.sliding_window
-        model.setup_caches(b, None if window else max_len)
-        chunk = min(window or ctx, ctx)
+        windows = [w for w in model.args.windows if w is not None]
+        model.setup_caches(b, max_len)  # full layers get max_len slots, sliding ones their window
+        chunk = min(min(windows, default=ctx), ctx)
         with torch.no_grad():
             for start in range(0, ctx, chunk):  # as generate(): chunks of at most the window
                 logits = model(prompt[:, start:start + chunk], start_pos=start)
@@ -299,20 +308,23 @@ def decode_weight_elems(args: ModelArgs, batch: int, experts_touched: float | No
     batch), the embedding's B rows only, and for MoE the router plus
     `experts_touched` experts per layer (default all)."""
     per_layer = _attn_params(args) + 2 * args.dim  # + attention_norm, ffn_norm
-    if args.moe_num_experts:
-        touched = args.moe_num_experts if experts_touched is None else experts_touched
-        per_layer += args.dim * args.moe_num_experts + touched * 3 * args.dim * args.hidden_dim
-    else:
-        per_layer += 3 * args.dim * args.hidden_dim
+    touched = args.moe_num_experts if experts_touched is None else experts_touched
+    total = 0
+    for i in range(args.n_layers):
+        if args.is_moe(i):
+            total += per_layer + args.dim * args.moe_num_experts + touched * 3 * args.dim * args.expert_dim
+        else:
+            total += per_layer + 3 * args.dim * args.hidden_dim
     head = args.vocab_size * args.dim + args.dim  # LM head + final norm
     embed = 0 if args.tie_embeddings else batch * args.dim  # tied: the LM head already reads the whole table
-    return args.n_layers * per_layer + head + embed
+    return total + head + embed
 
 
 def decode_kv_elems(args: ModelArgs, batch: int, position: int) -> int:
-    """K and V elements decode attention reads for the token at `position`."""
-    visible = position + 1 if args.sliding_window is None else min(position + 1, args.sliding_window)
-    return args.n_layers * 2 * batch * visible * args.n_kv_heads * args.head_dim
+    """K and V elements decode attention reads for the token at `position`,
+    each layer's window its own."""
+    visible = sum(position + 1 if w is None else min(position + 1, w) for w in args.windows)
+    return 2 * batch * visible * args.n_kv_heads * args.head_dim
 
 
 def decode_bytes(args: ModelArgs, batch: int, position: int, elt: int, experts_touched: float | None = None) -> int:
@@ -323,10 +335,11 @@ def decode_bytes(args: ModelArgs, batch: int, position: int, elt: int, experts_t
 def prefill_flops(args: ModelArgs, tokens: int) -> int:
     """Matmul flops of one forward over `tokens` (batch 1): projections, FFN
     (top_k experts per token for MoE), LM head, and causal attention."""
-    ffn = 3 * args.dim * args.hidden_dim * (args.moe_top_k if args.moe_num_experts else 1)
-    router = args.dim * args.moe_num_experts if args.moe_num_experts else 0
-    matmul_params = args.n_layers * (_attn_params(args) + ffn + router) + args.vocab_size * args.dim
-    attn = 4 * visible_pairs(tokens, args.sliding_window) * args.n_heads * args.head_dim * args.n_layers
+    moe = 3 * args.dim * args.expert_dim * args.moe_top_k + args.dim * args.moe_num_experts
+    dense = 3 * args.dim * args.hidden_dim
+    ffn = sum(moe if args.is_moe(i) else dense for i in range(args.n_layers))
+    matmul_params = args.n_layers * _attn_params(args) + ffn + args.vocab_size * args.dim
+    attn = 4 * sum(visible_pairs(tokens, w) for w in args.windows) * args.n_heads * args.head_dim
     return 2 * matmul_params * tokens + attn
 
 
@@ -491,9 +504,9 @@ class Bench:
         return graph.replay, err
 
     def prefill(self, name: str, args: ModelArgs, impl: str, forward: Callable[[torch.Tensor], Any],
-                note: str | None = None):
+                note: str | None = None, op: str = "prefill"):
         tokens = self.p["prefill"]
-        r = self.row("prefill", name, f"{name} T={tokens} B=1", impl, batch=1, context=tokens, tokens=tokens)
+        r = self.row(op, name, f"{name} T={tokens} B=1", impl, batch=1, context=tokens, tokens=tokens)
         if note:
             r["note"] = note
         try:
@@ -628,6 +641,52 @@ class Bench:
                 self.skipped("moe_decode", name, "mixkit+graph", "CUDA graphs need --device cuda", b)
 
 
+    def families(self, hf: bool):
+        """The newer MoE families (FAMILIES) at their tiny configs: mixkit
+        and, on the same weights, transformers."""
+        import tempfile
+
+        from mixkit.models import save
+
+        for name in FAMILIES:
+            args = CONFIGS[name]
+            model = build_mixkit(args, self.device, self.dtype, std=0.05)
+            max_len = self._max_len()
+            self.prefill(name, args, "mixkit", lambda ids: model(ids), op="family_prefill")
+            for b in self.p["batches"]:
+                self.decode("family_decode", name, args, "mixkit", b,
+                            lambda prompt: MixkitDecoder(model, prompt, max_len))
+            if not hf:
+                model = None
+                free()
+                continue
+            attn = "eager" if args.attn_sinks else "sdpa"  # transformers' gpt-oss has no sdpa path
+            impl = f"hf-{attn}"
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    save(model, tmp)
+                    model = None
+                    free()
+                    import transformers
+                    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                        tmp, dtype=self.dtype, attn_implementation=attn).to(self.device).eval()
+                except Exception as exc:
+                    r = self.row("family_decode", name, name, impl)
+                    self.fail(r, exc)
+                    self.emit(r)
+                    continue
+            experts = getattr(hf_model.config, "_experts_implementation", None)
+            note = f"same weights, attn_implementation={attn}, experts_implementation={experts}"
+            self.prefill(name, args, impl, lambda ids: hf_model(input_ids=ids, use_cache=False).logits,
+                         note=note, op="family_prefill")
+            for b in self.p["batches"]:
+                self.decode("family_decode", name, args, impl, b,
+                            lambda prompt: HFDecoder(hf_model, prompt, "dynamic", max_len),
+                            note="DynamicCache, " + note)
+            hf_model = None
+            free()
+
+
 def _speedups(rows: list[dict]):
     """mixkit_speedup = this row's time / the mixkit row's (same op and shape): > 1, mixkit is faster."""
     mine = {(r["op"], r["shape"]): r for r in rows if r["impl"] == "mixkit" and "median_us" in r}
@@ -676,14 +735,16 @@ def run(device: str | None = None, quick: bool = False, sections: list[str] | No
     runners = {"mixkit": lambda: bench.mistral_mixkit(graph=cuda),
                "hf": lambda: bench.hf_eager("decode", *p["mistral"]),
                "compile": bench.hf_compiled,
-               "mixtral": lambda: bench.mixtral(graph=cuda, hf="hf" in sections)}
+               "mixtral": lambda: bench.mixtral(graph=cuda, hf="hf" in sections),
+               "families": lambda: bench.families(hf="hf" in sections)}
     for section in SECTIONS:
         if section not in sections:
             continue
         try:
             runners[section]()
         except Exception as exc:  # building a model failed (out of memory, say): one row, then go on
-            model = p["mixtral" if section == "mixtral" else "mistral"][0]
+            model = ", ".join(FAMILIES) if section == "families" else p["mixtral" if section == "mixtral"
+                                                                          else "mistral"][0]
             r = bench.row("section", model, model, section)
             bench.fail(r, exc)
             bench.emit(r)
@@ -749,24 +810,42 @@ def write_results(path: str | Path, meta: dict, rows: list[dict]) -> list[Path]:
     return harness.write_json_and_markdown(path, meta, rows, render_markdown(meta, rows), suffix="_models")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixkit.bench.models", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+def build_parser() -> argparse.ArgumentParser:
+    from mixkit.cli import Parser, device, integer, option_type, output_path
+
+    @option_type("sections", ["nope", "mixkit,nope", ""])
+    def sections(text: str) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [s for s in names if s not in SECTIONS]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown sections {', '.join(unknown)} in {text!r}; known: "
+                                             f"{', '.join(SECTIONS)}")
+        return names
+
+    ap = Parser(prog="mixkit bench models", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="few timed steps; on the GPU compile batch 1 decode only")
-    ap.add_argument("--out", help="results JSON (a .md table is written beside it); a directory picks the name")
-    ap.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
-    ap.add_argument("--mixtral-layers", type=int, default=None, help="layers in the Mixtral stack (2 quick, 4 full)")
-    ap.add_argument("--context", type=int, default=None, help="tokens prefilled before decode (GPU 1024)")
-    ap.add_argument("--steps", type=int, default=None, help="timed decode steps per row")
+    ap.add_argument("--out", type=output_path, metavar="PATH",
+                    help="results JSON (a .md table is written beside it); a directory picks the name")
+    ap.add_argument("--sections", type=sections, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    ap.add_argument("--mixtral-layers", type=integer(1), default=None,
+                    help="layers in the Mixtral stack (default: 2 quick, 4 full)")
+    ap.add_argument("--context", type=integer(1), default=None,
+                    help="tokens prefilled before decode (default: 1024 on the GPU)")
+    ap.add_argument("--steps", type=integer(1), default=None, help="timed decode steps per row (default: by device)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the GPU too: checks the code paths fast")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
-        meta, rows = run(device=a.device, quick=a.quick, sections=a.sections.split(",") if a.sections else None,
+        meta, rows = run(device=a.device, quick=a.quick, sections=a.sections,
                          mixtral_layers=a.mixtral_layers, context=a.context, steps=a.steps,
                          compile=not a.no_compile, tiny=a.tiny)
     except ValueError as exc:
-        print(f"mixkit.bench.models: error: {exc}", file=sys.stderr)
+        print(f"mixkit bench models: error: {exc}", file=sys.stderr)
         return 2
     print()
     print(render_table(rows))

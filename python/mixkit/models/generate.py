@@ -1,6 +1,8 @@
-"""Generation with the rolling-buffer cache: each prompt is prefilled in
-chunks of at most the window (into its own cache row), then all sequences
-decode together with `Transformer.decode_step` (mixkit.ops.decode_attn)."""
+"""Generation with the per-layer KV caches (a ring of the window's size for
+sliding layers, a linear buffer for full ones): each prompt is prefilled in
+chunks of at most the smallest window (into its own cache row), then all
+sequences decode together with `Transformer.decode_step`
+(mixkit.ops.decode_attn)."""
 from __future__ import annotations
 
 import math
@@ -78,11 +80,13 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     args = model.args
-    window = args.sliding_window
+    windows = [w for w in args.windows if w is not None]
+    window = min(windows) if windows else None  # a prefill chunk fits every sliding layer's ring
+    full_layers = len(windows) < args.n_layers  # their caches hold the whole sequence
     total = max(len(p) for p in prompts) + max_new_tokens
-    if window is None and total > args.max_seq_len:
+    if full_layers and total > args.max_seq_len:
         raise ValueError(f"generate: prompt plus max_new_tokens is {total} tokens, more than max_seq_len "
-                         f"{args.max_seq_len} of a model without a sliding window")
+                         f"{args.max_seq_len} of a model with full-attention layers")
     chunk = prefill_chunk or window or max(len(p) for p in prompts)
     if window is not None:
         chunk = min(chunk, window)
@@ -93,7 +97,7 @@ def generate(model: Transformer, prompts: Sequence[int] | Sequence[Sequence[int]
     stop = set(stop)
 
     b = len(prompts)
-    model.setup_caches(b, None if window else total)
+    model.setup_caches(b, total if full_layers else None)
     try:
         last = []
         for row, prompt in enumerate(prompts):  # prefill each prompt alone: no padding reaches the cache

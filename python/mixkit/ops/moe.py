@@ -7,8 +7,10 @@ in csrc/common/moe.h) -> torch.library ops `mixkit::moe_route`,
 registrations -> the functions at the bottom.
 
 Router rules (CONVENTIONS.md): top-k by logit, ties to the lower expert index,
-softmax over the k selected logits in float32. NaN ranks above every number
-(as in torch.topk), so a NaN logit is selected and its token's weights are NaN.
+softmax over the k selected logits in float32 (renormalize=True), or the k
+selected entries of the softmax over all experts (renormalize=False: OLMoE,
+Qwen3-MoE without norm_topk_prob). NaN ranks above every number (as in
+torch.topk), so a NaN logit is selected and its token's weights are NaN.
 
 The (token, slot) pairs are numbered r = t * k + slot. `moe_permute` puts pair
 r at row `row_map[r]` of the permuted buffer, grouped by expert and stable, so
@@ -67,56 +69,61 @@ def _route_outputs(logits, top_k):
             torch.empty(shape, dtype=torch.int32, device=logits.device))
 
 
-def _moe_route(router_logits, top_k):
+def _moe_route(router_logits, top_k, renormalize=True):
     _check_route(router_logits, top_k)
     weights, ids = _route_outputs(router_logits, top_k)
     experts = router_logits.shape[-1]
     backend, device, stream = launch_args(router_logits.device)
     _core.moe_route(backend, device, stream, DTYPE_CODES[router_logits.dtype], router_logits.data_ptr(),
-                    weights.data_ptr(), ids.data_ptr(), router_logits.numel() // experts, experts, top_k)
+                    weights.data_ptr(), ids.data_ptr(), router_logits.numel() // experts, experts, top_k,
+                    renormalize)
     return weights, ids
 
 
-define("moe_route(Tensor router_logits, int top_k) -> (Tensor, Tensor)", _moe_route)
+define("moe_route(Tensor router_logits, int top_k, bool renormalize=True) -> (Tensor, Tensor)", _moe_route)
 
 
 @torch.library.register_fake("mixkit::moe_route")
-def _(router_logits, top_k):
+def _(router_logits, top_k, renormalize=True):
     _check_route(router_logits, top_k)
     return _route_outputs(router_logits, top_k)
 
 
-def _moe_route_backward(grad_weights, weights, expert_ids, num_experts, dtype):
+def _moe_route_backward(grad_weights, weights, expert_ids, logits, num_experts, dtype):
     top_k = weights.shape[-1]
     grad_logits = torch.empty((*weights.shape[:-1], num_experts), dtype=dtype, device=weights.device)
     backend, device, stream = launch_args(weights.device)
     _core.moe_route_bwd(backend, device, stream, DTYPE_CODES[dtype], grad_weights.data_ptr(), weights.data_ptr(),
-                        expert_ids.data_ptr(), grad_logits.data_ptr(), weights.numel() // top_k, num_experts, top_k)
+                        expert_ids.data_ptr(), grad_logits.data_ptr(), ptr(logits), weights.numel() // top_k,
+                        num_experts, top_k)
     return grad_logits
 
 
-define("moe_route_backward(Tensor grad_weights, Tensor weights, Tensor expert_ids, int num_experts, "
-       "ScalarType dtype) -> Tensor", _moe_route_backward)
+define("moe_route_backward(Tensor grad_weights, Tensor weights, Tensor expert_ids, Tensor? logits, "
+       "int num_experts, ScalarType dtype) -> Tensor", _moe_route_backward)
 
 
 @torch.library.register_fake("mixkit::moe_route_backward")
-def _(grad_weights, weights, expert_ids, num_experts, dtype):
+def _(grad_weights, weights, expert_ids, logits, num_experts, dtype):
     return weights.new_empty((*weights.shape[:-1], num_experts), dtype=dtype)
 
 
 def _save_route(ctx, inputs, output):
-    logits, _top_k = inputs
+    logits, _top_k, renormalize = inputs
     weights, ids = output
     ctx.mark_non_differentiable(ids)
-    ctx.save_for_backward(weights, ids)
+    # Without renormalization the gradient reaches every expert through the
+    # full softmax, which the backward recomputes from the logits.
+    ctx.save_for_backward(weights, ids, None if renormalize else logits)
     ctx.logits = (logits.shape[-1], logits.dtype)
 
 
 def _route_bwd(ctx, grad_weights, _grad_ids):
-    weights, ids = ctx.saved_tensors
+    weights, ids, logits = ctx.saved_tensors
     experts, dtype = ctx.logits
-    grad = torch.ops.mixkit.moe_route_backward(grad_weights.float().contiguous(), weights, ids, experts, dtype)
-    return grad, None
+    grad = torch.ops.mixkit.moe_route_backward(grad_weights.float().contiguous(), weights, ids, logits, experts,
+                                               dtype)
+    return grad, None, None
 
 
 torch.library.register_autograd("mixkit::moe_route", _route_bwd, setup_context=_save_route)
@@ -297,16 +304,22 @@ def _int_arg(op: str, name: str, v) -> int:
     return int(v)
 
 
-def moe_route(router_logits: torch.Tensor, top_k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral's router: `(weights, expert_ids)`, each of shape (..., top_k).
+def moe_route(router_logits: torch.Tensor, top_k: int = 2,
+              renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k router: `(weights, expert_ids)`, each of shape (..., top_k).
 
     router_logits: (..., E), contiguous, float32/float16/bfloat16, E <= 256.
     expert_ids (int32) are the top_k experts by logit in descending order, ties
     to the lower index; weights (float32) are the softmax over the selected
-    logits. Differentiable in router_logits (zero gradient outside the
-    selected experts).
+    logits (renormalize=True: Mixtral, gpt-oss, Qwen3-MoE with
+    norm_topk_prob), or the selected entries of the softmax over all E
+    (renormalize=False: OLMoE, Qwen3-MoE without it; they then sum to less
+    than 1). Differentiable in router_logits: renormalized, the gradient is
+    zero outside the selected experts; otherwise every logit gets one.
     """
-    return torch.ops.mixkit.moe_route(router_logits, _int_arg("moe_route", "top_k", top_k))
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"moe_route: renormalize must be a bool, got {type(renormalize).__name__}")
+    return torch.ops.mixkit.moe_route(router_logits, _int_arg("moe_route", "top_k", top_k), renormalize)
 
 
 def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor,

@@ -58,7 +58,7 @@ class ExpertParallelMoE(MoE):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         router_logits = self.gate(x)
-        weights, expert_ids = ops.moe_route(router_logits, self.top_k)
+        weights, expert_ids = ops.moe_route(router_logits, self.top_k, renormalize=self.renormalize)
         if self.keep_router_logits:
             self.router_logits = (router_logits, expert_ids)
         x_perm, offsets, row_map = ops.moe_permute(x, expert_ids, self.num_experts)

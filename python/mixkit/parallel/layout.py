@@ -82,9 +82,14 @@ def check_tp(args: ModelArgs, world: int) -> None:
         raise ValueError(f"tensor_parallel: n_heads {args.n_heads} and n_kv_heads {args.n_kv_heads} must both be "
                          f"divisible by the tensor-parallel size {world} (each rank holds whole query and KV heads, "
                          "so a GQA group stays on one rank)")
-    if args.hidden_dim % world:
-        raise ValueError(f"tensor_parallel: hidden_dim {args.hidden_dim} must be divisible by the tensor-parallel "
-                         f"size {world}")
+    if args.hidden_dim % world or args.expert_dim % world:
+        raise ValueError(f"tensor_parallel: hidden_dim {args.hidden_dim} (and the experts' {args.expert_dim}) must "
+                         f"be divisible by the tensor-parallel size {world}")
+    if args.qk_norm == "proj":
+        raise ValueError("tensor_parallel: qk_norm 'proj' (OLMo 2, OLMoE) normalises across all heads, which "
+                         "the head-split layout does not reduce over; not supported")
+    if args.moe_expert_bias:
+        raise ValueError("tensor_parallel: expert biases (gpt-oss) are not split by the layout; not supported")
     if args.vocab_size % world:
         raise ValueError(f"tensor_parallel: vocab_size {args.vocab_size} must be divisible by the tensor-parallel "
                          f"size {world} (embedding and head are split by vocabulary)")
@@ -96,6 +101,9 @@ def check_ep(args: ModelArgs, world: int) -> None:
     if args.moe_num_experts % world:
         raise ValueError(f"expert_parallel: moe_num_experts {args.moe_num_experts} must be divisible by the "
                          f"expert-parallel size {world}")
+    if args.moe_expert_bias or args.moe_activation != "silu":
+        raise ValueError("expert_parallel: expert biases and gpt-oss's clamped SwiGLU are not in the "
+                         "expert-parallel layer yet")
 
 
 def tp_splits(args: ModelArgs, rank: int, world: int) -> dict[str, Split]:
@@ -110,10 +118,12 @@ def tp_splits(args: ModelArgs, rank: int, world: int) -> dict[str, Split]:
         p = f"layers.{i}."
         out[p + "attention.wqkv.weight"] = out[p + "attention.wqkv.bias"] = s(0, 0, h, h + hkv, h + 2 * hkv)
         out[p + "attention.wo.weight"] = s(1, 0, h)
+        out[p + "attention.sinks"] = s(0, 0, args.n_heads)  # gpt-oss: one per query head, with its head
         ff = p + "feed_forward."
-        if args.moe_num_experts:  # each expert's FFN width split; the router replicated
-            out[ff + "w13"] = s(1, 0, f, 2 * f)
-            out[ff + "w2"] = s(2, 0, f)
+        if args.is_moe(i):  # each expert's FFN width split; the router replicated
+            fe = args.expert_dim
+            out[ff + "w13"] = s(1, 0, fe, 2 * fe)
+            out[ff + "w2"] = s(2, 0, fe)
         else:
             out[ff + "w13.weight"] = out[ff + "w13.bias"] = s(0, 0, f, 2 * f)
             out[ff + "w2.weight"] = s(1, 0, f)

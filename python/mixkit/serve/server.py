@@ -98,11 +98,14 @@ class EngineLoop:
             while True:
                 cmds = self._apply()
                 idle = not engine.has_work()
+                # One decision, read once: what the other ranks are told is
+                # what this thread does (stop() may land between two reads).
+                done = idle and self.stopping and self.commands.empty()
                 if self.follow is not None:
-                    self.follow.send(cmds, stop=idle and self.stopping)
+                    self.follow.send(cmds, stop=done)
+                if done:
+                    return
                 if idle:
-                    if self.stopping and self.commands.empty():
-                        return
                     self.wake.wait(0.05)
                     self.wake.clear()
                     continue

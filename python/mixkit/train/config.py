@@ -55,7 +55,10 @@ class TrainConfig:
     # GPU attention backward without atomics, so that a resumed run repeats
     # the uninterrupted one bit for bit (the CPU is always deterministic).
     deterministic: bool = False
-    moe_aux_loss_coef: float = 0.02  # Mixtral / HF router_aux_loss_coef; 0 disables
+    # The MoE load-balancing loss weight; None: the model's family's
+    # (ModelArgs.moe_aux_loss_coef: OLMoE 0.01, gpt-oss and Qwen3-MoE from
+    # their config), else 0.02 (Mixtral); 0 disables.
+    moe_aux_loss_coef: float | None = None
     loss_chunk_size: int = 4096  # tokens per chunk of the cross-entropy
 
     # Loss spikes (train/spikes.py): after warmup, a step whose loss exceeds
@@ -102,6 +105,14 @@ class TrainConfig:
 
     def model_args(self) -> ModelArgs:
         return CONFIGS[self.model_name].replace(**self.model)
+
+    def aux_loss_coef(self, args: ModelArgs | None = None) -> float:
+        """The load-balancing loss weight this run uses for a model of `args`
+        (default model_args()): see moe_aux_loss_coef."""
+        if self.moe_aux_loss_coef is not None:
+            return self.moe_aux_loss_coef
+        family = (args or self.model_args()).moe_aux_loss_coef
+        return 0.02 if family is None else family
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

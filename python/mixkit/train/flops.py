@@ -26,12 +26,13 @@ def active_params(args: ModelArgs) -> int:
     attn = args.dim * (args.n_heads + 2 * args.n_kv_heads) * hd + args.n_heads * hd * args.dim
     if args.bias:
         attn += (args.n_heads + 2 * args.n_kv_heads) * hd + args.dim
-    expert = 3 * args.dim * args.hidden_dim + (2 * args.hidden_dim + args.dim if args.bias else 0)
-    if args.moe_num_experts:
-        ffn = args.moe_top_k * (3 * args.dim * args.hidden_dim) + args.moe_num_experts * args.dim
-    else:
-        ffn = expert
-    return args.n_layers * (attn + ffn) + args.dim * args.vocab_size
+    dense = 3 * args.dim * args.hidden_dim + (2 * args.hidden_dim + args.dim if args.bias else 0)
+    f = args.expert_dim
+    expert = 3 * args.dim * f + (2 * f + args.dim if args.moe_expert_bias else 0)
+    moe = args.moe_top_k * expert + args.moe_num_experts * args.dim + (args.moe_num_experts if args.moe_router_bias
+                                                                       else 0)
+    ffn = sum(moe if args.is_moe(i) else dense for i in range(args.n_layers))
+    return args.n_layers * attn + ffn + args.dim * args.vocab_size
 
 
 def visible_pairs(length: int, window: int | None) -> int:
@@ -44,8 +45,9 @@ def visible_pairs(length: int, window: int | None) -> int:
 def batch_flops(args: ModelArgs, doc_lengths: list[int]) -> float:
     """Training FLOPs (forward + backward) of one packed batch of documents."""
     tokens = sum(doc_lengths)
-    pairs = sum(visible_pairs(n, args.sliding_window) for n in doc_lengths)
-    return 6.0 * active_params(args) * tokens + 12.0 * args.n_layers * args.n_heads * args.head_dim * pairs
+    # Each layer's own window: sliding and full layers see different pairs.
+    pairs = sum(visible_pairs(n, w) for w in args.windows for n in doc_lengths)
+    return 6.0 * active_params(args) * tokens + 12.0 * args.n_heads * args.head_dim * pairs
 
 
 def measure_matmul_peak(device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,

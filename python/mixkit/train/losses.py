@@ -35,7 +35,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
+    def forward(ctx, hidden, weight, labels, chunk_size, softcap=None):
         needs_grad = hidden.requires_grad or weight.requires_grad
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
@@ -44,6 +44,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for lo in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[lo:lo + chunk_size], labels[lo:lo + chunk_size]
             logits = torch.matmul(h, weight.t()).float()
+            if softcap is not None:  # Gemma 2: logits = c tanh(z / c), d logits / dz = 1 - tanh^2
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -54,6 +57,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad = torch.exp(logits.sub_(lse[:, None]))
                 grad.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
                 grad.mul_(valid[:, None])
+                if softcap is not None:
+                    grad.mul_(1 - capped * capped)
                 grad = grad.to(weight.dtype)
                 if grad_hidden is not None:
                     grad_hidden[lo:lo + chunk_size] = torch.matmul(grad, weight)
@@ -69,14 +74,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = None if grad_hidden is None else grad_hidden * grad_out.to(grad_hidden.dtype)
         gw = None if grad_weight is None else (grad_weight * grad_out).to(ctx.weight_dtype)
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_size: int = 4096, reduction: str = "sum") -> torch.Tensor:
+                          chunk_size: int = 4096, reduction: str = "sum",
+                          softcap: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy of the logits `hidden @ weight.T`, never
     materialising the (tokens, vocab) logits: float32 logits are formed
-    `chunk_size` tokens at a time, in the forward and the backward.
+    `chunk_size` tokens at a time, in the forward and the backward. softcap:
+    the model's final logit softcap (Gemma 2), `c tanh(logits / c)`.
 
     hidden: (..., dim) final hidden states; weight: (vocab, dim), the output
     projection; labels: (...) int64, IGNORE_INDEX to skip. reduction "sum"
@@ -89,19 +96,21 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     labels = labels.reshape(-1)
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"chunked_cross_entropy: {labels.shape[0]} labels for {hidden.shape[0]} hidden states")
-    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, int(chunk_size))
+    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, int(chunk_size), softcap)
     if reduction == "mean":
         return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
     return total
 
 
-def _chunk_logprobs(h, weight, target):
+def _chunk_logprobs(h, weight, target, softcap=None):
     logits = torch.matmul(h, weight.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 4096) -> torch.Tensor:
+                   chunk_size: int = 4096, softcap: float | None = None) -> torch.Tensor:
     """float32 `log p(labels[t] | ...)` per position (0 where IGNORE_INDEX), shape
     of labels. Chunked like chunked_cross_entropy, but each chunk is a
     torch.utils.checkpoint region, so the backward recomputes one chunk's
@@ -113,7 +122,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     target = torch.where(valid, labels, 0)
     parts = []
     for lo in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[lo:lo + chunk_size], weight, target[lo:lo + chunk_size])
+        args = (hidden[lo:lo + chunk_size], weight, target[lo:lo + chunk_size], softcap)
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
@@ -197,7 +206,7 @@ def sequence_logprobs(model: Transformer, tokens: torch.Tensor, labels: torch.Te
     IGNORE_INDEX, shifted as in sft_example): (B,) for tokens (B, S), or one
     per document (N,) for packed tokens (1, T) with cu_seqlens."""
     hidden = model(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, return_hidden=True)
-    logp = token_logprobs(hidden, model.output.weight, labels, chunk_size)
+    logp = token_logprobs(hidden, model.output.weight, labels, chunk_size, softcap=model.args.final_softcap)
     if cu_seqlens is None:
         return logp.sum(-1)
     t = tokens.shape[1]

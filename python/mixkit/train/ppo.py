@@ -150,7 +150,7 @@ class PolicyLogprobs(nn.Module):
         target = tokens.gather(1, (idx + 1).clamp(max=tokens.shape[1] - 1))
         labels = torch.where(mask, target, IGNORE_INDEX)
         weight = self.model.output.weight
-        logp = token_logprobs(h, weight, labels, self.chunk_size)
+        logp = token_logprobs(h, weight, labels, self.chunk_size, softcap=self.model.args.final_softcap)
         ent = None
         if entropy:
             with torch.no_grad():
@@ -158,6 +158,8 @@ class PolicyLogprobs(nn.Module):
                 parts = []
                 for lo in range(0, flat.shape[0], self.chunk_size):
                     logits = torch.matmul(flat[lo:lo + self.chunk_size], weight.t()).float()
+                    if self.model.args.final_softcap is not None:
+                        logits = self.model.args.final_softcap * torch.tanh(logits / self.model.args.final_softcap)
                     lp = torch.log_softmax(logits, dim=-1)
                     parts.append(-(lp.exp() * lp).sum(-1))
                 ent = torch.where(mask, torch.cat(parts).view(mask.shape), 0.0)

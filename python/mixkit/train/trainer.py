@@ -56,7 +56,8 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids, labels, cu_seqlens=None, max_seqlen=None):
         hidden = self.model(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, return_hidden=True)
-        ce = chunked_cross_entropy(hidden, self.model.output.weight, labels, self.chunk_size)
+        ce = chunked_cross_entropy(hidden, self.model.output.weight, labels, self.chunk_size,
+                                   softcap=self.model.args.final_softcap)
         aux = None
         kept = [m.router_logits for m in self.moe_layers if m.router_logits is not None]
         if kept:
@@ -170,7 +171,8 @@ class Trainer:
         for module in model.modules():
             if isinstance(module, Attention):
                 module.deterministic = cfg.deterministic
-        self.module = CausalLMLoss(model, cfg.loss_chunk_size, moe_aux=cfg.moe_aux_loss_coef > 0)
+        self.aux_coef = cfg.aux_loss_coef(model.args)
+        self.module = CausalLMLoss(model, cfg.loss_chunk_size, moe_aux=self.aux_coef > 0)
         if cfg.ep > 1:  # Mixtral's experts over ep ranks, FSDP2 over the (world / ep, ep) mesh
             if not self.fsdp:
                 raise RuntimeError("Trainer: ep > 1 needs fsdp and torch.distributed (launch with torchrun)")
@@ -228,10 +230,10 @@ class Trainer:
                     self.module.set_requires_gradient_sync(i == len(batches) - 1)
                 ce, aux = self.module(mb["input_ids"], mb["labels"], mb.get("cu_seqlens"), mb.get("max_seqlen"))
                 loss = ce * ce_scale
-                if aux is not None and cfg.moe_aux_loss_coef > 0:
+                if aux is not None and self.aux_coef > 0:
                     # token-weighted mean over micro-batches (and, by FSDP's average, over ranks)
                     frac = mb["input_ids"].numel() / local_tokens
-                    loss = loss + cfg.moe_aux_loss_coef * frac * aux
+                    loss = loss + self.aux_coef * frac * aux
                     aux_total += frac * aux.detach()
                 loss.backward()
                 ce_total += ce.detach()
@@ -266,7 +268,7 @@ class Trainer:
                    "skipped": not applied, "spike": spike is not None, "skipped_total": self.skipped,
                    "tokens": int(stats[1]), "target_tokens": int(stats[0]), "step_time_s": elapsed,
                    "tokens_per_s": float(stats[1]) / elapsed, "model_flops": float(stats[2])}
-        if self.module.moe_layers and cfg.moe_aux_loss_coef > 0:
+        if self.module.moe_layers and self.aux_coef > 0:
             metrics["aux_loss"] = float(aux_total)
         if cfg.peak_flops > 0:
             metrics["mfu"] = float(stats[2]) / elapsed / (cfg.peak_flops * self.world)
