@@ -37,12 +37,16 @@ else:
 # (op, tokens): bench cases (python/mixkit/bench) at small token counts; the
 # minimal bytes are the benchmark's own formulas.
 MEMORY = [("rms_norm", 8), ("rms_norm_residual", 8), ("layer_norm", 8), ("rms_norm_bwd", 8), ("rope", 4),
-          ("kv_cache_append", 64), ("decode_attn_b1", 256), ("decode_attn_nowin_b8", 256), ("moe_permute", 64),
-          ("moe_unpermute", 64)]
+          ("kv_cache_append", 64), ("decode_attn_b1", 256), ("decode_attn_nowin_b8", 256), ("moe_route", 64),
+          ("moe_permute", 64), ("moe_unpermute", 64), ("paged_kv_append", 64)]
 # Attention at 128 tokens of one GQA group (4 query heads of 128 on one KV
 # head): the benchmark's tiles and head dim at an eighth of its heads. The
 # backward's kernels are the sm_80 ones on both NVIDIA paths: counted once.
 COMPUTE = [("attention_fwd", 128, None), ("attention_fwd_bwd", 128, ("sm_80", "gfx90a"))]
+# The MoE layer forward and backward (router, permutation, the grouped GEMMs
+# with SwiGLU, their weight gradients, un-permutation) at 256 tokens, hidden
+# and FFN width 128: every tile of the benchmark's kernels, a few of each.
+MOE = ("moe_mlp_fwd_bwd", 256)
 
 
 def _attention_case(backward):
@@ -92,7 +96,30 @@ def _excepted(op, kernel, check):
 
 
 def _run(op, tokens, path):
-    return emu_cost.run_case(op, tokens, path)
+    return emu_cost.run_case(op, tokens, path, case_fn=emu_cost.EXTRA_CASES.get(op))
+
+
+def _moe_case(device, tokens, dtype, compile_mode):
+    from mixkit import ops
+    from mixkit.bench.harness import Case
+    from mixkit.bench.moe_mlp import EXPERTS, TOP_K
+
+    hidden = ffn = 128
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g, dtype=dtype)
+    rw = torch.randn(EXPERTS, hidden, generator=g, dtype=dtype) / hidden ** 0.5
+    w13 = torch.randn(EXPERTS, 2 * ffn, hidden, generator=g, dtype=dtype) / hidden ** 0.5
+    w2 = torch.randn(EXPERTS, hidden, ffn, generator=g, dtype=dtype) / ffn ** 0.5
+    params = [t.requires_grad_() for t in (x, rw, w13, w2)]
+
+    def fn():
+        out = ops.moe_mlp(x, rw, w13, w2, top_k=TOP_K)
+        return torch.autograd.grad(out.float().square().mean(), params)
+
+    flops = 2 * tokens * TOP_K * 3 * hidden * ffn * 3
+    nbytes = (w13.numel() + w2.numel() + 2 * x.numel()) * 2
+    return Case("moe_mlp_fwd_bwd", f"T={tokens} E={EXPERTS} k={TOP_K} H={hidden} F={ffn}", dtype, nbytes,
+                {"mixkit": fn}, tokens=tokens, flops=flops)
 
 
 def _shared_failures(op, launches, path):
@@ -133,6 +160,19 @@ def test_tensor_core_kernels(op, tokens, paths, path):
     # The tensor-core work issued is at least the op's FLOPs (the causal
     # diagonal's masked tiles add to it), and not more than the full tiles.
     assert 1.0 <= r["case"]["tensor_flops_vs_min"] <= 3.0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_grouped_gemm_kernels(path):
+    op, tokens = MOE
+    r = emu_cost.run_case(op, tokens, path, case_fn=_moe_case)
+    bad = _shared_failures(op, r["launches"], path)
+    assert not bad, bad
+    kernels = " ".join(l["kernel"] for l in r["launches"])
+    assert "grouped_gemm_kernel" in kernels and "grouped_wgrad_kernel" in kernels, kernels
+    # Random routing fills the experts' 128-row tiles unevenly: the tensor-core
+    # work issued is at least the layer's FLOPs and at most twice them here.
+    assert 1.0 <= r["case"]["tensor_flops_vs_min"] <= 2.0, r["case"]["tensor_flops_vs_min"]
 
 
 @pytest.mark.skipif(WARP != 32, reason="the planted error is in the sm_80 attention kernels' swizzle")
