@@ -52,7 +52,17 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeRouteArgs a
     }
     const unsigned absent = taken;
     float top = 0.f, sum = 0.f;
-    for (int j = 0; j < k; ++j) {
+    // Slot j is lane j % group's (its item j / group; k <= E <= ITEMS *
+    // group, as the logits): the lane keeps the slot's weight and id in registers and stores
+    // them once, scaled, after the rounds, so a token's slots go out in
+    // contiguous requests, not one request per round read back to rescale.
+    float slot_w[ITEMS];
+    int slot_id[ITEMS];
+    // Round j = s * group + r, unrolled over s: slot_w[s] stays a register.
+#pragma unroll
+    for (int s = 0; s < ITEMS; ++s)
+    for (int r = 0; r < group && s * group + r < k; ++r) {
+      const int j = s * group + r;
       float bv = -INFINITY;
       int bi = kNoExpert;
 #pragma unroll
@@ -77,11 +87,9 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeRouteArgs a
       if (j == 0) top = bv;
       const float w = expf(bv - top);
       sum += w;
-      // Slot j belongs to lane j % group, which also rescales it below: every
-      // lane re-reads only its own writes.
-      if (active && j % group == lane) {
-        a.weights[t * k + j] = w;
-        a.expert_ids[t * k + j] = bi;
+      if (r == lane) {
+        slot_w[s] = w;
+        slot_id[s] = bi;
       }
     }
     if (!a.renormalize) {
@@ -95,7 +103,14 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(MoeRouteArgs a
     }
     if (!active) continue;
     const float inv = 1.f / sum;
-    for (int j = lane; j < k; j += group) a.weights[t * k + j] *= inv;
+#pragma unroll
+    for (int s = 0; s < ITEMS; ++s) {
+      const int j = s * group + lane;
+      if (j < k) {
+        a.weights[t * k + j] = slot_w[s] * inv;
+        a.expert_ids[t * k + j] = slot_id[s];
+      }
+    }
   }
 }
 
