@@ -100,19 +100,19 @@ def test_greedy_tokens_match_hf(one_thread, tmp_path, name):
     assert from_hf_config(json.loads((tmp_path / "config.json").read_text())) == args  # the same config
     ours = load(tmp_path)
     prompt = bm.make_prompt(2, 24, args.vocab_size, "cpu", seed=3)
-    steps = 12
-
-    def tokens(dec):
-        out = [dec.token.view(-1).clone()]
-        for _ in range(steps):
-            dec.step()
-            out.append(dec.token.view(-1).clone())
-        dec.close()
-        return torch.stack(out, 1)
-
-    mine = tokens(bm.MixkitDecoder(ours, prompt, max_len=64))
-    assert torch.equal(mine, tokens(bm.HFDecoder(hf, prompt, "dynamic", 64)))
+    mine = _greedy_tokens(bm.MixkitDecoder(ours, prompt, max_len=64))
+    assert torch.equal(mine, _greedy_tokens(bm.HFDecoder(hf, prompt, "dynamic", 64)))
     assert mine.unique().numel() > 3  # not a degenerate constant stream
+
+
+def _greedy_tokens(dec, steps=12):
+    """The decoder's greedy tokens: the prefill's, then one per step."""
+    out = [dec.token.view(-1).clone()]
+    for _ in range(steps):
+        dec.step()
+        out.append(dec.token.view(-1).clone())
+    dec.close()
+    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("name", bm.FAMILIES)
@@ -129,17 +129,8 @@ def test_family_rows_compare_the_same_model(one_thread, tmp_path, name):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, dtype=torch.float32, attn_implementation="eager" if args.attn_sinks else "sdpa").eval()
     prompt = bm.make_prompt(2, 24, args.vocab_size, "cpu", seed=3)
-
-    def tokens(dec):
-        out = [dec.token.view(-1).clone()]
-        for _ in range(12):
-            dec.step()
-            out.append(dec.token.view(-1).clone())
-        dec.close()
-        return torch.stack(out, 1)
-
-    mine = tokens(bm.MixkitDecoder(ours, prompt, max_len=64))
-    assert torch.equal(mine, tokens(bm.HFDecoder(hf, prompt, "dynamic", 64)))
+    mine = _greedy_tokens(bm.MixkitDecoder(ours, prompt, max_len=64))
+    assert torch.equal(mine, _greedy_tokens(bm.HFDecoder(hf, prompt, "dynamic", 64)))
     assert mine.unique().numel() > 3
 
 

@@ -118,20 +118,15 @@ def test_logits_with_and_without_left_padding(family):
 def test_greedy_generate_matches_eager(family, cache):
     """7-token prompts (row 1 left-padded by 3) and 14 new tokens: the sliding
     layers' caches wrap several times, with dynamic and static caches."""
+    from test_hf import _greedy
+
     model = make(family)
     ids, mask = _inputs(seqlen=7, pad=(0, 3))
-
-    def greedy():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
-                             cache_implementation=cache, return_dict_in_generate=True, output_logits=True,
-                             pad_token_id=0)
-        return out.sequences, torch.stack(out.logits, 1)
-
     with torch.no_grad():
-        ref_seq, ref_logits = greedy()
+        ref_seq, ref_logits = _greedy(model, ids, mask, cache)
         mh.patch(model)
         mh.reset_counters()
-        seq, logits = greedy()
+        seq, logits = _greedy(model, ids, mask, cache)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=ATOL)
     _no_fallback("decode_attn", "flash_attn_varlen")

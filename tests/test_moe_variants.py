@@ -279,3 +279,39 @@ def test_moe_experts_serves_gpt_oss_layout(device, fused):
             err = (y.detach().float().cpu() - y32.detach()).abs().max().item()
             assert err <= 8 * ref.UNIT_ROUNDOFF[dtype] * (y32.abs().max().item() + 1) * hidden ** 0.5, err
         assert gpu(device) or y.dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_moe_mlp_router_bias_and_renormalization(device, renormalize):
+    """moe_mlp with a router bias (added to the logits before selection) and
+    either weighting, against the per-expert loop in float32 with the same
+    selection, forward and the router's gradients."""
+    tokens, hidden, ffn, experts, top_k = 29, 32, 24, 8, 3
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    x = _randn((tokens, hidden), g, dtype, device)
+    rw = _randn((experts, hidden), g, dtype, device, 0.5).requires_grad_(True)
+    rb = _randn((experts,), g, dtype, device).requires_grad_(True)
+    w13 = _randn((experts, 2 * ffn, hidden), g, dtype, device, hidden ** -0.5)
+    w2 = _randn((experts, hidden, ffn), g, dtype, device, ffn ** -0.5)
+    y, logits = mm.moe_mlp(x, rw, w13, w2, top_k=top_k, return_router_logits=True, renormalize=renormalize,
+                           router_bias=rb)
+    ref_logits = x.float().cpu() @ rw.detach().float().cpu().t() + rb.detach().float().cpu()
+    torch.testing.assert_close(logits.detach().float().cpu(), ref_logits, rtol=1e-2 if gpu(device) else 1e-5,
+                               atol=1e-2 if gpu(device) else 1e-5)
+    ids = torch.sort(logits.detach().float().cpu(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    lg = logits.detach().float().cpu()
+    probs = torch.softmax(lg.gather(1, ids), -1) if renormalize else torch.softmax(lg, -1).gather(1, ids)
+    ref = torch.zeros(tokens, hidden)
+    for e in range(experts):
+        tok, slot = torch.where(ids == e)
+        h = x[tok].float().cpu() @ w13[e].float().cpu().t()
+        out = (torch.nn.functional.silu(h[:, :ffn]) * h[:, ffn:]) @ w2[e].float().cpu().t()
+        ref = ref.index_add(0, tok, out * probs[tok, slot, None])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.detach().float().cpu(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    y.sum().backward()
+    assert rb.grad is not None and rw.grad is not None and torch.isfinite(rb.grad.float()).all()
+    if not renormalize and dtype == torch.float32:  # every expert's logit moves the full softmax
+        assert (rb.grad != 0).all()

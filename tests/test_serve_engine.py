@@ -239,10 +239,14 @@ def test_block_manager_refcounts():
 
 
 @pytest.mark.slow
-def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path):
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-gpt-oss", "tiny-gemma2"])
+def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path, name):
     """LLM.generate and the server's engine loop (rank 0 broadcasting each
     step's requests to a follower) on 2 gloo ranks give the tokens of one
-    process, greedy and seeded sampling alike."""
+    process, greedy and seeded sampling alike; gpt-oss's sinks (random, split
+    with their heads), router bias and sliding/full layers (its expert biases
+    left out: tensor_parallel refuses them), and Gemma 2's softcaps, scales
+    and tied embeddings on the ranks too."""
     import json
     import os
     import subprocess
@@ -259,11 +263,11 @@ def test_tensor_parallel_engine_and_server_loop_match_one_process(tmp_path):
                PYTHONPATH=os.pathsep.join([str(Path(mixkit.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "tp.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(here / "serve_tp_worker.py"), str(out)], env=env, capture_output=True, text=True,
+                           str(here / "serve_tp_worker.py"), str(out), name], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     got = json.loads(out.read_text())
-    want = [o.token_ids for o in LLM(worker.model(), **worker.ENGINE).generate(worker.PROMPTS, worker.PARAMS)]
+    want = [o.token_ids for o in LLM(worker.model(name), **worker.ENGINE).generate(worker.PROMPTS, worker.PARAMS)]
     assert got["offline"] == want
     assert got["served"] == want
 

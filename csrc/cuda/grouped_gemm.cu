@@ -248,58 +248,35 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmArgs 
   auto store2 = [](T* p, float lo, float hi) {
     *reinterpret_cast<uint32_t*>(p) = uint32_t(from_f32<T>(lo).bits) | (uint32_t(from_f32<T>(hi).bits) << 16);
   };
-  if constexpr (SWIGLU) {
+  // With SWIGLU a warp's 64 columns are 32 gate then the same 32 up
+  // columns (ni and ni + 4), so 4 column steps; otherwise 8.
+  constexpr int kSteps = SWIGLU ? 4 : 8;
+  const int64_t wcol = SWIGLU ? (warp >> 1) * 32 : wn;
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
+  for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
-        if (row >= row1) continue;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
+      if (row >= row1) continue;
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          const int64_t col = n0 + (warp >> 1) * 32 + ni * 8 + c2;
-          if (col >= N) continue;
-          const float gate[2] = {acc[mi][ni][half * 2] + bias_at(col), acc[mi][ni][half * 2 + 1] + bias_at(col + 1)};
-          const float up[2] = {acc[mi][ni + 4][half * 2] + bias_at(N + col),
-                               acc[mi][ni + 4][half * 2 + 1] + bias_at(N + col + 1)};
-          store2(C + row * N + col, glu(gate[0], up[0], glu_p.activation, glu_p.alpha, glu_p.limit),
-                 glu(gate[1], up[1], glu_p.activation, glu_p.alpha, glu_p.limit));
+      for (int ni = 0; ni < kSteps; ++ni) {
+        const int64_t col = n0 + wcol + ni * 8 + c2;
+        if (col >= N) continue;
+        const float v0 = acc[mi][ni][half * 2] + bias_at(col), v1 = acc[mi][ni][half * 2 + 1] + bias_at(col + 1);
+        if constexpr (SWIGLU) {
+          const float u0 = acc[mi][ni + 4][half * 2] + bias_at(N + col);
+          const float u1 = acc[mi][ni + 4][half * 2 + 1] + bias_at(N + col + 1);
+          store2(C + row * N + col, glu(v0, u0, glu_p.activation, glu_p.alpha, glu_p.limit),
+                 glu(v1, u1, glu_p.activation, glu_p.alpha, glu_p.limit));
           if (h) {
-            store2(h + row * 2 * N + col, gate[0], gate[1]);
-            store2(h + row * 2 * N + N + col, up[0], up[1]);
+            store2(h + row * 2 * N + col, v0, v1);
+            store2(h + row * 2 * N + N + col, u0, u1);
           }
-        }
-      }
-    }
-  } else if constexpr (EPI == kEpiGluPairs) {
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
-        if (row >= row1) continue;
-#pragma unroll
-        for (int ni = 0; ni < 8; ++ni) {
-          const int64_t col = n0 + wn + ni * 8 + c2;  // even: gate, col + 1: its up
-          if (col >= N) continue;
-          const float gate = acc[mi][ni][half * 2] + bias_at(col), up = acc[mi][ni][half * 2 + 1] + bias_at(col + 1);
-          C[row * (N / 2) + col / 2] = from_f32<T>(glu(gate, up, glu_p.activation, glu_p.alpha, glu_p.limit));
-          if (h) store2(h + row * N + col, gate, up);
-        }
-      }
-    }
-  } else {
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = row0 + wm + mi * 16 + g8 + half * 8;
-        if (row >= row1) continue;
-#pragma unroll
-        for (int ni = 0; ni < 8; ++ni) {
-          const int64_t col = n0 + wn + ni * 8 + c2;
-          if (col >= N) continue;
-          store2(C + row * N + col, acc[mi][ni][half * 2] + bias_at(col), acc[mi][ni][half * 2 + 1] + bias_at(col + 1));
+        } else if constexpr (EPI == kEpiGluPairs) {  // col even: v0 is gate j = col / 2, v1 its up
+          C[row * (N / 2) + col / 2] = from_f32<T>(glu(v0, v1, glu_p.activation, glu_p.alpha, glu_p.limit));
+          if (h) store2(h + row * N + col, v0, v1);
+        } else {
+          store2(C + row * N + col, v0, v1);
         }
       }
     }

@@ -133,10 +133,6 @@ class ModelArgs:
             from ..ops.rope import scaling_kind
             if scaling_kind(self.rope_scaling) == "default":
                 self.rope_scaling = None
-        for name, arg in (("attn_sinks", "sinks"), ("attn_softcap", "softcap")):
-            if getattr(self, name) and not _attention_takes(arg):
-                raise ValueError(f"ModelArgs: {name} needs the attention ops' {arg!r} argument, which this "
-                                 f"version of mixkit.ops does not have yet")
 
     def replace(self, **changes) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
@@ -169,14 +165,6 @@ class ModelArgs:
     @property
     def windows(self) -> list[int | None]:
         return [self.window(i) for i in range(self.n_layers)]
-
-
-def _attention_takes(arg: str) -> bool:
-    import inspect
-
-    from .. import ops
-    return all(arg in inspect.signature(f).parameters
-               for f in (ops.flash_attn, ops.flash_attn_varlen, ops.decode_attn, ops.prefill_attn))
 
 
 # Published sizes, from the papers and the HF config.json of each checkpoint.

@@ -4,8 +4,11 @@ of decodes and prefill chunks of several requests.
 The batch is packed into one row of T tokens, decodes (one token each)
 first. Every layer writes its new K/V through the slot mapping
 (ops.paged_kv_append), then attends: decodes with ops.decode_attn_paged,
-prefill chunks with ops.paged_prefill_attn (varlen). The model's own
-blocks run unchanged; only their attention callback is this module's, the
+prefill chunks with ops.paged_prefill_attn (varlen), each with the layer's
+own window, softmax scale, softcap and sinks (Attention.attention_kwargs).
+The model's own embedding, blocks, final norm and logits run unchanged
+(Transformer.embed, final_hidden, logits: Gemma's embedding scale and final
+softcap); only the blocks' attention callback is this module's, the
 extension point `Block.forward(x, residual, attend)` offers. Logits are
 computed only for the rows that sample.
 
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..models.model import _add_norm
+from .._backend import gpu_kernels
+from ..ops import decode as decode_op, paged as paged_op
 from .blocks import NO_PAGE, BlockManager
 
 
@@ -46,6 +50,23 @@ def bucket_for(n: int, buckets: list[int]) -> int | None:
     return buckets[i] if i < len(buckets) else None
 
 
+def _check_gpu_attention(attns, dtype) -> None:
+    """Refuse, before any request, a model whose attention the GPU paged
+    kernels cannot run yet (sinks or softcap in the decode kernel, head dims),
+    rather than failing at its first step."""
+    for i, a in enumerate(attns):
+        kw = a.attention_kwargs()
+        missing = sorted(f for f in ("sinks", "softcap") if f in kw and f not in decode_op.GPU_FEATURES)
+        if missing:
+            raise NotImplementedError(f"ModelRunner: layer {i}'s attention has {' and '.join(missing)}, which the "
+                                      "GPU decode kernel does not take yet (the CPU backend serves this model)")
+        if a.head_dim not in decode_op.GPU_HEAD_DIMS or a.head_dim not in paged_op.GPU_HEAD_DIMS:
+            raise ValueError(f"ModelRunner: head_dim {a.head_dim} is not served by the GPU paged kernels "
+                             f"(decode: {decode_op.GPU_HEAD_DIMS}, prefill: {paged_op.GPU_HEAD_DIMS})")
+        if a.head_dim == 256 and dtype == torch.float32:
+            raise ValueError("ModelRunner: head_dim 256 needs bfloat16 or float16 on the GPU")
+
+
 class ModelRunner:
     def __init__(self, model, blocks: BlockManager, max_model_len: int, dtype=None, device=None,
                  cuda_graphs: bool | None = None, max_batch: int = 64):
@@ -57,6 +78,8 @@ class ModelRunner:
         self.dtype = dtype or ref.dtype
         self.max_pages = -(-max_model_len // self.page_size)
         self.attns = [layer.attention for layer in model.layers]
+        if gpu_kernels(self.device):
+            _check_gpu_attention(self.attns, self.dtype)
         self.windows = [a.window for a in self.attns]
         shape = lambda a: (blocks.num_pages, self.page_size, a.n_kv_heads, a.head_dim)  # noqa: E731
         self.k_pages = [torch.zeros(shape(a), dtype=self.dtype, device=self.device) for a in self.attns]
@@ -123,20 +146,21 @@ class ModelRunner:
         def attend(attn, y):
             layer = self.layer_of[id(attn)]
             g = self.blocks.layer_group[layer]
+            kw = attn.attention_kwargs()
             q, k, v = attn._qkv(y, inp["positions"][None])
             kp, vp = self.k_pages[layer], self.v_pages[layer]
             ops.paged_kv_append(k[0], v[0], kp, vp, inp["slots"][g])
             q = q[0]
             table, lens = inp["tables"][g], inp["seqlens"]
             if n_dec == n:
-                out = ops.decode_attn_paged(q, kp, vp, table, lens, window=attn.window)
+                out = ops.decode_attn_paged(q, kp, vp, table, lens, window=attn.window, **kw)
             else:
                 parts = []
                 if n_dec:
                     parts.append(ops.decode_attn_paged(q[:n_dec], kp, vp, table[:n_dec], lens[:n_dec],
-                                                       window=attn.window))
+                                                       window=attn.window, **kw))
                 parts.append(ops.paged_prefill_attn(q[n_dec:], kp, vp, table[n_dec:], inp["cu"], lens[n_dec:],
-                                                    inp["max_q"], window=attn.window))
+                                                    inp["max_q"], window=attn.window, **kw))
                 out = torch.cat(parts) if len(parts) > 1 else parts[0]
             return attn.wo(out.reshape(1, n, -1))
 
@@ -145,13 +169,13 @@ class ModelRunner:
     def forward(self, inp, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (rows, vocab) of the given token rows (default: the sampling rows)."""
         model = self.model
-        x, residual = model.tok_embeddings(inp["tokens"][None]), None
+        x, residual = model.embed(inp["tokens"][None]), None
         attend = self._attend(inp)
         for layer in model.layers:
             x, residual = layer(x, residual, attend)
         if rows is None:
             rows = torch.tensor(inp["sample_rows"], dtype=torch.long, device=self.device)
-        return model.output(_add_norm(model.norm, x[0, rows], residual[0, rows])[0])
+        return model.logits(model.final_hidden(x[0, rows], residual[0, rows]))
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk]) -> torch.Tensor:
