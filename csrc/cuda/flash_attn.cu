@@ -86,6 +86,8 @@ void flash_attn_bwd_gpu(const FlashBwdArgs& a, int device, void* stream) {
             {a.f.q_stride, a.f.k_stride, a.f.v_stride, a.f.o_stride, a.do_stride, a.dq_stride, a.dk_stride,
              a.dv_stride});
   require(a.deterministic || a.f.total_q == 0 || a.dq_accum, "the atomic dQ path needs the dq_accum workspace");
+  // dq_convert_kernel reads it in 16-byte vectors.
+  require(aligned_to(a.dq_accum, 16), "the dq_accum workspace must be 16-byte aligned");
   if (a.f.batch == 0 || a.f.total_k == 0) return;  // keys no query sees still get zero dK, dV
   DeviceGuard guard(device);
   dispatch_head_dim_dtype(a.f, [&](auto d, auto t) {

@@ -686,12 +686,18 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(FlashBwdArgs a) {
     for (int r = threadIdx.x / kLanes; r < BQ; r += kRowsPerPass) {
       const int64_t i = m0 + r;
       if (i >= qs.len) break;
-      // dq_accum comes from a caller's allocation whose alignment is not
-      // checked beyond 4 bytes: scalar loads (coalesced across the lanes).
+      // Two 16-byte loads a lane (the launcher checks dq_accum's alignment):
+      // scalar loads, 32 bytes apart across the lanes, would take 8 requests
+      // of a sector per lane each.
       const float* src = a.dq_accum + ((acc_row0 + i) * f.heads + h) * D + chunk * 8;
+      const Pack<float, 4> lo = *reinterpret_cast<const Pack<float, 4>*>(src);
+      const Pack<float, 4> hi = *reinterpret_cast<const Pack<float, 4>*>(src + 4);
       Pack<T, 8> out;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out.v[e] = from_f32<T>(src[e]);
+      for (int e = 0; e < 4; ++e) {
+        out.v[e] = from_f32<T>(lo.v[e]);
+        out.v[e + 4] = from_f32<T>(hi.v[e]);
+      }
       *reinterpret_cast<Pack<T, 8>*>(dqbase + i * a.dq_stride[1] + chunk * 8) = out;
     }
   }
