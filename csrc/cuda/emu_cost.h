@@ -43,7 +43,12 @@
 // Access widths are those of the host compiler's code for the kernel (clang
 // vectorises 16-byte Pack copies into one 16-byte access, as nvcc and hipcc
 // do); where nvcc would split an access the host compiler keeps whole, the
-// counters are optimistic.
+// counters are optimistic. So they are where one thread's scalar accesses
+// from one source line fill a 16-byte chunk that nvcc cannot prove aligned:
+// the consumer assembles them into one vector access (emu_cost.cpp), nvcc
+// issues them one by one (sm_80 dq_convert_kernel's 8 float loads a lane,
+// 32 bytes apart across the lanes: 1.7x the ideal sectors counted, 8x per
+// request on a GPU, until it read 16-byte vectors).
 #pragma once
 
 #include <cstdint>

@@ -675,7 +675,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
 // dq = dq_accum rounded to T (dq_accum already holds scale * dS K).
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) dq_convert_kernel(FlashBwdArgs a) {
-  constexpr int kLanes = D / 8, kRowsPerPass = kThreads / kLanes;
+  constexpr int kLanes = D / 4, kRowsPerPass = kThreads / kLanes;
   const FlashFwdArgs& f = a.f;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const Span qs = span(f.cu_seqlens_q, b, f.seqlen_q, f.total_q);
@@ -686,19 +686,15 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(FlashBwdArgs a) {
     for (int r = threadIdx.x / kLanes; r < BQ; r += kRowsPerPass) {
       const int64_t i = m0 + r;
       if (i >= qs.len) break;
-      // Two 16-byte loads a lane (the launcher checks dq_accum's alignment):
-      // scalar loads, 32 bytes apart across the lanes, would take 8 requests
-      // of a sector per lane each.
-      const float* src = a.dq_accum + ((acc_row0 + i) * f.heads + h) * D + chunk * 8;
-      const Pack<float, 4> lo = *reinterpret_cast<const Pack<float, 4>*>(src);
-      const Pack<float, 4> hi = *reinterpret_cast<const Pack<float, 4>*>(src + 4);
-      Pack<T, 8> out;
+      // 4 elements a lane: one 16-byte load (the launcher checks dq_accum's
+      // alignment) and one 8-byte store, both contiguous across the lanes.
+      // (8 scalar loads a lane, 32 bytes apart, took a sector per lane each.)
+      const float* src = a.dq_accum + ((acc_row0 + i) * f.heads + h) * D + chunk * 4;
+      const Pack<float, 4> in = *reinterpret_cast<const Pack<float, 4>*>(src);
+      Pack<T, 4> out;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        out.v[e] = from_f32<T>(lo.v[e]);
-        out.v[e + 4] = from_f32<T>(hi.v[e]);
-      }
-      *reinterpret_cast<Pack<T, 8>*>(dqbase + i * a.dq_stride[1] + chunk * 8) = out;
+      for (int e = 0; e < 4; ++e) out.v[e] = from_f32<T>(in.v[e]);
+      *reinterpret_cast<Pack<T, 4>*>(dqbase + i * a.dq_stride[1] + chunk * 4) = out;
     }
   }
 }

@@ -400,7 +400,9 @@ def _f(v, spec: str) -> str:
 def render_markdown(meta: dict, results: list[dict]) -> str:
     lines = [f"# mixkit on the emulated GPU: counters and a projection ({', '.join(meta['paths'])})", "",
              "Counted on the emulated GPU (no GPU ran); `projected` columns are lower bounds from published "
-             "peaks (python/mixkit/bench/emu_devices.py), not measurements.", ""]
+             "peaks (python/mixkit/bench/emu_devices.py), not measurements. `re-read`: the bytes a launch loads "
+             "through the caches over the distinct bytes it loads (K/V tiles once per query block and GQA head in "
+             "attention, weight tiles once per M tile in the grouped GEMMs).", ""]
     lines += [f"- {k}: {meta[k]}" for k in ("date_utc", "commit", "build", "resources") if meta.get(k)]
     lines += ["", "## Per case", "",
               "| op | shape | path | launches | DRAM / min bytes | requested / min | conflict share | "
@@ -413,10 +415,10 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                      f"{_f(c['tensor_flops_vs_min'], '.3f')} | {_f(c['projected_us'], '.2f')} | "
                      f"{_f(c['roofline_us'], '.2f')} | {_f(c['projected_pct_roofline'], '.1f')} |")
     lines += ["", "## Per launch", "",
-              "| op | path | kernel | grid x block | sectors/req (ideal) | shared wavefronts/req by kind (ideal) | "
-              "max conflict | tensor instr | barriers/block | regs | spills | smem/block | occupancy | waves "
+              "| op | path | kernel | grid x block | sectors/req (ideal) | re-read | shared wavefronts/req by kind "
+              "(ideal) | max conflict | tensor instr | barriers/block | regs | spills | smem/block | occupancy | waves "
               "(last fill) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for l in r["launches"]:
             shared = "; ".join(f"{k} {v['wavefronts_per_request']:.2f} ({v['ideal'] / v['requests']:.2f})"
@@ -429,7 +431,8 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
             smem = l.get("static_smem", 0) + l["dynamic_smem"] if "static_smem" in l else l["dynamic_smem"]
             lines.append(
                 f"| {r['case']['op']} | {l['path']} | `{l['kernel']}` | {grid} | "
-                f"{_f(l['sectors_per_request'], '.2f')} ({_f(l['ideal_sectors_per_request'], '.2f')}) | {shared} | "
+                f"{_f(l['sectors_per_request'], '.2f')} ({_f(l['ideal_sectors_per_request'], '.2f')}) | "
+                f"{_f(l['reread'], '.2f')} | {shared} | "
                 f"{worst or ''} | {l['tensor_instructions'] or ''} | {_f(l['barriers_per_block'], '.1f')} | "
                 f"{l.get('registers', '')} | {l.get('spill_bytes', '')} | {smem} | {occ} | {wav} |")
     return "\n".join(lines) + "\n"
