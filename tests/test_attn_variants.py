@@ -12,9 +12,6 @@ Acceptance is the FlashAttention rule of test_flash_attn.py: max|ours - ref64|
 slack, where ref_lowp is the same reference in the input precision (softmax
 in float32, as every kernel does it, and the sink kept in float32, as the
 ops take it).
-
-On a GPU device whose kernels do not have a feature yet the op must raise
-NotImplementedError; each test checks that instead of skipping.
 """
 import importlib
 import math
@@ -24,7 +21,9 @@ import torch
 
 import mixkit.ops as ops
 import mixkit.ops.decode as decode_mod
-from conftest import DEVICES, on, gpu
+from conftest import DEVICES, EMULATED, emu_configure, on, gpu
+from mixkit._backend import emulate
+from mixkit.bench.harness import capture_cuda_graph
 from test_flash_attn import _dev_dtypes, _randn, assert_fa_rule, select_kernel  # noqa: F401 (fixture)
 
 NEG_INF = float("-inf")
@@ -79,26 +78,6 @@ def ref_varlen(q, k, v, cu_q, cu_k, **kw):
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs), torch.cat(lses, dim=1)
-
-
-# ---- what the device's kernels have ----------------------------------------------
-
-def _lacks(device, sinks, softcap, have):
-    """The features a GPU device's kernels do not have yet (empty on the CPU)."""
-    if not gpu(device):
-        return []
-    return [n for n, given in (("sinks", sinks is not None), ("softcap", softcap is not None))
-            if given and n not in have]
-
-
-def _raises_if_missing(device, sinks, softcap, have, call) -> bool:
-    """On a GPU device lacking a feature, the call must raise
-    NotImplementedError (never a wrong answer); True when that was checked."""
-    if not _lacks(device, sinks, softcap, have):
-        return False
-    with pytest.raises(NotImplementedError, match="not implemented in the GPU kernels"):
-        call()
-    return True
 
 
 def _skip_gpu_head_dim(device, d, dims):
@@ -192,9 +171,6 @@ def test_flash_attn_sinks_softcap_match_reference(case, device, dtype, kernel, s
     v = _randn((b, sk, hkv, d), dtype, device, g)
     dout = _randn((b, sq, h, d), dtype, device, g)
     sinks = _sinks(sink_kind, h, device, g)
-    if _raises_if_missing(device, sinks, softcap, flash_mod.GPU_FEATURES,
-                          lambda: ops.flash_attn(q, k, v, window=w, sinks=sinks, softcap=softcap)):
-        return
 
     def fn(q, k, v, s):
         return ops.flash_attn(q, k, v, window=w, softcap=softcap, sinks=s, return_lse=True)
@@ -203,6 +179,34 @@ def test_flash_attn_sinks_softcap_match_reference(case, device, dtype, kernel, s
         return ref_attention(q, k, v, window=w, softcap=softcap, sinks=s, dtype=rdtype)
 
     _run_and_check(fn, (q, k, v), sinks, dout, ref, dtype, _case_id(case))
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("device,dtype,kernel", [p for p in _dev_dtypes() if p.values[1] == torch.bfloat16])
+def test_deterministic_backward_with_softcap_and_sinks(d, device, dtype, kernel, select_kernel):
+    """deterministic=True takes the GPU's separate dQ pass (dq_kernel), which
+    recomputes the capped scores and their 1 - tanh^2 on its own: it must
+    match the reference, and bit for bit itself."""
+    select_kernel(device, kernel)
+    g = torch.Generator().manual_seed(d)
+    q = (torch.randn(1, 75, 4, d, generator=g) * 10).to(dtype).to(on(device))
+    k, v = (_randn((1, 75, 2, d), dtype, device, g) for _ in range(2))
+    dout = _randn(q.shape, dtype, device, g)
+    sinks = _sinks("rand", 4, device, g)
+
+    def fn(q, k, v, s):
+        return ops.flash_attn(q, k, v, window=40, softcap=5.0, sinks=s, return_lse=True, deterministic=True)
+
+    def ref(q, k, v, s, rdtype):
+        return ref_attention(q, k, v, window=40, softcap=5.0, sinks=s, dtype=rdtype)
+
+    _run_and_check(fn, (q, k, v), sinks, dout, ref, dtype, f"deterministic d{d}")
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        fn(*leaves, sinks)[0].backward(dout)
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -214,9 +218,6 @@ def test_rows_that_see_no_key_output_zeros_with_lse_the_sink(device):
     sinks = torch.tensor([0.5, -3.0, 7.0, 0.0], device=on(device))
     g = torch.Generator().manual_seed(0)
     q, k, v = (_randn(s, dtype, device, g) for s in ((1, 20, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)))
-    if _raises_if_missing(device, sinks, None, flash_mod.GPU_FEATURES,
-                          lambda: ops.flash_attn(q, k, v, sinks=sinks)):
-        return
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, sinks)]
     out, lse = ops.flash_attn(*leaves[:3], sinks=leaves[3], return_lse=True)
     assert torch.equal(out[:, :12], torch.zeros_like(out[:, :12]))
@@ -260,10 +261,6 @@ def test_varlen_sinks_softcap_match_reference(lens_q, lens_k, w, softcap, sink_k
     cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=on(device))
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=on(device))
     mq, mk = max(lens_q), max(lens_k)
-    if _raises_if_missing(device, sinks, softcap, flash_mod.GPU_FEATURES,
-                          lambda: ops.flash_attn_varlen(q, k, v, cu_q, cu_k, mq, mk, window=w, sinks=sinks,
-                                                        softcap=softcap)):
-        return
 
     def fn(q, k, v, s):
         return ops.flash_attn_varlen(q, k, v, cu_q, cu_k, mq, mk, window=w, softcap=softcap, sinks=s,
@@ -273,6 +270,42 @@ def test_varlen_sinks_softcap_match_reference(lens_q, lens_k, w, softcap, sink_k
         return ref_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), window=w, softcap=softcap, sinks=s, dtype=rdtype)
 
     _run_and_check(fn, (q, k, v), sinks, dout, ref, dtype, f"lens={lens_q}")
+
+
+# Every GPU tile (query and key blocks of the forward and backward kernels,
+# sm_80, wgmma and MFMA) is 16, 32, 64 or 128 long, so documents of 127, 128
+# and 129 rows hit residues tile - 1, 0 and 1 of each at once; a 1-row and an
+# empty document, and keys longer than the queries (bottom-right alignment:
+# the first key blocks are partly visible). One varlen call per head dim runs
+# them all through the same kernels as flash_attn.
+TILE_DOCS_Q = [127, 128, 129, 1, 0, 64]
+TILE_DOCS_K = [127, 193, 129, 33, 3, 64]
+
+
+@pytest.mark.parametrize("d,w,softcap,sink_kind", [(64, 64, 5.0, "rand"), (128, None, 5.0, "high"),
+                                                   (256, 33, 5.0, "rand")])
+@pytest.mark.parametrize("device,dtype,kernel", [p for p in _dev_dtypes() if p.values[1] != torch.float16])
+def test_sinks_softcap_at_tile_boundaries(d, w, softcap, sink_kind, device, dtype, kernel, select_kernel):
+    select_kernel(device, kernel)
+    h, hkv = 3, 1
+    g = torch.Generator().manual_seed(d)
+    q = (torch.randn(sum(TILE_DOCS_Q), h, d, generator=g) * 10).to(dtype).to(on(device))
+    k = _randn((sum(TILE_DOCS_K), hkv, d), dtype, device, g)
+    v = _randn((sum(TILE_DOCS_K), hkv, d), dtype, device, g)
+    dout = _randn(q.shape, dtype, device, g)
+    sinks = _sinks(sink_kind, h, device, g)
+    cu_q = torch.tensor([0] + torch.tensor(TILE_DOCS_Q).cumsum(0).tolist(), dtype=torch.int32, device=on(device))
+    cu_k = torch.tensor([0] + torch.tensor(TILE_DOCS_K).cumsum(0).tolist(), dtype=torch.int32, device=on(device))
+    mq, mk = max(TILE_DOCS_Q), max(TILE_DOCS_K)
+
+    def fn(q, k, v, s):
+        return ops.flash_attn_varlen(q, k, v, cu_q, cu_k, mq, mk, window=w, softcap=softcap, sinks=s,
+                                     return_lse=True)
+
+    def ref(q, k, v, s, rdtype):
+        return ref_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), window=w, softcap=softcap, sinks=s, dtype=rdtype)
+
+    _run_and_check(fn, (q, k, v), sinks, dout, ref, dtype, f"tiles d{d}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -286,9 +319,6 @@ def test_varlen_equals_separate_calls_with_sinks(device):
     v = _randn((sum(lens), 2, 64), dtype, device, g)
     sinks = torch.randn(4, generator=g).to(on(device))
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=on(device))
-    if _raises_if_missing(device, sinks, 3.0, flash_mod.GPU_FEATURES,
-                          lambda: ops.flash_attn_varlen(q, k, v, cu, cu, 100, 100, sinks=sinks, softcap=3.0)):
-        return
     out, lse = ops.flash_attn_varlen(q, k, v, cu, cu, 100, 100, window=20, sinks=sinks, softcap=3.0,
                                      return_lse=True)
     for a, b in zip(cu.tolist(), cu.tolist()[1:]):
@@ -317,11 +347,6 @@ def test_chunked_prefill_with_sinks_equals_whole_sequence(device, w, softcap):
     sinks = torch.randn(h, generator=g).to(on(device))
     k_cache = torch.full((b, c, hkv, d), float("nan"), dtype=dtype, device=on(device))
     v_cache = torch.full_like(k_cache, float("nan"))
-    if _raises_if_missing(device, sinks, softcap, flash_mod.GPU_FEATURES,
-                          lambda: ops.prefill_attn(q[:, :5], k[:, :5], v[:, :5], k_cache, v_cache, 0, window=w,
-                                                   sinks=sinks, softcap=softcap)):
-        assert torch.isnan(k_cache).all(), "a rejected call must not write the cache"
-        return
     full, full_lse = ops.flash_attn(q, k, v, window=w, sinks=sinks, softcap=softcap, return_lse=True)
     outs, lses = [], []
     for start in range(0, total, w or 20):
@@ -444,8 +469,11 @@ def test_decode_sinks_softcap_match_reference(case, device, dtype, paged):
             return ops.decode_attn(dev[0], dev[1], dev[2], dev[3], window=w, softcap=softcap, sinks=dev[4],
                                    return_lse=True)
         cap = c
-    if _raises_if_missing(device, sinks, softcap, decode_mod.GPU_FEATURES, call):
-        return
+    _check_decode(case, call, q, hist_k, hist_v, cap, sinks, seqlens, dtype)
+
+
+def _check_decode(case, call, q, hist_k, hist_v, cap, sinks, seqlens, dtype):
+    b, h, hkv, d, c, w, lens, softcap, kind = case
     out, lse = call()
     ref64, lse64 = _decode_ref(q, hist_k, hist_v, cap, w, softcap, sinks.double(), torch.float64)
     lowp, _ = _decode_ref(q, hist_k, hist_v, cap, w, softcap, sinks.double(), dtype)
@@ -467,25 +495,17 @@ def test_opcheck_with_sinks_and_softcap(device):
     k = _randn((2, 23, 2, 64), dtype, device, g).requires_grad_(True)
     v = _randn((2, 23, 2, 64), dtype, device, g).requires_grad_(True)
     sinks = torch.randn(4, generator=g).to(on(device)).requires_grad_(True)
-    have = flash_mod.GPU_FEATURES if gpu(device) else {"sinks", "softcap"}
-    if {"sinks", "softcap"} <= have:
-        torch.library.opcheck(torch.ops.mixkit.flash_attn, (q, k, v, None, None, 19, 23, True, 9, None, False, sinks,
-                                                            5.0))
-    dhave = decode_mod.GPU_FEATURES if gpu(device) else {"sinks", "softcap"}
-    if {"sinks", "softcap"} <= dhave:
-        kc = _randn((2, 16, 2, 64), dtype, device, g)
-        lens = torch.tensor([16, 3], dtype=torch.int32, device=on(device))
-        torch.library.opcheck(torch.ops.mixkit.decode_attn, (q[:, 0].detach(), kc, kc.clone(), lens, 8, None, None,
-                                                             sinks.detach(), 5.0))
+    torch.library.opcheck(torch.ops.mixkit.flash_attn, (q, k, v, None, None, 19, 23, True, 9, None, False, sinks, 5.0))
+    kc = _randn((2, 16, 2, 64), dtype, device, g)
+    lens = torch.tensor([16, 3], dtype=torch.int32, device=on(device))
+    torch.library.opcheck(torch.ops.mixkit.decode_attn, (q[:, 0].detach(), kc, kc.clone(), lens, 8, None, None,
+                                                         sinks.detach(), 5.0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_with_sinks_and_softcap(device):
     torch._dynamo.reset()
     dtype = torch.bfloat16 if gpu(device) else torch.float32
-    have = flash_mod.GPU_FEATURES if gpu(device) else {"sinks", "softcap"}
-    if not {"sinks", "softcap"} <= have:
-        pytest.skip("the GPU kernels lack sinks or softcap (the NotImplementedError is tested above)")
     g = torch.Generator().manual_seed(0)
     q, k, v = (_randn(s, dtype, device, g) for s in ((1, 40, 4, 64), (1, 40, 2, 64), (1, 40, 2, 64)))
     sinks = torch.randn(4, generator=g).to(on(device))
@@ -561,3 +581,76 @@ def test_bad_softcap_reaches_no_kernel_from_core():
         with pytest.raises(ValueError, match="softcap"):
             _core.decode_attn(0, 0, 0, 0, 8, 8, 8, 8, 0, 8, 8, 1, 4, 2, 64, 16, 0, 1.0, cap, 0, (0, 0), (0, 0, 0),
                               (0, 0, 0), 1, 0, 0, 0, 0, 0, 0)
+
+
+# ---- the GPU paths: split-KV, planted errors, head dims, CUDA graphs ------------------
+
+@pytest.mark.emu
+@pytest.mark.skipif(not EMULATED, reason="needs an emulated build of _core")
+def test_a_sink_dropped_in_the_split_kv_combine_fails_the_decode_test():
+    """The long decode case runs split-KV, whose combine adds each sink once;
+    with that term planted away (emulator mutation 30, csrc/cuda/decode.cu)
+    the reference comparison must fail."""
+    case = (1, 8, 2, 128, 1000, None, [2500], None, "rand")
+    dtype = torch.bfloat16
+    q, hist_k, hist_v, k_cache, v_cache, sinks = _decode_inputs(case, dtype, "emu")
+    sinks = sinks + 8.0  # about log(2500 keys): the sink takes half of each row's mass
+    seqlens = torch.tensor(case[6], dtype=torch.int32)
+
+    def call():
+        return ops.decode_attn(q, k_cache, v_cache, seqlens, sinks=sinks, return_lse=True)
+
+    emu_configure()
+    with emulate():
+        assert decode_mod._splits(3, 0, 2, 1, 8, 2, 128, 1000, 0) > 1, "the case must take the split-KV path"
+        _check_decode(case, call, q, hist_k, hist_v, 1000, sinks, seqlens, dtype)
+        emu_configure(mutation=30)
+        try:
+            with pytest.raises(AssertionError):
+                _check_decode(case, call, q, hist_k, hist_v, 1000, sinks, seqlens, dtype)
+        finally:
+            emu_configure()
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_gpu_paths_reject_an_unsupported_head_dim(device):
+    """Head dims the GPU kernels lack (96, 192, 512) raise a ValueError that
+    names the supported ones, in every op; the CPU takes any."""
+    for d in (96, 192):
+        q = torch.zeros(1, 4, 2, d, dtype=torch.bfloat16, device=on(device))
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU.*64, 128, 256"):
+            ops.flash_attn(q, q, q)
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU.*64, 128, 256"):
+            ops.flash_attn_varlen(q[0], q[0], q[0], *(torch.tensor([0, 4], dtype=torch.int32, device=on(device)),) * 2,
+                                  4, 4)
+        cache = torch.zeros(1, 8, 2, d, dtype=torch.bfloat16, device=on(device))
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU"):
+            ops.decode_attn(q[:, 0], cache, cache, torch.tensor([3], dtype=torch.int32, device=on(device)))
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported on the GPU"):
+            ops.prefill_attn(q, q, q, cache, cache.clone(), 0, window=4)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_with_sinks_and_softcap():
+    """A captured decode step with sinks and a softcap replays exactly like
+    the eager call, at head dim 256 and on the split-KV path."""
+    b, h, hkv, d, c = 2, 8, 2, 256, 2048
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(b, c, hkv, d, generator=g).bfloat16().cuda()
+    v_cache = torch.randn(b, c, hkv, d, generator=g).bfloat16().cuda()
+    q = torch.randn(b, h, d, generator=g).bfloat16().cuda()
+    sinks = torch.randn(h, generator=g).cuda()
+    seqlens = torch.tensor([7, 2000], dtype=torch.int32, device="cuda")
+
+    def step():
+        return ops.decode_attn(q, k_cache, v_cache, seqlens, window=1024, sinks=sinks, softcap=30.0, return_lse=True)
+
+    graph, (out, lse) = capture_cuda_graph(step)
+    for t in range(3):
+        q.copy_(torch.randn(b, h, d, generator=g))
+        sinks.copy_(torch.randn(h, generator=g))
+        seqlens.copy_(torch.tensor([8 + t, 1990 + t]))
+        graph.replay()
+        want, want_lse = step()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)

@@ -91,3 +91,45 @@ def test_flash_attn_cases_quick_cpu():
         assert r["pct_matmul"] > 0
         if r["impl"] == "mixkit":  # bf16 output (and dq, dk, dv) against the float32 reference rounded to bf16
             assert r["max_abs_err"] <= 0.1, r
+
+
+VARIANT_OPS = ["flash_attn_fwd_sinks_w128", "flash_attn_fwd_bwd_sinks_w128", "flash_attn_fwd_softcap_hd256",
+               "flash_attn_fwd_bwd_softcap_hd256"]
+DECODE_VARIANT_OPS = ["decode_attn_sinks_w128_b8", "decode_attn_softcap_hd256_b8"]
+
+
+def test_flash_attn_variant_cases_quick_cpu():
+    """gpt-oss's sinks and Gemma 2's softcap at head dim 256: mixkit against
+    the eager reference with the sink column and the cap (dsinks included in
+    the fwd_bwd rows), FLOPs of the variant's own heads and head dim."""
+    from mixkit import bench
+    from mixkit.bench import flash_attn as fa
+
+    _, rows = bench.run(device="cpu", quick=True, ops=VARIANT_OPS, compile=False, log=None)
+    assert not [r for r in rows if "error" in r], rows
+    assert {r["op"] for r in rows} == set(VARIANT_OPS)
+    for r in rows:
+        heads, _, head_dim, window, _, _ = fa.VARIANTS["sinks_w128" if "sinks" in r["op"] else "softcap_hd256"]
+        window = min(window, fa.CPU_WINDOW) if window else None
+        assert f"H={heads}" in r["shape"] and f"D={head_dim}" in r["shape"] and f"W={window or 'none'}" in r["shape"]
+        flops = fa.attention_flops(r["tokens"], window, "bwd" in r["op"], heads, head_dim)
+        assert abs(r["tflops"] - flops / (r["median_us"] * 1e-6) / 1e12) <= 1e-9 * r["tflops"]
+        if r["impl"] == "mixkit":
+            assert r["max_abs_err"] <= 0.1, r
+    assert {r["impl"] for r in rows} == {"mixkit", "eager"}  # flex and FlashAttention are CUDA peers
+
+
+def test_decode_variant_cases_quick_cpu():
+    """Decode with gpt-oss's sinks and Gemma 2's softcap at head dim 256
+    against the eager reference with the sink column and the cap."""
+    from mixkit import bench
+
+    _, rows = bench.run(device="cpu", quick=True, ops=DECODE_VARIANT_OPS, compile=False, log=None)
+    assert not [r for r in rows if "error" in r], rows
+    assert {r["op"] for r in rows} == {"decode_attn_sinks_w128", "decode_attn_softcap_hd256"}
+    assert {r["impl"] for r in rows} == {"mixkit", "eager"}
+    for r in rows:
+        shape = r["shape"]
+        assert ("D=64" in shape and "sinks=yes" in shape) or ("D=256" in shape and "softcap=50" in shape), shape
+        if r["impl"] == "mixkit":
+            assert r["max_abs_err"] <= 0.05, r

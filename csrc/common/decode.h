@@ -122,11 +122,15 @@ struct CacheIndex {
   int64_t outer, inner;
 };
 
+// Positions and page sizes are below 2^31 (int32 seqlens, checked
+// capacities), so the divisions are 32-bit: a GPU does those inline, while a
+// 64-bit one is a call whose saved registers the decode kernel spills.
 MIXKIT_HD CacheIndex cache_index(const DecodeArgs& a, int64_t b, int64_t p) {
-  if (!a.block_table) return {b, p % a.capacity};
-  int64_t page = a.block_table[b * a.max_pages + p / a.page_size];
+  if (!a.block_table) return {b, int64_t(uint32_t(p) % uint32_t(a.capacity))};
+  const uint32_t pp = uint32_t(p), ps = uint32_t(a.page_size);
+  int64_t page = a.block_table[b * a.max_pages + pp / ps];
   page = page < 0 ? 0 : (page >= a.num_pages ? a.num_pages - 1 : page);
-  return {page, p % a.page_size};
+  return {page, int64_t(pp % ps)};
 }
 
 // Element offsets of KV head kvh at an index, in k_cache and v_cache.

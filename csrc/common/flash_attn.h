@@ -32,7 +32,9 @@
 // from lse and delta (python/mixkit/ops/flash_attn.py).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "ops.h"
@@ -127,6 +129,22 @@ inline void check(const FlashBwdArgs& a) {
                                 a.dv_stride[0] == 0),
           "varlen gradients have no batch dimension: their batch strides must be 0");
   require(a.f.total_k == 0 || (a.dk && a.dv), "null tensor pointer");
+}
+
+// The CPU backends' end of a row with a sink (-inf: none): folds it into the
+// row's max m and sum l of exp(s - m), and returns the factor the accumulated
+// output takes before the division by l. A larger sink becomes the max
+// (always, for a row that saw nothing: l = 1, factor 0). The GPU kernels do
+// the same in flash::finish_row (csrc/cuda/flash_attn.cuh).
+inline float fold_sink(float sink, float& m, float& l) {
+  if (sink > m) {
+    const float rescale = std::exp(m - sink);
+    l = l * rescale + 1.f;
+    m = sink;
+    return rescale;
+  }
+  if (sink != -std::numeric_limits<float>::infinity()) l += std::exp(sink - m);  // a NaN sink lands here
+  return 1.f;
 }
 
 // ---- backends --------------------------------------------------------------

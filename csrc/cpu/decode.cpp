@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/decode.h"
+#include "common/flash_attn.h"
 
 namespace mixkit {
 namespace {
@@ -119,14 +120,8 @@ void decode_attn(const DecodeArgs& a) {
         // -inf without one, as on the GPU.
         for (int64_t g = 0; g < group; ++g) {
           const float sink = a.sinks ? a.sinks[kvh * group + g] : neg_inf;
-          float mg = m[g], lg = l[g], rescale = 1.f;
-          if (sink > mg) {
-            rescale = std::exp(mg - sink);
-            lg = lg * rescale + 1.f;
-            mg = sink;
-          } else if (sink != neg_inf) {
-            lg += std::exp(sink - mg);
-          }
+          float mg = m[g], lg = l[g];
+          const float rescale = fold_sink(sink, mg, lg);
           const bool any = n > 0 || sink != neg_inf;
           const float inv = any ? rescale / lg : 0.f;
           for (int64_t i = 0; i < d; ++i) out[(row0 + g) * d + i] = from_f32<T>(acc[g * d + i] * inv);

@@ -256,14 +256,8 @@ void forward_task(const Geometry<T>& g, int64_t t, FwdScratch& w) {
     // The sink joins the denominator: the max moves to it when it is larger
     // (always, for a row that saw nothing, which then outputs zeros with
     // lse = sink). Without a sink such a row keeps l = 0: zeros, lse = -inf.
-    float mi = m[i], li = l[i], rescale = 1.f;
-    if (sink > mi) {
-      rescale = std::exp(mi - sink);
-      li = li * rescale + 1.f;
-      mi = sink;
-    } else if (sink != kNegInf) {
-      li += std::exp(sink - mi);  // a NaN sink lands here and propagates
-    }
+    float mi = m[i], li = l[i];
+    const float rescale = fold_sink(sink, mi, li);
     const float inv = li > 0.f ? rescale / li : 0.f;
     const float* o = O + i * dp;
     T* dst = out + (i0 + i) * a.o_stride[1];

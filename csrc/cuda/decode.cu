@@ -7,22 +7,30 @@
 // - a block owns (sequence, KV head, up to kMaxGroup query heads of its GQA
 //   group, one split of the visible keys). Every query head of the group is
 //   served from the same K/V registers, so each KV head is read once;
-// - LANES = D * sizeof(T) / 16 lanes share one key row, one 16-byte vector
-//   each; the block's kThreads / LANES lane groups walk different keys, KB
-//   keys each per step, with every load of a step issued before any use;
+// - LANES = min(D * sizeof(T) / 16, 32) lanes share one key row, EPL = D /
+//   LANES elements (one 16-byte vector, two for float32 at D = 256) each;
+//   the block's kThreads / LANES lane groups walk different keys, KB keys
+//   each per step, with every load of a step issued before any use;
 // - scores and the online softmax are float32, in the log2 domain (q is
 //   pre-scaled by scale * log2(e), so one exp2 per score);
 // - the lane groups merge through shared memory; with one split that merge
 //   writes the output, otherwise a float32 partial (o, lse) per split that
-//   decode_combine_kernel reduces.
+//   decode_combine_kernel reduces;
+// - softcap: the scaled score becomes c * tanh(s / c) (q is then pre-scaled
+//   by scale alone, and the capped score taken to log2 units); sinks: the
+//   sink joins the denominator once, where the output is formed: in the
+//   merge with one split, in the combine with several (the partials carry
+//   none), via flash::finish_row.
 // The number of splits depends on shapes and the SM count only (see
 // decode_splits_gpu), so the launch is fixed for a CUDA graph; a split that
 // falls past a sequence's length writes an empty partial (lse = -inf).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common/decode.h"
 #include "cuda/compat.cuh"
+#include "cuda/flash_attn.cuh"
 
 namespace mixkit {
 namespace {
@@ -34,6 +42,11 @@ constexpr int64_t kMinKeysPerSplit = 128;  // below this a split's fixed cost (q
 constexpr int64_t kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+#if defined(MIXKIT_EMULATE)
+// A planted error for the emulated GPU's mutation tests (emu::mutation(),
+// tests/test_attn_variants.py): the split-KV combine forgets the sink.
+constexpr int kMutationCombineDropsSink = 30;
+#endif
 
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
@@ -65,14 +78,23 @@ __global__ void __launch_bounds__(kAppendThreads) kv_cache_append_kernel(KvAppen
   }
 }
 
+// __launch_bounds__'s minimum of 1 block: without it ptxas held several
+// instances to 96 registers and spilled around the int64 divisions' calls
+// (nvcc 13.0, 4-16 bytes); with it they take 74-247, as before the softcap.
 template <class T, int D, int G>
-__global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int head_chunks) {
+__global__ void __launch_bounds__(kThreads, 1) decode_attn_kernel(DecodeArgs a, int head_chunks) {
   constexpr int VEC = 16 / int(sizeof(T));
-  constexpr int LANES = D / VEC;           // 8..32: always within one warp/wavefront
+  constexpr int LANES = D / VEC < 32 ? D / VEC : 32;  // 8..32: always within one warp/wavefront
+  constexpr int EPL = D / LANES;                        // elements a lane: VEC, or 2 VEC (float32, D = 256)
   constexpr int GROUPS = kThreads / LANES;  // keys the block reads side by side
   constexpr int KB = G > 4 ? 2 : 4;         // keys per lane group per step; fewer when q/acc take the registers
-  static_assert(LANES <= 32 && kThreads % LANES == 0, "a key row must fit one warp");
-  using V = Pack<T, VEC>;
+  static_assert(LANES <= 32 && kThreads % LANES == 0 && EPL % VEC == 0, "a key row must fit one warp");
+  // A lane's share of a row: one 16-byte Pack, or two 16-byte aligned ones
+  // (float32, D = 256; a Pack of 32 bytes would demand 32-byte alignment).
+  struct alignas(16) Wide {
+    T v[EPL];
+  };
+  using V = std::conditional_t<EPL == VEC, Pack<T, VEC>, Wide>;
   __shared__ float sm_acc[GROUPS][G][D];
   __shared__ float sm_m[GROUPS][G], sm_l[GROUPS][G];
 
@@ -97,8 +119,10 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
   const int64_t first_slot = first % C;  // ring: its slot
 
   const int64_t row0 = b * a.heads + kvh * group_size + h0;  // first query head (row of q/out) of this block
-  const float qscale = a.scale * kLog2e;
-  float qr[G][VEC];
+  // Scores in log2 units: q pre-scaled by scale * log2(e), or, under a
+  // softcap, by scale alone and the capped score times log2(e).
+  const float qscale = a.softcap > 0.f ? a.scale : a.scale * kLog2e;
+  float qr[G][EPL];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     V qv{};
@@ -106,16 +130,16 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
       qv = reinterpret_cast<const V*>(static_cast<const T*>(a.q) + b * a.q_stride[0] +
                                       (kvh * group_size + h0 + g) * a.q_stride[1])[lane];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) qr[g][i] = to_f32(qv.v[i]) * qscale;
+    for (int i = 0; i < EPL; ++i) qr[g][i] = to_f32(qv.v[i]) * qscale;
   }
 
-  float m[G], l[G], acc[G][VEC];
+  float m[G], l[G], acc[G][EPL];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[g][i] = 0.f;
+    for (int i = 0; i < EPL; ++i) acc[g][i] = 0.f;
   }
 
   const T* kcache = static_cast<const T*>(a.k_cache);
@@ -151,11 +175,21 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
       for (int g = 0; g < G; ++g) {
         float d = 0.f;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) d += qr[g][i] * to_f32(kv[k].v[i]);
+        for (int i = 0; i < EPL; ++i) d += qr[g][i] * to_f32(kv[k].v[i]);
 #pragma unroll
         for (int mask = LANES / 2; mask > 0; mask >>= 1) d += shfl_xor(d, mask);
         s[k][g] = d;
       }
+    }
+    // The cap's constants are re-read from the kernel arguments here rather
+    // than kept in registers: live across the int64 divisions' calls, they
+    // cost saved-register spills (nvcc 13.0).
+    if (a.softcap > 0.f) {
+#pragma unroll
+      for (int k = 0; k < KB; ++k)
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          s[k][g] = a.softcap * kLog2e * flash::tanh_via_exp2(flash::fast_div(s[k][g], a.softcap));
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -169,13 +203,13 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
       const float corr = exp2f(m[g] - mref);
       l[g] *= corr;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[g][i] *= corr;
+      for (int i = 0; i < EPL; ++i) acc[g][i] *= corr;
 #pragma unroll
       for (int k = 0; k < KB; ++k) {
         const float p = ok[k] ? exp2f(s[k][g] - mref) : 0.f;
         l[g] += p;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[g][i] += p * to_f32(vv[k].v[i]);
+        for (int i = 0; i < EPL; ++i) acc[g][i] += p * to_f32(vv[k].v[i]);
       }
       m[g] = mx;
     }
@@ -189,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
       sm_l[grp][g] = l[g];
     }
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) sm_acc[grp][g][lane * VEC + i] = acc[g][i];
+    for (int i = 0; i < EPL; ++i) sm_acc[grp][g][lane * EPL + i] = acc[g][i];
   }
   __syncthreads();
   for (int e = threadIdx.x; e < nh * D; e += kThreads) {
@@ -208,22 +242,26 @@ __global__ void __launch_bounds__(kThreads) decode_attn_kernel(DecodeArgs a, int
     // sum == 0: no visible key (zeros, lse -inf). A NaN score (a NaN in the
     // cache) is skipped by fmaxf but makes sum NaN, and must reach the
     // output as on the CPU, not vanish into the zero case.
-    o = sum != 0.f ? o / sum : 0.f;
-    const float lse = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+    // With one split this is the output, and the sink joins the denominator
+    // here; with several, a partial without it.
     const int64_t row = row0 + g;
+    const float sink = a.splits == 1 && a.sinks ? a.sinks[kvh * group_size + h0 + g] : -INFINITY;
+    const flash::RowEnd end = flash::finish_row(sum != 0.f ? mx * kLn2 : -INFINITY, sum, sink);
     if (a.splits == 1) {
-      static_cast<T*>(a.out)[row * D + dd] = from_f32<T>(o);
-      if (dd == 0) a.lse[row] = lse;
+      static_cast<T*>(a.out)[row * D + dd] = from_f32<T>(o * end.inv);
+      if (dd == 0) a.lse[row] = end.lse;
     } else {
-      a.ws_out[(row * a.splits + split) * D + dd] = o;
-      if (dd == 0) a.ws_lse[row * a.splits + split] = lse;
+      a.ws_out[(row * a.splits + split) * D + dd] = o * end.inv;
+      if (dd == 0) a.ws_lse[row * a.splits + split] = end.lse;
     }
   }
 }
 
 // One (sequence, query head) row per threadIdx.y: out = sum_s w_s o_s / sum_s w_s
 // with w_s = exp(lse_s - max lse). Empty splits have w_s = 0; a row with no
-// visible key at all gets zeros and lse = -inf.
+// visible key at all gets zeros and lse = -inf. The sink, which no partial
+// carries, joins the denominator here, once (flash::finish_row): a row with
+// no visible key then gets zeros and lse = sink.
 template <class T>
 __global__ void __launch_bounds__(256) decode_combine_kernel(DecodeArgs a) {
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -235,14 +273,20 @@ __global__ void __launch_bounds__(256) decode_combine_kernel(DecodeArgs a) {
   const float mref = mx == -INFINITY ? 0.f : mx;
   float sum = 0.f;
   for (int64_t s = 0; s < splits; ++s) sum += expf(lse[s] - mref);
-  const float inv = sum != 0.f ? 1.f / sum : 0.f;  // NaN propagates, as in decode_attn_kernel
+  // row = b * heads + head < 2^32 (both below 2^16): a 32-bit remainder.
+  float sink = a.sinks ? a.sinks[uint32_t(row) % uint32_t(a.heads)] : -INFINITY;
+#if defined(MIXKIT_EMULATE)
+  if (emu::mutation() == kMutationCombineDropsSink) sink = -INFINITY;
+#endif
+  // NaN propagates, as in decode_attn_kernel.
+  const flash::RowEnd end = flash::finish_row(sum != 0.f ? mx : -INFINITY, sum, sink);
   const float* part = a.ws_out + row * splits * d;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     float o = 0.f;
     for (int64_t s = 0; s < splits; ++s) o += expf(lse[s] - mref) * part[s * d + i];
-    static_cast<T*>(a.out)[row * d + i] = from_f32<T>(o * inv);
+    static_cast<T*>(a.out)[row * d + i] = from_f32<T>(o * end.inv);
   }
-  if (threadIdx.x == 0) a.lse[row] = sum != 0.f ? mx + logf(sum) : -INFINITY;
+  if (threadIdx.x == 0) a.lse[row] = end.lse;
 }
 
 // ============================== launchers ====================================
@@ -279,23 +323,23 @@ void launch_append(const KvAppendArgs& a, int64_t first, gpuStream_t stream) {
 
 // Turns the runtime (head_dim, head tile) into the kernel instance in this
 // one place, for the launch and for the occupancy query.
-template <class T, class F>
-void with_decode_kernel(int64_t head_dim, int tile, F&& f) {
-  if (head_dim == 64) {
-    switch (tile) {
-      case 1: return f(decode_attn_kernel<T, 64, 1>);
-      case 2: return f(decode_attn_kernel<T, 64, 2>);
-      case 4: return f(decode_attn_kernel<T, 64, 4>);
-      default: return f(decode_attn_kernel<T, 64, kMaxGroup>);
-    }
-  }
+template <class T, int D, class F>
+void with_tile(int tile, F&& f) {
   switch (tile) {
-    case 1: return f(decode_attn_kernel<T, 128, 1>);
-    case 2: return f(decode_attn_kernel<T, 128, 2>);
-    case 4: return f(decode_attn_kernel<T, 128, 4>);
-    default: return f(decode_attn_kernel<T, 128, kMaxGroup>);
+    case 1: return f(decode_attn_kernel<T, D, 1>);
+    case 2: return f(decode_attn_kernel<T, D, 2>);
+    case 4: return f(decode_attn_kernel<T, D, 4>);
+    default: return f(decode_attn_kernel<T, D, kMaxGroup>);
   }
 }
+template <class T, class F>
+void with_decode_kernel(int64_t head_dim, int tile, F&& f) {
+  if (head_dim == 64) return with_tile<T, 64>(tile, f);
+  if (head_dim == 128) return with_tile<T, 128>(tile, f);
+  with_tile<T, 256>(tile, f);
+}
+
+bool gpu_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
 
 template <class T>
 void launch_decode(const DecodeArgs& a, gpuStream_t stream) {
@@ -344,8 +388,8 @@ int64_t decode_splits_gpu(DType dtype, int64_t batch, int64_t heads, int64_t kv_
                           int64_t capacity, int64_t window, int device) {
   check_dtype(dtype);
   require(batch >= 0 && kv_heads >= 1 && heads >= kv_heads && capacity >= 1 && window >= 0, "bad decode shape");
-  require(head_dim == 64 || head_dim == 128,
-          "the GPU decode kernel supports head_dim 64 and 128, got " + std::to_string(head_dim));
+  require(gpu_head_dim(head_dim),
+          "the GPU decode kernel supports head_dim 64, 128 and 256, got " + std::to_string(head_dim));
   const int64_t keys = window > 0 ? std::min(window, capacity) : capacity;
   const int64_t group_size = heads / kv_heads;
   const int tile = group_tile(group_size);
@@ -365,9 +409,8 @@ int64_t decode_splits_gpu(DType dtype, int64_t batch, int64_t heads, int64_t kv_
 
 void decode_attn_gpu(const DecodeArgs& a, int device, void* stream) {
   check(a);
-  require(a.head_dim == 64 || a.head_dim == 128,
-          "the GPU decode kernel supports head_dim 64 and 128, got " + std::to_string(a.head_dim));
-  require(!a.sinks && a.softcap == 0.f, "attention sinks and softcap are not in the GPU decode kernel yet");
+  require(gpu_head_dim(a.head_dim),
+          "the GPU decode kernel supports head_dim 64, 128 and 256, got " + std::to_string(a.head_dim));
   if (a.batch == 0) return;
   for (const void* p : {a.q, a.k_cache, a.v_cache, static_cast<const void*>(a.out)})
     require(aligned_to(p, 16), "q, k_cache, v_cache and out must be 16-byte aligned on the GPU");

@@ -24,9 +24,8 @@ namespace {
 void check_gpu(const FlashFwdArgs& a, std::initializer_list<const void*> ptrs,
                std::initializer_list<const int64_t*> strides) {
   require(a.dtype != DType::f32, "the GPU flash attention takes bfloat16 or float16 (float32 runs on the CPU)");
-  require(a.head_dim == 64 || a.head_dim == 128,
-          "head_dim " + std::to_string(a.head_dim) + " is not supported on the GPU (supported: 64, 128)");
-  require(!a.sinks && a.softcap == 0.f, "attention sinks and softcap are not in the GPU flash attention kernels yet");
+  require(a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256,
+          "head_dim " + std::to_string(a.head_dim) + " is not supported on the GPU (supported: 64, 128, 256)");
   // cp.async moves 16-byte chunks: every row start must be 16-byte aligned.
   for (const void* p : ptrs) require(p == nullptr || aligned_to(p, 16), "tensor pointers must be 16-byte aligned");
   for (const int64_t* s : strides)
@@ -41,7 +40,8 @@ void dispatch_head_dim_dtype(const FlashFwdArgs& a, F&& f) {
   auto by_dim = [&](auto t) {
     using T = decltype(t);
     if (a.head_dim == 64) f(std::integral_constant<int, 64>{}, t);
-    else f(std::integral_constant<int, 128>{}, t);
+    else if (a.head_dim == 128) f(std::integral_constant<int, 128>{}, t);
+    else f(std::integral_constant<int, 256>{}, t);
   };
   if (a.dtype == DType::bf16) by_dim(bf16{});
   else by_dim(f16{});

@@ -76,6 +76,71 @@ struct BlockMask {
   }
 };
 
+// Logit softcap (common/flash_attn.h): raw scores q.k become
+// c * tanh(q.k * scale / c), after which the softmax takes them with scale 1.
+// tanh(x) = 1 - 2 / (2^(2 x log2 e) + 1): exact +-1 once 2^(..) overflows or
+// underflows, and within ~1e-7 absolute elsewhere, so c * tanh errs by
+// c * 1e-7, far below a score's own rounding where the cap matters.
+// a / b with the fast quotient (2 ulp; 0 once |b| passes 2^126): IEEE
+// division's out-of-line slow path is a call, whose saved registers ptxas
+// reports as spills in these kernels.
+__device__ __forceinline__ float fast_div(float a, float b) {
+#if defined(MIXKIT_EMULATE)
+  return a / b;
+#else
+  return __fdividef(a, b);
+#endif
+}
+
+// The quotient is fast_div's (0 for the divisor's overflow: tanh = 1).
+__device__ __forceinline__ float tanh_via_exp2(float x) {
+  return 1.f - fast_div(2.f, exp2f(x * 2.8853900817779268f) + 1.f);
+}
+template <int NS>
+__device__ __forceinline__ void softcap_scores(float (&s)[NS], float cap, float scale) {
+  const float mul = scale / cap;
+#pragma unroll
+  for (int i = 0; i < NS; ++i) s[i] = cap * tanh_via_exp2(s[i] * mul);
+}
+template <int N>
+__device__ __forceinline__ void softcap_scores(float (&s)[N][4], float cap, float scale) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) softcap_scores(s[i], cap, scale);
+}
+
+// The backward's softcap factor d(c tanh(r / c)) / dr = 1 - tanh^2 from P
+// alone: P = 2^(s_c log2 e - lse2) with lse2 the row's lse in log2 units, so
+// s_c = (log2 P + lse2) ln 2. Recovering s_c from P costs a log2 per score
+// and no register to keep s_c through two GEMMs; P = 0 (masked, or
+// underflowed) gives factor 0, and dS = P (..) is 0 there anyway. The error
+// is that of log2 P, a few 1e-7 absolute in s_c.
+__device__ __forceinline__ float softcap_grad(float p, float lse2, float inv_cap) {
+  const float t = (log2f(p) + lse2) * (0.6931471805599453f * inv_cap);
+  return p > 0.f ? 1.f - t * t : 0.f;
+}
+
+// A row's epilogue with the sink folded in (common/flash_attn.h): mn is the
+// row's max score in natural units (-inf when it saw no key), sum its
+// sum of exp(s - mn) in units of 2^unit_log2 (0, or the MFMA kernels'
+// p_log2, which the output accumulator carries too), sink -inf for none.
+// Returns the factor the output accumulator is multiplied by and the lse.
+// A larger sink becomes the max (always, for a row that saw nothing: zeros,
+// lse = sink). Branch-free (a branchy form cost the sm_80 kernel at D = 64
+// a 28-byte spill, nvcc 13.0): exp2 of -inf is the 0 of an absent term, and
+// mref keeps -inf - -inf away. sum != 0 rather than > 0, so that a NaN (a
+// NaN in the inputs) reaches the output; sum is otherwise >= 1 unit (the
+// max term), far inside fast_div's range.
+struct RowEnd {
+  float inv, lse;
+};
+__device__ __forceinline__ RowEnd finish_row(float mn, float sum, float sink, float unit_log2 = 0.f) {
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  const float mx = fmaxf(mn, sink), mref = mx == -INFINITY ? 0.f : mx;
+  const float rescale = exp2f((mn - mref) * kLog2e);
+  sum = sum * rescale + exp2f(fmaf(sink - mref, kLog2e, unit_log2));
+  return {sum != 0.f ? fast_div(rescale, sum) : 0.f, sum != 0.f ? mx + (logf(sum) - unit_log2 * kLn2) : -INFINITY};
+}
+
 // Accumulator layout shared by mma.m16n8 and wgmma: element 4t + e of a
 // thread's scores (or output) is row g + 8 * (e >> 1), column
 // 8t + 2 * (lane % 4) + (e & 1). Masks scores with -inf outside `mask`;
@@ -124,25 +189,27 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS], float (&o)[NO], f
 }
 
 // Epilogue of a thread's two rows: out = O / l rounded once, lse = m * scale
-// + ln(l); rows that saw nothing get zeros and -inf, rows >= sq are not stored.
+// + ln(l), the sink (-inf: none) folded in by finish_row; rows that saw
+// nothing get zeros and lse -inf (or the sink), rows >= sq are not stored.
 template <class T, int NO, class Pack>
 __device__ __forceinline__ void store_rows(const float (&o)[NO], const float (&m)[2], const float (&l)[2],
                                            const int64_t (&row)[2], int64_t sq, T* obase, int64_t o_row_stride,
-                                           float* lbase, float scale, int lane, Pack pack) {
+                                           float* lbase, float scale, float sink, int lane, Pack pack) {
   const int c2 = (lane & 3) * 2;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = l[r];
     sum += shfl_xor(sum, 1);
     sum += shfl_xor(sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const RowEnd end = finish_row(m[r] * scale, sum, sink);
     const int64_t i = row[r];
     if (i >= sq) continue;
     T* orow = obase + i * o_row_stride;
 #pragma unroll
     for (int t = 0; t < NO / 4; ++t)
-      *reinterpret_cast<uint32_t*>(orow + t * 8 + c2) = pack(o[4 * t + 2 * r] * inv, o[4 * t + 2 * r + 1] * inv);
-    if ((lane & 3) == 0) lbase[i] = sum > 0.f ? m[r] * scale + logf(sum) : -INFINITY;
+      *reinterpret_cast<uint32_t*>(orow + t * 8 + c2) = pack(o[4 * t + 2 * r] * end.inv,
+                                                             o[4 * t + 2 * r + 1] * end.inv);
+    if ((lane & 3) == 0) lbase[i] = end.lse;
   }
 }
 

@@ -57,6 +57,20 @@
 // dkdv loop has two workgroup barriers (three with dQ) and no prefetch; the
 // column reads are scalar 16-bit LDS reads; a dkdv workgroup is 2 wavefronts.
 //
+// Head dim 256. dK^T and dV^T together would be 256 accumulators a lane, so
+// dkdv_kernel runs twice (PARTS), for dV (S, P, dV^T: two products) and for
+// dK (S, dP, dS, dK^T: three), as flash_attn_bwd_sm80.cuh does. Staged K and
+// V tiles would not fit the 64 KiB of LDS next to Q and dO ([64][264] each),
+// so the lanes read their K and V fragments (8 consecutive d of one key)
+// from global memory instead, per step: the same bytes for every query
+// block, from the caches. dq_kernel likewise reads its Q and dO fragments
+// per key block instead of holding D / 2 VGPRs of them next to a 128-float
+// dQ^T. dQ always takes dq_kernel there (kAtomicDq).
+//
+// Softcap: S (S^T in dq_kernel) is capped before the mask, the softmax takes
+// it with scale 1, and dS gains 1 - tanh^2 = 1 - (s_c / c)^2 from the capped
+// score, which is still in its register when P and dS are formed.
+//
 // The index math is in host+device constexpr functions (namespace fab) so
 // that tests/test_mfma_attention_bwd.py replays the kernels on the CPU
 // against dense float64 gradients. nvcc never sees the kernels; they need hipcc.
@@ -212,6 +226,7 @@ static_assert(x_reg(1, 2) == 6 && acc_row(33, x_reg(1, 2)) == xa_k(1, 33, 2), "P
 
 #include "common/flash_attn.h"
 #include "cuda/compat.cuh"
+#include "cuda/flash_attn.cuh"
 
 namespace mixkit {
 namespace mfma {
@@ -220,6 +235,13 @@ namespace fab {
 // ============================== kernels ======================================
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Which of dK and dV a dkdv_kernel launch computes: both at D <= 128, one
+// per launch at D = 256.
+constexpr int kDV = 1, kDK = 2, kDKDV = 3;
+// K and V staged in LDS (dkdv_kernel), Q and dO held in VGPRs (dq_kernel):
+// up to D = 128; at D = 256 both read from global memory per step.
+template <int D> constexpr bool kStaged = D <= 128;
 
 // 8 consecutive 16-bit values of one row: step s's operand is elements 4s .. 4s + 3.
 template <class T> struct alignas(16) Frag {
@@ -304,14 +326,16 @@ __global__ void __launch_bounds__(256) delta_kernel(FlashBwdArgs a) {
   }
 }
 
-// dK, dV of kBN keys of kv head blockIdx.y, summed over its query heads; with
-// DQ also scale * dS K atomically into dq_accum.
-template <int D, class T, bool DQ>
+// dK and/or dV (PARTS) of kBN keys of kv head blockIdx.y, summed over its
+// query heads; with DQ also scale * dS K atomically into dq_accum.
+template <int D, class T, bool DQ, int PARTS>
 __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
-  static_assert(D == 64 || D == 128, "head dims of the GPU kernels");
+  static_assert(D == 64 || D == 128 || D == 256, "head dims of the GPU kernels");
+  constexpr bool DV = PARTS & kDV, DK = PARTS & kDK, kLds = kStaged<D>;
+  static_assert(PARTS >= 1 && PARTS <= 3 && (DK || !DQ) && (kLds || !DQ), "dQ needs dS and the staged K");
   constexpr int kTiles = D / kM;  // head-dim tiles of dK^T, dV^T, dQ
-  __shared__ __attribute__((aligned(16))) uint16_t Ks[lds_tile_size(D, kBN)];
-  __shared__ __attribute__((aligned(16))) uint16_t Vs[lds_tile_size(D, kBN)];
+  __shared__ __attribute__((aligned(16))) uint16_t Ks[kLds ? lds_tile_size(D, kBN) : 8];
+  __shared__ __attribute__((aligned(16))) uint16_t Vs[kLds ? lds_tile_size(D, kBN) : 8];
   __shared__ __attribute__((aligned(16))) uint16_t Qs[lds_tile_size(D, kBM)];
   __shared__ __attribute__((aligned(16))) uint16_t dOs[lds_tile_size(D, kBM)];
   __shared__ __attribute__((aligned(16))) uint16_t dSs[DQ ? lds_ds_size() : 8];
@@ -344,22 +368,37 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
 #endif
 
   const int tid = threadIdx.x, lane = tid % kWave, w = tid / kWave;
-  const float scale_log2 = f.scale * kLog2e;
+  // The softcap's constants (cap_mul 0: none) in VGPRs, like the epilogue's
+  // bases: as SGPRs they cost the atomic variant 2 SGPR spills (hipcc 5.2).
+  float cap = f.softcap, cap_mul = f.softcap > 0.f ? f.scale / f.softcap : 0.f;
+#if !defined(MIXKIT_EMULATE)
+  asm volatile("" : "+v"(cap), "+v"(cap_mul));
+#endif
+  const float scale_log2 = (f.softcap > 0.f ? 1.f : f.scale) * kLog2e;
   constexpr float kPLog2 = float(p_log2(std::is_same<T, f16>::value));
 
   for (int64_t n0 = int64_t(blockIdx.x) * kBN; n0 < sk; n0 += int64_t(gridDim.x) * kBN) {
     const int64_t nw = n0 + w * kN;  // this wavefront's first key
     const Range qb = query_blocks(n0, kBN, sq, sk, f.causal, window, kBM);
     __syncthreads();  // every wavefront is done with the previous key block's tiles
-    stage<D, kBN, kKvThreads>(Ks, kbase, f.k_stride[1], n0, sk);
-    stage<D, kBN, kKvThreads>(Vs, vbase, f.v_stride[1], n0, sk);
-
-    float16_t dk[kTiles], dv[kTiles];
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      zero(dk[t]);
-      zero(dv[t]);
+    if constexpr (kLds) {
+      stage<D, kBN, kKvThreads>(Ks, kbase, f.k_stride[1], n0, sk);
+      stage<D, kBN, kKvThreads>(Vs, vbase, f.v_stride[1], n0, sk);
     }
+    // The lane's B fragment of K or V at chunk kc: key w * kN + frag_b_row,
+    // from the staged tile or (D = 256) from global memory (zeros past sk).
+    const int64_t bkey = nw + frag_b_row(lane);
+    auto key_frag = [&](const uint16_t* tile, const T* gbase, int64_t gstride, int kc) -> Frag<T> {
+      const int dd = frag_d(kc, lane);
+      if constexpr (kLds) return *reinterpret_cast<const Frag<T>*>(&tile[lds_row(D, w * kN + frag_b_row(lane), dd)]);
+      else return bkey < sk ? *reinterpret_cast<const Frag<T>*>(gbase + bkey * gstride + dd) : Frag<T>{};
+    };
+
+    float16_t dk[DK ? kTiles : 1], dv[DV ? kTiles : 1];
+#pragma unroll
+    for (int t = 0; t < (DK ? kTiles : 1); ++t) zero(dk[t]);
+#pragma unroll
+    for (int t = 0; t < (DV ? kTiles : 1); ++t) zero(dv[t]);
     for (int hh = 0; hh < group; ++hh) {
       const int64_t h = hk * group + hh;
       for (int64_t mb = qb.first; mb < qb.end; ++mb) {
@@ -374,32 +413,40 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
         }
         __syncthreads();
 
-        // S = Q K^T, dP = dO V^T: 32 queries x the wavefront's 32 keys.
+        // S = Q K^T (and, DK, dP = dO V^T): 32 queries x the wavefront's 32 keys.
         float16_t s, dp;
         zero(s);
         zero(dp);
 #pragma unroll
         for (int kc = 0; kc < D / kPairK; ++kc) {
-          const int ar = frag_a_row(lane), br = w * kN + frag_b_row(lane), dd = frag_d(kc, lane);
+          const int ar = frag_a_row(lane), dd = frag_d(kc, lane);
           const Frag<T> qf = *reinterpret_cast<const Frag<T>*>(&Qs[lds_row(D, ar, dd)]);
-          const Frag<T> kf = *reinterpret_cast<const Frag<T>*>(&Ks[lds_row(D, br, dd)]);
-          const Frag<T> of = *reinterpret_cast<const Frag<T>*>(&dOs[lds_row(D, ar, dd)]);
-          const Frag<T> vf = *reinterpret_cast<const Frag<T>*>(&Vs[lds_row(D, br, dd)]);
+          const Frag<T> kf = key_frag(Ks, kbase, f.k_stride[1], kc);
 #pragma unroll
-          for (int st = 0; st < 2; ++st) {
-            s = mma_32x32x8(qf.step[st], kf.step[st], s);
-            dp = mma_32x32x8(of.step[st], vf.step[st], dp);
+          for (int st = 0; st < 2; ++st) s = mma_32x32x8(qf.step[st], kf.step[st], s);
+          if constexpr (DK) {
+            const Frag<T> of = *reinterpret_cast<const Frag<T>*>(&dOs[lds_row(D, ar, dd)]);
+            const Frag<T> vf = key_frag(Vs, vbase, f.v_stride[1], kc);
+#pragma unroll
+            for (int st = 0; st < 2; ++st) dp = mma_32x32x8(of.step[st], vf.step[st], dp);
           }
         }
         // P (times 2^kPLog2) in s, dS in dp. Masked scores become -inf, and
-        // -inf - l is -inf for every l, +inf included.
+        // -inf - l is -inf for every l, +inf included. Under a softcap the
+        // capped score s_c gives dS its factor 1 - (s_c / c)^2.
         const bool full = block_full(m0, kBM, nw, kN, sq, sk, f.causal, window);
 #pragma unroll
         for (int r = 0; r < kAccRegs; ++r) {
           const int qi = acc_row(lane, r);
+          float cap_grad = 1.f;
+          if (cap_mul != 0.f) {
+            const float t = flash::tanh_via_exp2(s[r] * cap_mul);
+            s[r] = cap * t;
+            cap_grad = 1.f - t * t;
+          }
           if (!full && !visible(m0 + qi, nw + acc_col(lane, r), sq, sk, f.causal, window)) s[r] = -INFINITY;
           s[r] = exp2f(fmaf(s[r], scale_log2, kPLog2 - lse_s[qi]));
-          dp[r] = s[r] * exp2f(-kPLog2) * (dp[r] - delta_s[qi]);
+          dp[r] = s[r] * exp2f(-kPLog2) * (dp[r] - delta_s[qi]) * cap_grad;
         }
 
         // P and dS rounded once to T: the B operands of the 4 steps below
@@ -428,24 +475,28 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
         // than one: the scheduler issues all reads of a loop up front (one
         // VGPR each), and 128 of them made the atomic variant at D = 128
         // spill on gfx940.
+        if constexpr (DV) {
 #pragma unroll
-        for (int st = 0; st < kSteps; ++st)
+          for (int st = 0; st < kSteps; ++st)
 #pragma unroll
-          for (int t = 0; t < kTiles; ++t) {
-            uint16_t o4[4];
+            for (int t = 0; t < kTiles; ++t) {
+              uint16_t o4[4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) o4[e] = dOs[lds_row(D, xa_k(st, lane, e), xa_row(t, lane, e))];
-            dv[t] = mma_32x32x8(operand_of<T>(o4[0], o4[1], o4[2], o4[3]), pb[st], dv[t]);
-          }
+              for (int e = 0; e < 4; ++e) o4[e] = dOs[lds_row(D, xa_k(st, lane, e), xa_row(t, lane, e))];
+              dv[t] = mma_32x32x8(operand_of<T>(o4[0], o4[1], o4[2], o4[3]), pb[st], dv[t]);
+            }
+        }
+        if constexpr (DK) {
 #pragma unroll
-        for (int st = 0; st < kSteps; ++st)
+          for (int st = 0; st < kSteps; ++st)
 #pragma unroll
-          for (int t = 0; t < kTiles; ++t) {
-            uint16_t q4[4];
+            for (int t = 0; t < kTiles; ++t) {
+              uint16_t q4[4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) q4[e] = Qs[lds_row(D, xa_k(st, lane, e), xa_row(t, lane, e))];
-            dk[t] = mma_32x32x8(operand_of<T>(q4[0], q4[1], q4[2], q4[3]), db[st], dk[t]);
-          }
+              for (int e = 0; e < 4; ++e) q4[e] = Qs[lds_row(D, xa_k(st, lane, e), xa_row(t, lane, e))];
+              dk[t] = mma_32x32x8(operand_of<T>(q4[0], q4[1], q4[2], q4[3]), db[st], dk[t]);
+            }
+        }
 
         if constexpr (DQ) {
           __syncthreads();
@@ -493,14 +544,18 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
       for (int t = 0; t < kTiles; ++t)
 #pragma unroll
         for (int g = 0; g < kAccRegs / 4; ++g) {
-          Pack<T, 4> pk, pv;
+          if constexpr (DK) {
+            Pack<T, 4> pk;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            pk.v[e] = from_f32<T>(dk[t][4 * g + e] * f.scale);
-            pv.v[e] = from_f32<T>(dv[t][4 * g + e] * vscale);
+            for (int e = 0; e < 4; ++e) pk.v[e] = from_f32<T>(dk[t][4 * g + e] * f.scale);
+            *reinterpret_cast<Pack<T, 4>*>(dkrow + g_d(t, lane, 4 * g)) = pk;
           }
-          *reinterpret_cast<Pack<T, 4>*>(dkrow + g_d(t, lane, 4 * g)) = pk;
-          *reinterpret_cast<Pack<T, 4>*>(dvrow + g_d(t, lane, 4 * g)) = pv;
+          if constexpr (DV) {
+            Pack<T, 4> pv;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pv.v[e] = from_f32<T>(dv[t][4 * g + e] * vscale);
+            *reinterpret_cast<Pack<T, 4>*>(dvrow + g_d(t, lane, 4 * g)) = pv;
+          }
         }
     }
   }
@@ -510,7 +565,8 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
 // blocks of kQBN in increasing order.
 template <int D, class T>
 __global__ void __launch_bounds__(kQThreads) dq_kernel(FlashBwdArgs a) {
-  static_assert(D == 64 || D == 128, "head dims of the GPU kernels");
+  static_assert(D == 64 || D == 128 || D == 256, "head dims of the GPU kernels");
+  constexpr bool kRegs = kStaged<D>;  // Q and dO fragments held in VGPRs
   constexpr int kTiles = D / kM;
   __shared__ __attribute__((aligned(16))) uint16_t Ks[lds_tile_size(D, kQBN)];
   __shared__ __attribute__((aligned(16))) uint16_t Vs[lds_tile_size(D, kQBN)];
@@ -529,7 +585,9 @@ __global__ void __launch_bounds__(kQThreads) dq_kernel(FlashBwdArgs a) {
   const int64_t stat0 = b * f.lse_stride[0] + h * f.lse_stride[1] + qspan.start;
 
   const int tid = threadIdx.x, lane = tid % kWave, w = tid / kWave;
-  const float scale_log2 = f.scale * kLog2e;
+  const bool capped = f.softcap > 0.f;
+  const float scale_log2 = (capped ? 1.f : f.scale) * kLog2e;
+  const float cap_mul = capped ? f.scale / f.softcap : 0.f;
   const int64_t nblocks_q = (sq + kQBM - 1) / kQBM;
 
   // Latest query blocks first: under a causal mask they see the most keys.
@@ -537,14 +595,19 @@ __global__ void __launch_bounds__(kQThreads) dq_kernel(FlashBwdArgs a) {
     const int64_t m0 = mb * kQBM, mw = m0 + w * kN;
     const Range kb = key_blocks(m0, kQBM, sq, sk, f.causal, window, kQBN);
 
-    // Q and dO as B fragments (8 consecutive d of the lane's query per chunk).
+    // Q and dO as B fragments (8 consecutive d of the lane's query per
+    // chunk): loaded once into VGPRs, or (D = 256) re-read per key block.
     const int64_t qrow = mw + frag_b_row(lane);
-    Frag<T> qf[D / kPairK], of[D / kPairK];
+    auto q_frag = [&](const T* base, int64_t stride, int kc) {
+      return qrow < sq ? *reinterpret_cast<const Frag<T>*>(base + qrow * stride + frag_d(kc, lane)) : Frag<T>{};
+    };
+    Frag<T> qf[kRegs ? D / kPairK : 1], of[kRegs ? D / kPairK : 1];
+    if constexpr (kRegs) {
 #pragma unroll
-    for (int kc = 0; kc < D / kPairK; ++kc) {
-      const bool ok = qrow < sq;
-      qf[kc] = ok ? *reinterpret_cast<const Frag<T>*>(qbase + qrow * f.q_stride[1] + frag_d(kc, lane)) : Frag<T>{};
-      of[kc] = ok ? *reinterpret_cast<const Frag<T>*>(dobase + qrow * a.do_stride[1] + frag_d(kc, lane)) : Frag<T>{};
+      for (int kc = 0; kc < D / kPairK; ++kc) {
+        qf[kc] = q_frag(qbase, f.q_stride[1], kc);
+        of[kc] = q_frag(dobase, a.do_stride[1], kc);
+      }
     }
     // The lane's query in S^T (acc_col) is its B column (frag_b_row): one lse, one delta.
     const int64_t srow = mw + acc_col(lane, 0);
@@ -570,18 +633,32 @@ __global__ void __launch_bounds__(kQThreads) dq_kernel(FlashBwdArgs a) {
         const int at = lds_row(D, frag_a_row(lane), frag_d(kc, lane));
         const Frag<T> kf = *reinterpret_cast<const Frag<T>*>(&Ks[at]);
         const Frag<T> vf = *reinterpret_cast<const Frag<T>*>(&Vs[at]);
+        Frag<T> qk, ok;
+        if constexpr (kRegs) {
+          qk = qf[kc];
+          ok = of[kc];
+        } else {
+          qk = q_frag(qbase, f.q_stride[1], kc);
+          ok = q_frag(dobase, a.do_stride[1], kc);
+        }
 #pragma unroll
         for (int st = 0; st < 2; ++st) {
-          s = mma_32x32x8(kf.step[st], qf[kc].step[st], s);
-          dp = mma_32x32x8(vf.step[st], of[kc].step[st], dp);
+          s = mma_32x32x8(kf.step[st], qk.step[st], s);
+          dp = mma_32x32x8(vf.step[st], ok.step[st], dp);
         }
       }
       const bool full = block_full(mw, kN, n0, kQBN, sq, sk, f.causal, window);
 #pragma unroll
       for (int r = 0; r < kAccRegs; ++r) {
+        float cap_grad = 1.f;
+        if (capped) {
+          const float t = flash::tanh_via_exp2(s[r] * cap_mul);
+          s[r] = f.softcap * t;
+          cap_grad = 1.f - t * t;
+        }
         if (!full && !visible(mw + acc_col(lane, r), n0 + acc_row(lane, r), sq, sk, f.causal, window))
           s[r] = -INFINITY;
-        dp[r] = exp2f(fmaf(s[r], scale_log2, -lse)) * (dp[r] - delta);
+        dp[r] = exp2f(fmaf(s[r], scale_log2, -lse)) * (dp[r] - delta) * cap_grad;
       }
       // dQ^T += K^T dS^T: B = dS^T's registers, A = 4 16-bit reads of one
       // head-dim column of K.
@@ -662,9 +739,12 @@ template <int D, class T> void flash_bwd(const FlashBwdArgs& a, hipStream_t stre
   const dim3 kv_grid(grid_blocks(f.seqlen_k, kBN), kv_heads, batch);
   const bool atomic_dq = kAtomicDq<D> && !a.deterministic && has_q;
   if constexpr (kAtomicDq<D>) {
-    if (atomic_dq) gpu_launch((dkdv_kernel<D, T, true>), kv_grid, dim3(kKvThreads), 0, stream, a);
+    if (atomic_dq) gpu_launch((dkdv_kernel<D, T, true, kDKDV>), kv_grid, dim3(kKvThreads), 0, stream, a);
   }
-  if (!atomic_dq) gpu_launch((dkdv_kernel<D, T, false>), kv_grid, dim3(kKvThreads), 0, stream, a);
+  // D = 256: dV, then dK, in two launches (see the top).
+  constexpr int kParts = kStaged<D> ? kDKDV : kDK;
+  if constexpr (kParts == kDK) gpu_launch((dkdv_kernel<D, T, false, kDV>), kv_grid, dim3(kKvThreads), 0, stream, a);
+  if (!atomic_dq) gpu_launch((dkdv_kernel<D, T, false, kParts>), kv_grid, dim3(kKvThreads), 0, stream, a);
   gpu_check(hipGetLastError(), "launching the MFMA flash_bwd dkdv_kernel");
   if (!has_q) return;
   if (!atomic_dq) {

@@ -21,6 +21,19 @@
 //     and walks its visible key blocks in increasing order, recomputing S
 //     and dP (two extra GEMMs per block) to get dQ without atomics.
 //
+// Head dim 256: a warp's dK and dV (16 keys x D each) would take 256
+// accumulators a thread, so dkdv_kernel runs twice, once for dV (S^T, P^T,
+// dV: two GEMMs) and once for dK (and the atomic dQ): S^T, P^T, dP^T, dS^T,
+// dK, four GEMMs. That is one GEMM more than the joint kernel's five, for
+// the same 160 live accumulators as D = 128. dq_kernel takes key steps of
+// 32 there (its dQ alone is 128 floats).
+//
+// Softcap: S is capped as in the forward (c * tanh(s * scale / c), softmax
+// scale 1 after it), and dS gains the factor 1 - tanh^2, recovered from P
+// and lse (flash::softcap_grad) rather than kept in registers through two
+// GEMMs. Sinks need nothing here: the forward's lse includes the sink, so P
+// is already right, and dsinks is formed by the caller from lse and delta.
+//
 // P = exp2(q.k * scale * log2(e) - lse * log2(e)). Rows that saw no key have
 // lse = -inf; the kernels replace it by +inf (and delta by 0 for query rows
 // past the sequence), so P = exp2(-inf) = 0 exactly and neither inf - inf nor
@@ -46,8 +59,12 @@ namespace bwd {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int BN = 16 * kWarps;  // keys per dK/dV CTA; also keys per step of dq_kernel
+constexpr int BN = 16 * kWarps;  // keys per dK/dV CTA
 constexpr int BQ = 16 * kWarps;  // query rows per dq_kernel / delta_kernel / dq_convert_kernel block
+template <int D> constexpr int kBNq = D > 128 ? 32 : 64;  // keys per step of dq_kernel
+// Which of dK and dV a dkdv_kernel launch computes: both at D <= 128, one
+// per launch at D = 256.
+constexpr int kDV = 1, kDK = 2, kDKDV = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Query rows per step of dkdv_kernel. A thread holds dK and dV (D floats)
@@ -191,20 +208,30 @@ __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, boo
 
 // Copies rows [row0, row0 + ROWS) of a (len)-row sequence into a swizzled
 // [ROWS][D] tile at shared address `tile`; rows past the end are
-// zero-filled. A thread copies chunk tid % CH of rows tid / CH + i * RS: RS is
-// a multiple of 8, so its shared offset just advances by RS rows.
+// zero-filled. TPR threads share a row: a thread copies chunks tid % TPR +
+// j * TPR of rows tid / TPR + i * RS. RS (8 or 16) is a multiple of 8 and TPR
+// (at D = 256, 16 threads for 32 chunks) a multiple of 8 when it is not the
+// whole row, so the swizzle leaves the steps as plain offsets: RS rows, or
+// TPR chunks.
 template <int D, int ROWS, class T>
 __device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int64_t row_stride, int64_t row0,
                                           int64_t len) {
-  constexpr int CH = D / 8, RS = kThreads / CH;
-  static_assert(ROWS % RS == 0 && RS % 8 == 0, "tile rows must divide among the threads");
-  const int r = threadIdx.x / CH, c = threadIdx.x % CH;
+  constexpr int CH = D / 8, TPR = CH < kThreads / 8 ? CH : kThreads / 8, RS = kThreads / TPR;
+  static_assert(ROWS % RS == 0 && RS % 8 == 0 && CH % TPR == 0 && (TPR == CH || TPR % 8 == 0),
+                "tile rows must divide among the threads");
+  const int r = threadIdx.x / TPR, c = threadIdx.x % TPR;
   const uint32_t dst = tile + swz_bytes<CH>(r, c);
   const T* src = base + (row0 + r) * row_stride + c * 8;
-#pragma unroll
+  // Rolled at D = 256 (as in flash_attn_fwd_sm80.cuh): unrolled, the copies'
+  // addresses outlive the loop and the kernels spill (nvcc 13.0, sm_80).
+  constexpr int kUnroll = D > 128 ? 1 : ROWS / RS;
+#pragma unroll kUnroll
   for (int i = 0; i < ROWS / RS; ++i) {
     const bool ok = row0 + r + i * RS < len;
-    cp_async16_to(dst + uint32_t(i * RS * CH * 16), ok ? src + i * RS * row_stride : base, ok);
+#pragma unroll
+    for (int j = 0; j < CH / TPR; ++j)
+      cp_async16_to(dst + uint32_t(i * RS * CH * 16 + j * TPR * 16),
+                    ok ? src + i * RS * row_stride + j * TPR * 8 : base, ok);
   }
 }
 
@@ -304,8 +331,9 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(FlashBwdArgs a) {
   }
 }
 
-// dK, dV of BN keys of kv head blockIdx.y, summed over the query heads of
-// its group; with DQ also scale * dS K atomically into dq_accum.
+// dK and/or dV (PARTS: kDV, kDK, kDKDV) of BN keys of kv head blockIdx.y,
+// summed over the query heads of its group; with DQ (kDK in PARTS) also
+// scale * dS K atomically into dq_accum.
 //
 // Work is one sequence of (query head, query block) steps so that the
 // double buffer prefetches across heads too. Per step t, stage s = t & 1:
@@ -316,8 +344,10 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(FlashBwdArgs a) {
 //   S^T, P^T, dV, dP^T, dS^T, dK   warp-local, registers
 //   DQ: dS^T -> smem, barrier, dQ rows -> atomicAdd
 //   lse/delta register -> stage s ^ 1 (read by step t + 1 after its barrier)
-template <int D, class T, bool DQ>
+template <int D, class T, bool DQ, int PARTS>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
+  constexpr bool DV = PARTS & kDV, DK = PARTS & kDK;
+  static_assert(PARTS >= 1 && PARTS <= 3 && (DK || !DQ), "dQ needs dS: the dK part");
   constexpr int BM = kBM<D>;
   constexpr int NT = BM / 8;  // n8 tiles of queries in S^T
   constexpr int DT = D / 8;   // n8 tiles of the head dim
@@ -354,7 +384,9 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c2 = (lane & 3) * 2;
-  const float scale_log2 = f.scale * kLog2e;
+  const bool capped = f.softcap > 0.f;
+  const float scale_log2 = (capped ? 1.f : f.scale) * kLog2e;
+  const float inv_cap = capped ? 1.f / f.softcap : 0.f;
   // Per-lane ldmatrix addresses, one per pattern, shared by all [*][D] tiles.
   const uint32_t l_a = lane_a<CH>(base, warp * 16, lane), l_b = lane_b<CH>(base, lane),
                  l_bt = lane_bt<CH>(base, lane);
@@ -394,7 +426,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
     asm volatile("" : "+r"(ks0));
     const int64_t krow0 = int64_t(ks0) + n0;  // first key row of this block
 
-    float dk[DT][4], dv[DT][4];
+    float dk[DK ? DT : 1][4], dv[DV ? DT : 1][4];
     zero(dk);
     zero(dv);
     if (nblk > 0) {
@@ -428,6 +460,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
       float p[NT][4];
       zero(p);
       mma_abt<D, BM, T>(p, l_a, Ks, l_b, Qs + so);
+      if (capped) flash::softcap_scores(p, f.softcap, f.scale);
       // Masked scores become -inf before the exponential: -inf - l is -inf
       // for every l, +inf included, so P = 0.
       if (!mask.full(m0, BM, n0, BN)) {
@@ -448,23 +481,35 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
       }
 
       // dV += P^T dO.
-      mma_xb<BM, D, T>(dv, p, l_bt, dOs + so);
+      if constexpr (DV) mma_xb<BM, D, T>(dv, p, l_bt, dOs + so);
 
-      // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta[query]) in place.
-      float ds[NT][4];
-      zero(ds);
-      mma_abt<D, BM, T>(ds, l_a, Vs, l_b, dOs + so);
+      // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta[query]) in place
+      // (times 1 - tanh^2 under a softcap).
+      float ds[DK ? NT : 1][4];
+      if constexpr (DK) {
+        zero(ds);
+        mma_abt<D, BM, T>(ds, l_a, Vs, l_b, dOs + so);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const float2 dl = lds_f32x2(delta + nt * 32);
-        ds[nt][0] = p[nt][0] * (ds[nt][0] - dl.x);
-        ds[nt][1] = p[nt][1] * (ds[nt][1] - dl.y);
-        ds[nt][2] = p[nt][2] * (ds[nt][2] - dl.x);
-        ds[nt][3] = p[nt][3] * (ds[nt][3] - dl.y);
+        for (int nt = 0; nt < NT; ++nt) {
+          const float2 dl = lds_f32x2(delta + nt * 32);
+          ds[nt][0] = p[nt][0] * (ds[nt][0] - dl.x);
+          ds[nt][1] = p[nt][1] * (ds[nt][1] - dl.y);
+          ds[nt][2] = p[nt][2] * (ds[nt][2] - dl.x);
+          ds[nt][3] = p[nt][3] * (ds[nt][3] - dl.y);
+        }
+        if (capped) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float2 l = lds_f32x2(lse + nt * 32);
+            ds[nt][0] *= flash::softcap_grad(p[nt][0], l.x, inv_cap);
+            ds[nt][1] *= flash::softcap_grad(p[nt][1], l.y, inv_cap);
+            ds[nt][2] *= flash::softcap_grad(p[nt][2], l.x, inv_cap);
+            ds[nt][3] *= flash::softcap_grad(p[nt][3], l.y, inv_cap);
+          }
+        }
+        // dK += dS^T Q (scaled in the epilogue).
+        mma_xb<BM, D, T>(dk, ds, l_bt, Qs + so);
       }
-
-      // dK += dS^T Q (scaled in the epilogue).
-      mma_xb<BM, D, T>(dk, ds, l_bt, Qs + so);
 
       if constexpr (DQ) {
         // dS^T rounded to T into a [BN keys][BM queries] tile: pairs of
@@ -496,7 +541,9 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
         const int64_t row = m0 + wm * 16 + g;  // and row + 8
         float* acc_base = a.dq_accum + ((acc_row0 + row) * f.heads + h) * D;
         const int64_t acc_row8 = int64_t(8) * f.heads * D;
-#pragma unroll
+        // Rolled at D = 256: 4 chunks of dQ columns whose unrolled addresses
+        // spill next to the 128 dK accumulators (nvcc 13.0, sm_80).
+#pragma unroll(D > 128 ? 1 : CW / QC)
         for (int cc = 0; cc < CW / 8; cc += QC / 8) {
           float dq[QC / 8][4];
           zero(dq);
@@ -544,9 +591,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
       T* dvrow = dvbase + j * a.dv_stride[1];
 #pragma unroll
       for (int nt = 0; nt < DT; ++nt) {
-        *reinterpret_cast<uint32_t*>(dkrow + nt * 8 + c2) =
-            pack2<T>(dk[nt][2 * r] * f.scale, dk[nt][2 * r + 1] * f.scale);
-        *reinterpret_cast<uint32_t*>(dvrow + nt * 8 + c2) = pack2<T>(dv[nt][2 * r], dv[nt][2 * r + 1]);
+        if constexpr (DK)
+          *reinterpret_cast<uint32_t*>(dkrow + nt * 8 + c2) =
+              pack2<T>(dk[nt][2 * r] * f.scale, dk[nt][2 * r + 1] * f.scale);
+        if constexpr (DV)
+          *reinterpret_cast<uint32_t*>(dvrow + nt * 8 + c2) = pack2<T>(dv[nt][2 * r], dv[nt][2 * r + 1]);
       }
     }
     __syncthreads();  // the next key block reloads Ks / Vs and the stages
@@ -559,6 +608,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashBwdArgs a) {
 // are queries (g, g + 8), so lse and delta are two registers a thread.
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
+  constexpr int BN = kBNq<D>;
   constexpr int NT = BN / 8, DT = D / 8;
   constexpr int CH = D / 8;
   constexpr uint32_t kQBytes = BQ * D * 2, kKVBytes = BN * D * 2;
@@ -585,7 +635,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c2 = (lane & 3) * 2;
-  const float scale_log2 = f.scale * kLog2e;
+  const bool capped = f.softcap > 0.f;
+  const float scale_log2 = (capped ? 1.f : f.scale) * kLog2e;
+  const float inv_cap = capped ? 1.f / f.softcap : 0.f;
   const int64_t nblocks_q = (sq + BQ - 1) / BQ;
   // Per-lane ldmatrix addresses, one per pattern, shared by all [*][D] tiles.
   const uint32_t l_a = lane_a<CH>(base, warp * 16, lane), l_b = lane_b<CH>(base, lane),
@@ -635,6 +687,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
       float p[NT][4];
       zero(p);
       mma_abt<D, BN, T>(p, l_a, Qs, l_b, Ks + so);
+      if (capped) flash::softcap_scores(p, f.softcap, f.scale);
       if (!mask.full(m0, BQ, n0, BN)) {
         const BlockMask bm = block_mask<BQ, BN>(mask, m0, n0);
 #pragma unroll
@@ -655,6 +708,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(FlashBwdArgs a) {
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) ds[nt][e] = p[nt][e] * (ds[nt][e] - delta[e >> 1]);
+      if (capped) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) ds[nt][e] *= flash::softcap_grad(p[nt][e], lse[e >> 1], inv_cap);
+      }
 
       mma_xb<BN, D, T>(dq, ds, l_bt, Ks + so);
     }
@@ -723,17 +782,21 @@ void flash_bwd(const FlashBwdArgs& a, gpuStream_t stream) {
   constexpr int BM = kBM<D>;
   const dim3 kv_grid(grid_blocks(f.seqlen_k, BN), kv_heads, batch);
   const int kv_smem_base = (2 * BN * D + 4 * BM * D) * int(sizeof(T)) + 4 * BM * int(sizeof(float)) + kAlignPad;
+  // D = 256: dV, then dK (with the atomic dQ), in two launches (see the top).
+  constexpr int kParts = D > 128 ? kDK : kDKDV;
+  if constexpr (kParts == kDK)
+    launch(dkdv_kernel<D, T, false, kDV>, kv_grid, kv_smem_base, stream, a, "launching flash_bwd dkdv_kernel (dV)");
   if (a.deterministic || !has_q) {
-    launch(dkdv_kernel<D, T, false>, kv_grid, kv_smem_base, stream, a, "launching flash_bwd dkdv_kernel");
+    launch(dkdv_kernel<D, T, false, kParts>, kv_grid, kv_smem_base, stream, a, "launching flash_bwd dkdv_kernel");
   } else {
-    launch(dkdv_kernel<D, T, true>, kv_grid, kv_smem_base + BN * BM * int(sizeof(T)), stream, a,
+    launch(dkdv_kernel<D, T, true, kParts>, kv_grid, kv_smem_base + BN * BM * int(sizeof(T)), stream, a,
            "launching flash_bwd dkdv_kernel");
   }
 
   if (!has_q) return;
   const dim3 q_grid(qblocks, heads, batch);
   if (a.deterministic) {
-    launch(dq_kernel<D, T>, q_grid, (2 * BQ * D + 4 * BN * D) * int(sizeof(T)) + kAlignPad, stream, a,
+    launch(dq_kernel<D, T>, q_grid, (2 * BQ * D + 4 * kBNq<D> * D) * int(sizeof(T)) + kAlignPad, stream, a,
            "launching flash_bwd dq_kernel");
   } else {
     launch(dq_convert_kernel<D, T>, q_grid, 0, stream, a, "launching flash_bwd dq_convert_kernel");

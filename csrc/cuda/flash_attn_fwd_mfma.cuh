@@ -9,7 +9,12 @@
 // of one (sequence, head), 32 per wavefront; keys run in blocks of
 // kBN = 4096 / D (64 at D = 64, 32 at D = 128), so the K and V tiles take the
 // same ~18 KiB of LDS at both head dims and three workgroups fit a CU's
-// 64 KiB. The instruction is v_mfma_f32_32x32x8{bf16_1k,f16} (mfma.cuh).
+// 64 KiB. D = 256 keeps kBN = 32 (an S^T tile is 32 keys): 37 KiB, one
+// workgroup a CU. The instruction is v_mfma_f32_32x32x8{bf16_1k,f16} (mfma.cuh).
+//
+// Softcap: S^T is capped (c * tanh(s * scale / c)) before the mask and the
+// softmax takes it with scale 1; the sink enters once, in the epilogue
+// (flash::finish_row, in P's 2^p_log2 units).
 //
 // The transposed products. Each wavefront computes S^T = K Q^T (A = a key
 // tile, B = Q^T) and O^T += V^T P^T (A = V^T, B = P^T), not S = Q K^T and
@@ -67,7 +72,8 @@ constexpr int kThreads = kWaves * kWave;
 constexpr int kWaveM = kN;                 // queries a wavefront: the accumulator's columns
 constexpr int kBM = kWaves * kWaveM;       // queries a workgroup: 128
 constexpr int kPad = 8;                    // elements of padding a LDS row
-MIXKIT_MFMA_HD int block_n(int d) { return 4096 / d; }  // keys a block: 64 (D = 64), 32 (D = 128)
+// Keys a block: 64 (D = 64), 32 (D = 128 and 256).
+MIXKIT_MFMA_HD int block_n(int d) { return d <= 128 ? 4096 / d : 32; }
 
 // Tile row i of a 32-key S^T tile reads key key_perm(i): bits 2 and 3 swapped.
 MIXKIT_MFMA_HD int key_perm(int i) { return (i & ~12) | ((i & 4) << 1) | ((i & 8) >> 1); }
@@ -138,8 +144,10 @@ MIXKIT_MFMA_HD KeyBlocks key_blocks(int64_t m0, int64_t sk, int64_t off, bool ca
 
 static_assert(kThreads == 256 && kBM == 128, "tile plan");
 static_assert(stage_chunks(64) * kThreads * 8 == block_n(64) * 64 &&
-                  stage_chunks(128) * kThreads * 8 == block_n(128) * 128,
+                  stage_chunks(128) * kThreads * 8 == block_n(128) * 128 &&
+                  stage_chunks(256) * kThreads * 8 == block_n(256) * 256,
               "staging covers a block");
+static_assert(2 * (lds_k_size(256) + lds_vt_size(256)) <= 64 * 1024, "D = 256 fits a CU's LDS");
 static_assert(2 * (lds_k_size(128) + lds_vt_size(128)) <= 64 * 1024 / 3 &&
                   2 * (lds_k_size(64) + lds_vt_size(64)) <= 64 * 1024 / 3,
               "three workgroups a CU");
@@ -165,7 +173,6 @@ namespace fa {
 // ============================== kernel =======================================
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // 8 consecutive 16-bit values of one row: step s's operand is elements
 // 4s .. 4s + 3 (pair_elem).
@@ -185,7 +192,7 @@ template <> __device__ __forceinline__ half4_t to_operand<f16>(float a, float b,
 
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
-  static_assert(D == 64 || D == 128, "head dims of the GPU kernels");
+  static_assert(D == 64 || D == 128 || D == 256, "head dims of the GPU kernels");
   constexpr int kBN = block_n(D);
   constexpr int kTilesS = kBN / kM;  // S^T tiles (32 keys each) a block
   constexpr int kTilesO = D / kN;    // O^T tiles (32 head-dim rows each)
@@ -208,7 +215,10 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
   float* lbase = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1] + qspan.start;
 
   const int tid = threadIdx.x, lane = tid % kWave, w = tid / kWave;
-  const float scale_log2 = a.scale * kLog2e;
+  const bool capped = a.softcap > 0.f;
+  const float sscale = capped ? 1.f : a.scale;  // the softmax's scale of the (capped) scores
+  const float scale_log2 = sscale * kLog2e;
+  const float sink = a.sinks ? a.sinks[h] : -INFINITY;
   constexpr float kPLog2 = float(p_log2(std::is_same<T, f16>::value));
   const int64_t nblocks_q = (sq + kBM - 1) / kBM;
 
@@ -274,12 +284,17 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
     float m = -INFINITY;  // running max of the lane's query's raw scores (both half-waves agree)
     float l = 0.f;        // this half-wave's share of the row sum
 
-    if (kb.first < kb.end) load(kb.first * kBN);
+    // D = 256 stages each block when it is needed instead of prefetching the
+    // next one into registers: the 32 VGPRs of staging live through the
+    // MFMAs next to Q's 64 and O^T's 128 made hipcc 5.2 spill (11-34 VGPRs).
+    constexpr bool kPrefetch = D <= 128;
+    if (kPrefetch && kb.first < kb.end) load(kb.first * kBN);
     for (int64_t nb = kb.first; nb < kb.end; ++nb) {
+      if (!kPrefetch) load(nb * kBN);
       __syncthreads();  // every wavefront is done reading the previous block (or query block)
       store();
       __syncthreads();
-      if (nb + 1 < kb.end) load((nb + 1) * kBN);  // in flight during the MFMAs below
+      if (kPrefetch && nb + 1 < kb.end) load((nb + 1) * kBN);  // in flight during the MFMAs below
 
       // S^T = K Q^T: kTilesS tiles of 32 keys x the wavefront's 32 queries.
       float16_t s[kTilesS];
@@ -297,6 +312,13 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
         }
       }
 
+      if (capped) {
+        const float mul = a.scale / a.softcap;
+#pragma unroll
+        for (int u = 0; u < kTilesS; ++u)
+#pragma unroll
+          for (int r = 0; r < kAccRegs; ++r) s[u][r] = a.softcap * flash::tanh_via_exp2(s[u][r] * mul);
+      }
       const flash::BlockMask mask(mw, kWaveM, nb * kBN, kBN, sk, off, a.causal, a.window);
       if (!mask.full) {
 #pragma unroll
@@ -353,10 +375,10 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
     }
 
     // Epilogue: out = O / l rounded once, lse = m * scale + ln(l) (l without
-    // the 2^kPLog2 of P); queries
-    // that saw nothing get zeros and -inf, rows >= sq are not stored.
-    const float sum = l + shfl_xor(l, kWave / 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    // the 2^kPLog2 of P), the sink folded in; queries that saw nothing get
+    // zeros and -inf (or the sink), rows >= sq are not stored.
+    const flash::RowEnd end = flash::finish_row(m * sscale, l + shfl_xor(l, kWave / 2), sink, kPLog2);
+    const float inv = end.inv;
     const int64_t row = mw + o_query(lane, 0);
     if (row < sq) {
       T* orow = obase + row * a.o_stride[1];
@@ -369,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
           for (int e = 0; e < 4; ++e) pk.v[e] = from_f32<T>(o[t][4 * g + e] * inv);
           *reinterpret_cast<Pack<T, 4>*>(orow + o_d(t, lane, 4 * g)) = pk;
         }
-      if (lane < kWave / 2) lbase[row] = sum > 0.f ? m * a.scale + (logf(sum) - kPLog2 * kLn2) : -INFINITY;
+      if (lane < kWave / 2) lbase[row] = end.lse;
     }
   }
 }

@@ -5,10 +5,16 @@
 //
 // A CTA owns BM = 64 query rows of one (sequence, query head): 4 warps of 16
 // rows. S = Q K^T lands in accumulators whose layout is that of the A
-// operand of P V (mma_sm80.cuh), so P never touches shared memory. Shared
-// memory: Q plus two stages of K and V, 80 KB at D = 128, so two CTAs fit an
-// SM on A100 and H100; ptxas then allows 255 registers a thread (measured,
-// nvcc 13.0: 239 at D = 64, 255 at D = 128, no spills).
+// operand of P V (mma_sm80.cuh), so P never touches shared memory. Keys go
+// in blocks of BN = 64, or 32 at D = 256, where a thread's output alone is
+// 128 floats. Shared memory: Q plus two stages of K and V, 80 KB at D = 128
+// and 96 KB at D = 256, so two CTAs fit an SM on A100 and H100 up to D = 128
+// and one (A100) or two (H100) at D = 256; ptxas then allows 255 registers a
+// thread (measured, nvcc 13.0: 239 at D = 64, 255 at D = 128, no spills).
+//
+// Softcap: the raw scores become c * tanh(s * scale / c) before the mask and
+// the softmax then takes them with scale 1 (a uniform branch: no second
+// instantiation). Sinks enter once, in the epilogue (flash::finish_row).
 //
 // Only key blocks that intersect the visible range of the query block are
 // loaded, so a window of W costs O(S * W), and element masks are applied only
@@ -33,7 +39,7 @@ namespace fwd {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int BM = 16 * kWarps;  // query rows per CTA
-constexpr int BN = 64;           // keys per iteration
+template <int D> constexpr int kBN = D > 128 ? 32 : 64;  // keys per iteration
 constexpr float kLog2e = 1.4426950408889634f;
 
 using flash::Span;
@@ -51,9 +57,13 @@ __device__ __forceinline__ float (&flat(float (&a)[N][4]))[N * 4] {
 // tile; rows past the end are zero-filled, so V's padding contributes 0 * 0.
 template <int D, int ROWS, class T>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t row_stride, int64_t row0, int64_t len) {
-  constexpr int kChunks = D / 8;
-#pragma unroll
-  for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
+  constexpr int kChunks = D / 8, kIters = ROWS * kChunks / kThreads;
+  // Unrolled, the D = 256 loads' 16 per-chunk addresses stay live through
+  // the key loop and push the kernel past 255 registers (96 bytes of
+  // spills, nvcc 13.0); rolled, none spill, at one loop counter's cost.
+  constexpr int kUnroll = D > 128 ? 1 : kIters;
+#pragma unroll kUnroll
+  for (int i = 0; i < kIters; ++i) {
     const int idx = threadIdx.x + i * kThreads;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool ok = row0 + r < len;
@@ -63,6 +73,7 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t row_st
 
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
+  constexpr int BN = kBN<D>;
   MIXKIT_DYNAMIC_SMEM(smem_raw, 128);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BM * D;  // [2][BN * D]
@@ -80,7 +91,10 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c2 = (lane & 3) * 2;
-  const float scale_log2 = a.scale * kLog2e;
+  const bool capped = a.softcap > 0.f;
+  const float sscale = capped ? 1.f : a.scale;  // the softmax's scale of the (capped) scores
+  const float scale_log2 = sscale * kLog2e;
+  const float sink = a.sinks ? a.sinks[h] : -INFINITY;
   const int64_t nblocks_q = (sq + BM - 1) / BM;
 
   // Heaviest (latest) query blocks first: under a causal mask they see the
@@ -160,6 +174,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
         }
       }
 
+      if (capped) flash::softcap_scores(flat(sc), a.softcap, a.scale);
       const flash::BlockMask mask(m0, BM, nb * BN, BN, sk, off, a.causal, a.window);
       if (!mask.full) flash::apply_mask(flat(sc), mask, warp * 16 + g, c2);
       flash::online_softmax(flat(sc), flat(o), m, l, scale_log2);
@@ -182,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
     }
     cp_async_wait<0>();  // an empty block range leaves the K/V group of nothing pending
 
-    flash::store_rows<T>(flat(o), m, l, row, sq, obase, a.o_stride[1], lbase, a.scale, lane,
+    flash::store_rows<T>(flat(o), m, l, row, sq, obase, a.o_stride[1], lbase, sscale, sink, lane,
                          [](float lo, float hi) { return pack2<T>(lo, hi); });
   }
 }
@@ -191,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
 
 template <int D, class T>
 void flash_fwd(const FlashFwdArgs& a, gpuStream_t stream) {
-  constexpr int kSmem = (fwd::BM + 4 * fwd::BN) * D * int(sizeof(T));
+  constexpr int kSmem = (fwd::BM + 4 * fwd::kBN<D>) * D * int(sizeof(T));
   flash::launch(fwd::flash_fwd_kernel<D, T>, dim3(flash::grid_blocks(a.seqlen_q, fwd::BM), unsigned(a.heads), unsigned(a.batch)), fwd::kThreads, kSmem, stream,
                 "launching the sm80 flash_fwd_kernel", a);
 }

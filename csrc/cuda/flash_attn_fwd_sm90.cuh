@@ -6,17 +6,22 @@
 // Included only by the generated per-(head dim, dtype) files (CMakeLists.txt).
 //
 // A CTA owns BM = 128 query rows of one (sequence, query head): two
-// warpgroups of 64 rows, each issuing its own wgmma. Per key block of BN = 128:
-//   S = Q K^T   m64n128k16, A = Q and B = K from shared memory (both K-major);
+// warpgroups of 64 rows, each issuing its own wgmma. Per key block of BN = 128
+// keys (64 at D = 256, where a thread's output is already 128 floats):
+//   S = Q K^T   m64nBNk16, A = Q and B = K from shared memory (both K-major);
 //   O += P V    m64nDk16,   A = P from registers, B = V (keys x d, d
-//               contiguous: MN-major, transpose bit set).
+//               contiguous: MN-major, transpose bit set); at D = 256 two
+//               m64n128k16 on the two halves of d.
 // The S accumulators, packed to 16 bits, are the register A fragments of P
 // (layouts in wgmma_sm90.cuh), so P never touches shared memory.
 //
 // Shared memory: Q plus two stages of K and V, each tile stored as D / 64
 // column blocks of [rows][64] with the 128-byte swizzle (16-byte chunk c of
-// row r at chunk c ^ (r % 8)); 81 KB at D = 64, 161 KB at D = 128 (plus 1 KB
-// to round the base up to the 1024-byte swizzle period).
+// row r at chunk c ^ (r % 8)); 81 KB at D = 64, 161 KB at D = 128, 193 KB at
+// D = 256 (plus 1 KB to round the base up to the 1024-byte swizzle period).
+//
+// Softcap and sinks as in flash_attn_fwd_sm80.cuh: the cap on the scores
+// before the mask (softmax scale 1 after it), the sink in the epilogue.
 //
 // All 256 threads load with cp.async (zero-fill past the sequence end, so
 // V's padding contributes 0 * 0) while the tensor cores work on the other
@@ -50,7 +55,7 @@ namespace fwd {
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = 128 * kWarpgroups;
 constexpr int BM = 64 * kWarpgroups;  // query rows per CTA
-constexpr int BN = 128;               // keys per iteration
+template <int D> constexpr int kBN = D > 128 ? 64 : 128;  // keys per iteration
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- kernel -----------------------------------------------------------------
@@ -70,9 +75,12 @@ __device__ __forceinline__ uint32_t swz128(int r, int c) {
 template <int D, int ROWS, class T>
 __device__ __forceinline__ void load_tile(unsigned char* tile, const T* base, int64_t row_stride, int64_t row0,
                                           int64_t len) {
-  constexpr int kChunks = D / 8;
-#pragma unroll
-  for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
+  constexpr int kChunks = D / 8, kIters = ROWS * kChunks / kThreads;
+  // Rolled at D = 256 (as in flash_attn_fwd_sm80.cuh): unrolled, the copies'
+  // addresses outlive the loop and push the kernel into spills (nvcc 13.0).
+  constexpr int kUnroll = D > 128 ? 1 : kIters;
+#pragma unroll kUnroll
+  for (int i = 0; i < kIters; ++i) {
     const int idx = threadIdx.x + i * kThreads;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool ok = row0 + r < len;
@@ -82,6 +90,7 @@ __device__ __forceinline__ void load_tile(unsigned char* tile, const T* base, in
 
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) {
+  constexpr int BN = kBN<D>;
   constexpr int kQBytes = BM * D * 2, kKVBytes = BN * D * 2;
   // The swizzle is a function of the address bits, so every tile must start
   // on a 1024-byte boundary. Rounded up at run time (the launch adds 1 KB):
@@ -104,7 +113,10 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) 
 
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int g = lane >> 2, c2 = (lane & 3) * 2;
-  const float scale_log2 = a.scale * kLog2e;
+  const bool capped = a.softcap > 0.f;
+  const float sscale = capped ? 1.f : a.scale;  // the softmax's scale of the (capped) scores
+  const float scale_log2 = sscale * kLog2e;
+  const float sink = a.sinks ? a.sinks[h] : -INFINITY;
   const int64_t nblocks_q = (sq + BM - 1) / BM;
 
   // Descriptor bases: this warpgroup's 64 Q rows, and stage 0 of K and V.
@@ -165,13 +177,16 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) 
       wgmma_wait<0>();
       pin(sc);
 
+      if (capped) flash::softcap_scores(sc, a.softcap, a.scale);
       const flash::BlockMask mask(m0, BM, nb * BN, BN, sk, off, a.causal, a.window);
       if (!mask.full) flash::apply_mask(sc, mask, wg * 64 + warp * 16 + g, c2);
       flash::online_softmax(sc, o, m, l, scale_log2);
 
       // O += P V: keys 16kk .. 16kk + 15 are rows 16kk.. of V's column
       // blocks, two 1024-byte atoms of 8 keys (SBO); d 64 .. 127 is the next
-      // column block (LBO).
+      // column block (LBO). At D = 256 the second m64n128 starts two column
+      // blocks on, and its accumulators are o[64..127], the columns 128.. of
+      // the layout store_rows reads.
       uint32_t pa[BN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
@@ -180,18 +195,22 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) 
         pa[kk][2] = sm80::pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
         pa[kk][3] = sm80::pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
       }
+      constexpr int kN = D < 128 ? D : 128;  // d per wgmma
       pin(o);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk)
-        wgmma_rs<T, D>(o, pa[kk], smem_desc(vs_addr + kk * 16 * 128, BN * 128, 1024), 1);
+#pragma unroll
+        for (int half = 0; half < D / kN; ++half)
+          wgmma_rs<T, kN>(reinterpret_cast<float(&)[kN / 2]>(o[half * kN / 2]), pa[kk],
+                          smem_desc(vs_addr + half * (kN / 64) * BN * 128 + kk * 16 * 128, BN * 128, 1024), 1);
       wgmma_commit();
       wgmma_wait<0>();
       pin(o);
     }
     sm80::cp_async_wait<0>();  // an empty block range leaves the Q group pending
 
-    flash::store_rows<T>(o, m, l, row, sq, obase, a.o_stride[1], lbase, a.scale, lane,
+    flash::store_rows<T>(o, m, l, row, sq, obase, a.o_stride[1], lbase, sscale, sink, lane,
                          [](float lo, float hi) { return sm80::pack2<T>(lo, hi); });
   }
 }
@@ -200,8 +219,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) 
 
 template <int D, class T>
 void flash_fwd(const FlashFwdArgs& a, gpuStream_t stream) {
-  static_assert(D == 64 || D == 128, "sm90::flash_fwd: head dim 64 or 128");
-  constexpr int kSmem = (fwd::BM + 4 * fwd::BN) * D * int(sizeof(T)) + 1024;
+  static_assert(D == 64 || D == 128 || D == 256, "sm90::flash_fwd: head dim 64, 128 or 256");
+  constexpr int kSmem = (fwd::BM + 4 * fwd::kBN<D>) * D * int(sizeof(T)) + 1024;
   flash::launch(fwd::flash_fwd_kernel<D, T>, dim3(flash::grid_blocks(a.seqlen_q, fwd::BM), unsigned(a.heads), unsigned(a.batch)), fwd::kThreads, kSmem, stream,
                 "launching the sm90 flash_fwd_kernel", a);
 }

@@ -39,7 +39,7 @@ attention weights are requested, or when the layer has sinks or a softcap,
 which sdpa lacks) and `counters` records why: user-supplied 4D masks, custom
 mask functions (or_mask/and_mask), padding masks with holes,
 output_attentions, attention dropout in training, non-causal attention, and
-dtypes, head dims or features the GPU kernels lack.
+dtypes or head dims the GPU kernels lack.
 `patch(model, strict=True)` makes those raise instead. Holes in a padding
 mask are detected in prefill only (one host sync per forward, as HF's
 FlashAttention path has); a decode step trusts the mask, so generating after
@@ -204,7 +204,7 @@ def _output_attentions_requested() -> bool:
     return collected is not None and "attentions" in collected
 
 
-def _fallback_reason(module, query, attention_mask, dropout, softcap, sinks, kwargs):
+def _fallback_reason(module, query, attention_mask, dropout, kwargs):
     if _output_attentions_requested() or kwargs.get("output_attentions"):
         return "output_attentions"
     if attention_mask is not None and not isinstance(attention_mask, MixkitMask):
@@ -222,9 +222,6 @@ def _fallback_reason(module, query, attention_mask, dropout, softcap, sinks, kwa
         op = _decode_op if decode else _flash_op
         if query.shape[-1] not in op.GPU_HEAD_DIMS:
             return f"head_dim {query.shape[-1]} on the GPU (kernels: {', '.join(map(str, op.GPU_HEAD_DIMS))})"
-        for name, given in (("sinks", sinks is not None), ("softcap", softcap is not None)):
-            if given and name not in op.GPU_FEATURES:
-                return f"{name} on the GPU (not in the kernels yet)"
     return None
 
 
@@ -285,7 +282,7 @@ def mixkit_attention(module, query, key, value, attention_mask, scaling=None, dr
                      softcap=None, **kwargs):
     """`AttentionInterface` entry: returns (output (B, Sq, H, D), None)."""
     s_aux = kwargs.get("s_aux")
-    reason = _fallback_reason(module, query, attention_mask, dropout, softcap, s_aux, kwargs)
+    reason = _fallback_reason(module, query, attention_mask, dropout, kwargs)
     if reason is not None:
         return _hf_attention(reason, module, query, key, value, attention_mask, dropout, scaling, softcap, kwargs)
     # Sinks and softcap, for every op below; the sinks cast keeps the

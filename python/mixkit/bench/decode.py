@@ -8,7 +8,12 @@ and the output (decode); the written part of k and v, read once and written
 once, plus positions (append).
 
 Peers: the eager float32 reference below, torch.compile of it, and SDPA with
-its best backend over the visible part of the cache. With W >= C the visible
+its best backend over the visible part of the cache. The variant ops
+(gpt-oss's sinks at its decode shape, 64 / 8 heads of 64 with W = 128;
+Gemma 2's softcap 50 at head dim 256, 16 / 8 heads) drop SDPA, which has
+neither, and take FlexAttention with the cap as its score_mod and the sinks
+folded in from its lse, and FlashAttention's decode op where it takes the
+feature. With W >= C the visible
 slots are the first min(seen, C) ones, and attention for a single query does
 not depend on key order, so SDPA reads a slice of the ring, not a gathered copy.
 """
@@ -21,20 +26,30 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mixkit.bench.flash_attn import fa_feature_kwargs
 from mixkit.bench.harness import Case, compiled, mixkit_op
 
 N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128  # Mistral 7B
 WINDOW = 4096  # Mistral 7B v0.1 sliding window = cache capacity
 
 
-def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n: int) -> torch.Tensor:
+def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n: int, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, D) against the first n slots of (B, C, Hkv, D) caches, float32.
-    GQA by a (B, Hkv, group, D) view of q: no repeated K/V."""
+    GQA by a (B, Hkv, group, D) view of q: no repeated K/V. softcap: c *
+    tanh(s / c); sinks (H,): one more logit per row, dropped after the softmax."""
     b, h, d = q.shape
     hkv = k_cache.shape[2]
     qg = q.float().view(b, hkv, h // hkv, d)
     s = torch.einsum("bkgd,bnkd->bkgn", qg, k_cache[:, :n].float()) / math.sqrt(d)
-    out = torch.einsum("bkgn,bnkd->bkgd", torch.softmax(s, dim=-1), v_cache[:, :n].float())
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if sinks is None:
+        p = torch.softmax(s, dim=-1)
+    else:
+        col = sinks.float().view(1, hkv, h // hkv, 1).expand(b, hkv, h // hkv, 1)
+        p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :-1]
+    out = torch.einsum("bkgn,bnkd->bkgd", p, v_cache[:, :n].float())
     return out.reshape(b, h, d).to(q.dtype)
 
 
@@ -44,32 +59,47 @@ def decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n
     return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
 
 
-def _flex_decode(compile_mode: str):
+def _flex_decode(compile_mode: str, softcap: float | None = None, sinks: torch.Tensor | None = None):
     """FlexAttention over the visible slots, compiled: one query per
-    sequence sees every slot, so no block mask is needed."""
+    sequence sees every slot, so no block mask is needed. A softcap is its
+    score_mod; sinks are folded in from its lse (out * exp(lse -
+    logaddexp(lse, sink))), as transformers' flex path does."""
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = compiled(flex_attention, compile_mode)
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
 
     def run(q, k_cache, v_cache, n):
         k = k_cache[:, :n].transpose(1, 2)
         v = v_cache[:, :n].transpose(1, 2)
-        return flex(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+        if sinks is None:
+            return flex(q[:, :, None], k, v, score_mod=score_mod, enable_gqa=True)[:, :, 0]
+        out, lse = flex(q[:, :, None], k, v, score_mod=score_mod, enable_gqa=True, return_lse=True)
+        keep = torch.exp(lse[:, :, 0] - torch.logaddexp(lse[:, :, 0], sinks.view(1, -1)))
+        return (out[:, :, 0] * keep[..., None]).to(q.dtype)
 
     return run
 
 
-def _fa_kvcache():
-    """FlashAttention's decode op, when the package is importable."""
+def _fa_kvcache(softcap: float | None = None, sinks: torch.Tensor | None = None):
+    """FlashAttention's decode op, when the package is importable and takes
+    the softcap / sinks asked for."""
     try:
         from flash_attn import flash_attn_with_kvcache
     except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    extra = fa_feature_kwargs(flash_attn_with_kvcache, softcap, sinks)
+    if extra is None:
         return None
 
     def run(q, k_cache, v_cache, n, seqlens):
         # Every visible slot holds a token and order does not matter for one
         # query, so the ring needs no unrolling: cache_seqlens = n.
-        return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seqlens.clamp(max=n))[:, 0]
+        return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seqlens.clamp(max=n),
+                                       **extra)[:, 0]
 
     return run
 
@@ -79,38 +109,58 @@ def _fa_kvcache():
 MAX_CACHE_BYTES = 4 << 30
 
 
+# The variant ops' shapes: (query heads, KV heads, head dim, window, softcap,
+# sinks): gpt-oss-20b's sliding layers and Gemma 2 9B's global layers, as in
+# flash_attn.VARIANTS.
+VARIANTS = {
+    "sinks_w128": (64, 8, 64, 128, None, True),
+    "softcap_hd256": (16, 8, 256, None, 50.0, False),
+}
+
+
 def decode_attn_case(device, tokens: int, dtype, compile_mode: str | None, batch: int = 8,
-                     window: int | None = WINDOW) -> Case | None:
+                     window: int | None = WINDOW, variant: str | None = None) -> Case | None:
     """One decode step after `tokens` seen. With Mistral's window the cache
     holds C = W = 4096 slots (a full ring past 4096 tokens); without one it
     holds every token."""
+    heads, kv_heads, head_dim, softcap, sinks = N_Q_HEADS, N_KV_HEADS, HEAD_DIM, None, None
+    if variant is not None:
+        heads, kv_heads, head_dim, window, softcap, with_sinks = VARIANTS[variant]
+        # gpt-oss's sinks sit around the scores' own log-sum-exp scale.
+        sinks = torch.randn(heads, device=device) + 2.0 if with_sinks else None
     capacity = min(tokens, window) if window else tokens
     n = capacity  # seen >= C or seen == C: every slot is visible
-    if 2 * batch * capacity * N_KV_HEADS * HEAD_DIM * torch.finfo(dtype).bits // 8 > MAX_CACHE_BYTES:
+    if 2 * batch * capacity * kv_heads * head_dim * torch.finfo(dtype).bits // 8 > MAX_CACHE_BYTES:
         return None
-    q = torch.randn(batch, N_Q_HEADS, HEAD_DIM, device=device, dtype=dtype)
-    k_cache = torch.randn(batch, capacity, N_KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
+    q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    k_cache = torch.randn(batch, capacity, kv_heads, head_dim, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     seqlens = torch.full((batch,), tokens, dtype=torch.int32, device=device)
     op = mixkit_op("decode_attn")
+    extra = dict(softcap=softcap, sinks=sinks) if variant is not None else {}
     impls = {
-        "mixkit": lambda: op(q, k_cache, v_cache, seqlens, window=window),
-        "eager": lambda: decode_ref(q, k_cache, v_cache, n),
-        "sdpa": lambda: decode_sdpa(q, k_cache, v_cache, n),
+        "mixkit": lambda: op(q, k_cache, v_cache, seqlens, window=window, **extra),
+        "eager": lambda: decode_ref(q, k_cache, v_cache, n, softcap, sinks),
     }
+    if variant is None:
+        impls["sdpa"] = lambda: decode_sdpa(q, k_cache, v_cache, n)
     if compile_mode:
         ref = compiled(decode_ref, compile_mode)
-        impls["compile"] = lambda: ref(q, k_cache, v_cache, n)
+        impls["compile"] = lambda: ref(q, k_cache, v_cache, n, softcap, sinks)
         if torch.device(device).type == "cuda":
-            flex = _flex_decode(compile_mode)
+            flex = _flex_decode(compile_mode, softcap, sinks)
             impls["flex"] = lambda: flex(q, k_cache, v_cache, n)
-    fa = _fa_kvcache() if torch.device(device).type == "cuda" else None
+    fa = _fa_kvcache(softcap, sinks) if torch.device(device).type == "cuda" else None
     if fa:
         impls["fa2_kvcache"] = lambda: fa(q, k_cache, v_cache, n, seqlens)
-    kv_bytes = 2 * batch * n * N_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    kv_bytes = 2 * batch * n * kv_heads * head_dim * k_cache.element_size()
     nbytes = kv_bytes + 2 * q.numel() * q.element_size() + seqlens.numel() * 4
-    shape = f"B={batch} seen={tokens} C={capacity} W={window or 'none'} H={N_Q_HEADS} Hkv={N_KV_HEADS} D={HEAD_DIM}"
-    return Case("decode_attn" if window else "decode_attn_nowin", shape, dtype, nbytes, impls, tokens=tokens)
+    shape = f"B={batch} seen={tokens} C={capacity} W={window or 'none'} H={heads} Hkv={kv_heads} D={head_dim}"
+    name = "decode_attn" if window else "decode_attn_nowin"
+    if variant is not None:
+        name = f"decode_attn_{variant}"
+        shape += f" softcap={softcap or 'none'} sinks={'yes' if sinks is not None else 'no'}"
+    return Case(name, shape, dtype, nbytes, impls, tokens=tokens)
 
 
 # The issue's batch sizes, as separate ops so that each is one line of a plot.
@@ -121,6 +171,8 @@ decode_attn_b128_case = functools.partial(decode_attn_case, batch=128)
 decode_attn_nowin_b1_case = functools.partial(decode_attn_case, batch=1, window=None)
 decode_attn_nowin_b8_case = functools.partial(decode_attn_case, batch=8, window=None)
 decode_attn_nowin_b32_case = functools.partial(decode_attn_case, batch=32, window=None)
+decode_attn_sinks_w128_b8_case = functools.partial(decode_attn_case, batch=8, variant="sinks_w128")
+decode_attn_softcap_hd256_b8_case = functools.partial(decode_attn_case, batch=8, variant="softcap_hd256")
 
 # Seen lengths (issue 4): 1k, 4k and 32k on the GPU.
 SEEN = {

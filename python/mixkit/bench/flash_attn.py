@@ -15,6 +15,16 @@ S(S+1)/2 without a window or with W >= S; forward = 4 * pairs * D * H * B
 Bytes: q, k, v read and the output written once (forward); the backward adds
 q, k, v, out and dout read and dq, dk, dv written.
 
+Attention variants of today's open models, at their shapes ("variant"
+ops, VARIANTS below): gpt-oss-20b's sliding layers (64 query heads, 8 KV
+heads, head dim 64, window 128, learnable sinks: "_sinks_w128") and Gemma 2
+9B's global layers (16 / 8 heads, head dim 256, logit softcap 50:
+"_softcap_hd256"). Their peers are the eager reference (with the sink
+column and the cap), FlexAttention (the cap as its score_mod; the sink
+folded in afterwards from its lse, as transformers' flex path does: out *
+exp(lse - logaddexp(lse, sink))) and FlashAttention where the installed
+package takes the feature (softcap=, or a sinks / learnable_sink argument).
+
 Peers, all on the same (B, S, H, D) tensors:
 - "eager": float32 masked-softmax reference that materialises the
   (H, S, S) scores; only up to EAGER_MAX_S on the GPU (at 32k it would need
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 import os
 from typing import Callable
@@ -79,19 +90,29 @@ def attention_flops(s: int, window: int | None, backward: bool, heads: int = N_Q
     return fwd * 7 // 2 if backward else fwd  # fwd + bwd = 3.5 x fwd (bwd = 2.5 x fwd)
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (sliding-window) attention in float32, q (B, S, H, D), k/v (B, S, Hkv, D).
-    GQA by a (B, S, Hkv, group, D) view of q: no repeated K/V."""
+    GQA by a (B, S, Hkv, group, D) view of q: no repeated K/V. softcap: c *
+    tanh(s / c) on the scaled scores; sinks (H,): one more logit column per
+    row, dropped after the softmax."""
     b, s, h, d = q.shape
     hkv = k.shape[2]
     qg = q.float().view(b, s, hkv, h // hkv, d)
     scores = torch.einsum("bikgd,bjkd->bkgij", qg, k.float()) / math.sqrt(d)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     i = torch.arange(s, device=q.device)[:, None]
     j = torch.arange(s, device=q.device)[None, :]
     visible = j <= i
     if window is not None:
         visible &= j > i - window
-    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is None:
+        p = torch.softmax(scores, dim=-1)
+    else:
+        col = sinks.float().view(1, hkv, h // hkv, 1, 1).expand(b, hkv, h // hkv, s, 1)
+        p = torch.softmax(torch.cat([scores, col], dim=-1), dim=-1)[..., :-1]
     out = torch.einsum("bkgij,bjkd->bikgd", p, v.float())
     return out.reshape(b, s, h, d).to(q.dtype)
 
@@ -113,7 +134,10 @@ def sdpa(q, k, v, backends=None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _flex_peer(device, s: int, window: int | None, compile_mode: str) -> Callable:
+def _flex_peer(device, s: int, window: int | None, compile_mode: str, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> Callable:
+    """Compiled flex_attention with the (windowed) causal block mask; a
+    softcap as its score_mod, sinks folded in from its lse afterwards."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if window is None:
@@ -123,12 +147,25 @@ def _flex_peer(device, s: int, window: int | None, compile_mode: str) -> Callabl
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=s, KV_LEN=s, device=device)
     flex = compiled(flex_attention, compile_mode)
 
     def run(q, k, v):
         qt, kt, vt = _bhsd(q, k, v)
-        return flex(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+        if sinks is None:
+            out = flex(qt, kt, vt, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+        else:
+            out, lse = flex(qt, kt, vt, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                            return_lse=True)
+            # lse (B, H, S) over the keys alone: the sink's share of each row's mass is removed.
+            keep = torch.exp(lse - torch.logaddexp(lse, sinks.view(1, -1, 1)))
+            out = (out * keep[..., None]).to(q.dtype)
+        return out.transpose(1, 2)
 
     return run
 
@@ -145,11 +182,38 @@ def flash_attn_packages() -> dict[str, Callable]:
     return found
 
 
-def _fa_peer(fn: Callable, window: int | None) -> Callable:
+def fa_feature_kwargs(fn: Callable, softcap: float | None, sinks: torch.Tensor | None) -> dict | None:
+    """The keyword arguments that hand a softcap and sinks to a FlashAttention
+    function (softcap=; sinks under whichever name this version uses), or
+    None when it takes one of them not at all."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a compiled function without a signature
+        params = {}
+    extra = {}
+    if softcap is not None:
+        if "softcap" not in params:
+            return None
+        extra["softcap"] = softcap
+    if sinks is not None:
+        name = next((n for n in ("learnable_sink", "sinks", "s_aux") if n in params), None)
+        if name is None:
+            return None
+        extra[name] = sinks
+    return extra
+
+
+def _fa_peer(fn: Callable, window: int | None, softcap: float | None = None,
+             sinks: torch.Tensor | None = None) -> Callable | None:
+    """FlashAttention with the window and, where this package's function
+    takes them, the softcap and the sinks; None when it lacks a feature."""
     window_size = (-1, -1) if window is None else (window - 1, 0)
+    extra = fa_feature_kwargs(fn, softcap, sinks)
+    if extra is None:
+        return None
 
     def run(q, k, v):
-        out = fn(q, k, v, causal=True, window_size=window_size)
+        out = fn(q, k, v, causal=True, window_size=window_size, **extra)
         return out[0] if isinstance(out, tuple) else out  # some FA3 versions return (out, lse)
 
     return run
@@ -176,24 +240,41 @@ def _forced_sm80(fn: Callable) -> Callable:
     return run
 
 
-def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, backward: bool) -> Case:
+# Shapes of the variant ops: (query heads, KV heads, head dim, window,
+# softcap, sinks). gpt-oss-20b's sliding layers; Gemma 2 9B's global layers.
+VARIANTS = {
+    "sinks_w128": (64, 8, 64, 128, None, True),
+    "softcap_hd256": (16, 8, 256, None, 50.0, False),
+}
+
+
+def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, backward: bool,
+          variant: str | None = None) -> Case:
     cuda = torch.device(device).type == "cuda"
+    heads, kv_heads, head_dim, softcap, with_sinks = N_Q_HEADS, N_KV_HEADS, HEAD_DIM, None, False
+    if variant is not None:
+        heads, kv_heads, head_dim, window, softcap, with_sinks = VARIANTS[variant]
     # GPU shapes wherever the GPU kernels run: on a GPU, or on CPU tensors
     # under the emulated GPU (bench.emu_cost).
     if window is not None and not gpu_kernels(torch.device(device)):
-        window = CPU_WINDOW
-    q = torch.randn(BATCH, s, N_Q_HEADS, HEAD_DIM, device=device, dtype=dtype)
-    k = torch.randn(BATCH, s, N_KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
+        window = min(window, CPU_WINDOW)
+    q = torch.randn(BATCH, s, heads, head_dim, device=device, dtype=dtype)
+    k = torch.randn(BATCH, s, kv_heads, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
+    # gpt-oss's sinks sit around the scores' own log-sum-exp scale.
+    sinks = (torch.randn(heads, device=device) + 2.0).requires_grad_(backward) if with_sinks else None
     op = mixkit_op("flash_attn")
+    extra = dict(softcap=softcap, sinks=sinks) if variant is not None else {}
 
-    peers: dict[str, Callable] = {"mixkit": lambda q, k, v: op(q, k, v, causal=True, window=window)}
+    peers: dict[str, Callable] = {"mixkit": lambda q, k, v: op(q, k, v, causal=True, window=window, **extra)}
     if cuda and _fwd_arch(device) == 90:
         # The A100 kernel on the same H100, for the sm_80 goal (>= SDPA flash).
-        peers["mixkit_sm80"] = _forced_sm80(lambda q, k, v: op(q, k, v, causal=True, window=window))
+        peers["mixkit_sm80"] = _forced_sm80(lambda q, k, v: op(q, k, v, causal=True, window=window, **extra))
     if not cuda or s <= EAGER_MAX_S:
-        peers["eager"] = lambda q, k, v: attention_ref(q, k, v, window)
-    if window is None and not cuda:
+        peers["eager"] = lambda q, k, v: attention_ref(q, k, v, window, softcap, sinks)
+    if variant is not None:
+        pass  # SDPA takes neither a softcap nor sinks (short of a dense float mask)
+    elif window is None and not cuda:
         peers["sdpa"] = sdpa
     elif window is None:
         from torch.nn.attention import SDPBackend
@@ -204,20 +285,23 @@ def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, b
                                                           SDPBackend.EFFICIENT_ATTENTION])
         peers["sdpa_cudnn"] = functools.partial(sdpa, backends=[SDPBackend.CUDNN_ATTENTION])
     if cuda and compile_mode:
-        peers["flex"] = _flex_peer(device, s, window, compile_mode)
+        peers["flex"] = _flex_peer(device, s, window, compile_mode, softcap, sinks)
     if cuda:
         for name, fn in flash_attn_packages().items():
-            peers[name] = _fa_peer(fn, window)
+            peer = _fa_peer(fn, window, softcap, sinks)
+            if peer is not None:
+                peers[name] = peer
 
     if backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         dout = torch.randn_like(q)
+        wrt = (q, k, v) + ((sinks,) if sinks is not None else ())
 
         def timed(fn):
             def step():
                 out = fn(q, k, v)
-                dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-                return out.detach(), dq, dk, dv
+                grads = torch.autograd.grad(out, wrt, dout)
+                return (out.detach(),) + grads
 
             return step
     else:
@@ -230,10 +314,15 @@ def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, b
     elems = 2 * q.numel() + k.numel() + v.numel()
     nbytes = (3 if backward else 1) * elems * q.element_size()
     name = "flash_attn_fwd_bwd" if backward else "flash_attn_fwd"
-    name += "_causal" if window is None else f"_w{WINDOW}"
-    shape = f"B={BATCH} S={s} W={window or 'none'} H={N_Q_HEADS} Hkv={N_KV_HEADS} D={HEAD_DIM}"
+    if variant is not None:
+        name += f"_{variant}"
+    else:
+        name += "_causal" if window is None else f"_w{WINDOW}"
+    shape = f"B={BATCH} S={s} W={window or 'none'} H={heads} Hkv={kv_heads} D={head_dim}"
+    if variant is not None:
+        shape += f" softcap={softcap or 'none'} sinks={'yes' if with_sinks else 'no'}"
     return Case(name, shape, dtype, nbytes, impls, tokens=s,
-                flops=attention_flops(s, window, backward))
+                flops=attention_flops(s, window, backward, heads, head_dim))
 
 
 def flash_attn_fwd_w4096_case(device, tokens: int, dtype, compile_mode: str | None) -> Case:
@@ -250,3 +339,19 @@ def flash_attn_fwd_bwd_w4096_case(device, tokens: int, dtype, compile_mode: str 
 
 def flash_attn_fwd_bwd_causal_case(device, tokens: int, dtype, compile_mode: str | None) -> Case:
     return _case(device, tokens, dtype, compile_mode, window=None, backward=True)
+
+
+def flash_attn_fwd_sinks_w128_case(device, tokens: int, dtype, compile_mode: str | None) -> Case:
+    return _case(device, tokens, dtype, compile_mode, None, backward=False, variant="sinks_w128")
+
+
+def flash_attn_fwd_bwd_sinks_w128_case(device, tokens: int, dtype, compile_mode: str | None) -> Case:
+    return _case(device, tokens, dtype, compile_mode, None, backward=True, variant="sinks_w128")
+
+
+def flash_attn_fwd_softcap_hd256_case(device, tokens: int, dtype, compile_mode: str | None) -> Case:
+    return _case(device, tokens, dtype, compile_mode, None, backward=False, variant="softcap_hd256")
+
+
+def flash_attn_fwd_bwd_softcap_hd256_case(device, tokens: int, dtype, compile_mode: str | None) -> Case:
+    return _case(device, tokens, dtype, compile_mode, None, backward=True, variant="softcap_hd256")

@@ -25,14 +25,9 @@ from .. import _core
 from .._backend import DTYPE_CODES, launch_args, ptr, gpu_kernels
 from . import _checks
 from ._library import define
-from .flash_attn import gpu_features
-
-# What the GPU decode kernel takes so far ("sinks", "softcap"); the CPU backend
-# takes both.
-GPU_FEATURES = frozenset()
 
 F32 = torch.float32
-GPU_HEAD_DIMS = (64, 128)
+GPU_HEAD_DIMS = (64, 128, 256)
 MAX_HEAD_DIM = 1024
 
 
@@ -161,8 +156,6 @@ def _check_query(op, q, cache_name, cache, batch, cache_seqlens, window, softmax
     _checks.sinks(op, sinks, q.shape[1], q)
     _checks.softcap(op, softcap)
     _gpu_head_dim(op, q, d)
-    if gpu_kernels(q.device):
-        gpu_features(op, sinks, softcap, GPU_FEATURES)
 
 
 def _check_decode(q, k_cache, v_cache, cache_seqlens, window, softmax_scale, cache_starts, sinks, softcap):
@@ -323,7 +316,7 @@ def decode_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     the sink, and a sequence with nothing visible gets zeros and lse = sink.
     With split-KV the sink enters once, in the combine. No gradient (decode is
     inference only).
-    GPU: float32/float16/bfloat16, D in (64, 128). CPU: any D.
+    GPU: float32/float16/bfloat16, D in (64, 128, 256). CPU: any D.
     """
     if isinstance(q, torch.Tensor):
         _checks.sink_softcap_types("decode_attn", sinks, softcap, q)

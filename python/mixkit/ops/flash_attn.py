@@ -36,25 +36,10 @@ from . import _checks
 from ._library import define
 
 F32 = torch.float32
-GPU_HEAD_DIMS = (64, 128)
+GPU_HEAD_DIMS = (64, 128, 256)
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 1024
 INT32_MAX = 2**31 - 1
-
-
-# What the GPU kernels of each op take so far ("sinks", "softcap"); the CPU
-# backend takes both everywhere.
-GPU_FEATURES = frozenset()
-
-
-def gpu_features(op, sinks, softcap, have=None):
-    """NotImplementedError for a feature a GPU kernel does not have yet, instead of
-    a wrong answer."""
-    have = GPU_FEATURES if have is None else have
-    for name, given in (("sinks", sinks is not None), ("softcap", softcap is not None)):
-        if given and name not in have:
-            raise NotImplementedError(f"{op}: {name} are not implemented in the GPU kernels yet (the CPU backend "
-                                      "has them)")
 
 
 # ---- checks ----------------------------------------------------------------------
@@ -100,7 +85,6 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, softmax_scale, sin
     _checks.sinks(op, sinks, h, q)
     _checks.softcap(op, softcap)
     if gpu_kernels(q.device):
-        gpu_features(op, sinks, softcap)
         if q.dtype not in GPU_DTYPES:
             raise TypeError(f"{op}: on the GPU q, k and v must be bfloat16 or float16, got {q.dtype} "
                             "(float32 runs on the CPU)")
@@ -370,7 +354,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     value, and the lse includes it (a query that sees no key then outputs
     zeros with lse = sink_h). See the module docstring for the exact rule.
 
-    GPU: bfloat16/float16, D in (64, 128). CPU: float32/float16/bfloat16, any D.
+    GPU: bfloat16/float16, D in (64, 128, 256). CPU: float32/float16/bfloat16, any D.
     """
     _tensor_args("flash_attn", q=q, k=k, v=v)
     _checks.sink_softcap_types("flash_attn", sinks, softcap, q)

@@ -51,15 +51,9 @@ def bucket_for(n: int, buckets: list[int]) -> int | None:
 
 
 def _check_gpu_attention(attns, dtype) -> None:
-    """Refuse, before any request, a model whose attention the GPU paged
-    kernels cannot run yet (sinks or softcap in the decode kernel, head dims),
-    rather than failing at its first step."""
-    for i, a in enumerate(attns):
-        kw = a.attention_kwargs()
-        missing = sorted(f for f in ("sinks", "softcap") if f in kw and f not in decode_op.GPU_FEATURES)
-        if missing:
-            raise NotImplementedError(f"ModelRunner: layer {i}'s attention has {' and '.join(missing)}, which the "
-                                      "GPU decode kernel does not take yet (the CPU backend serves this model)")
+    """Refuse, before any request, a model whose head dim the GPU paged
+    kernels do not take, rather than failing at its first step."""
+    for a in attns:
         if a.head_dim not in decode_op.GPU_HEAD_DIMS or a.head_dim not in paged_op.GPU_HEAD_DIMS:
             raise ValueError(f"ModelRunner: head_dim {a.head_dim} is not served by the GPU paged kernels "
                              f"(decode: {decode_op.GPU_HEAD_DIMS}, prefill: {paged_op.GPU_HEAD_DIMS})")
