@@ -27,8 +27,10 @@ def gpu(device: str) -> bool:
 
 # The emulated device: an H100 (132 SMs, capability 9.0) at warp 32, so the
 # split counts and kernel choices follow the real logic; MI250X's GCD (110
-# CUs) at warp 64. MIXKIT_EMU_SCHEDULE picks the thread order between
-# synchronisation points: forward, reverse or random:SEED (CI runs two).
+# CUs) at warp 64. MIXKIT_EMU_SCHEDULE picks the order warps and lanes run in
+# between synchronisation points: forward, reverse or random:SEED (CI runs
+# two). The race checker is on unless MIXKIT_EMU_RACECHECK=0: a race fails
+# the op with a RuntimeError naming the kernel, the lines and the threads.
 _SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
 
 
@@ -36,7 +38,8 @@ def emu_configure(**overrides) -> None:
     wave64 = _core.build_info()["warp_size"] == 64
     name, _, seed = os.environ.get("MIXKIT_EMU_SCHEDULE", "forward").partition(":")
     args = dict(sm_count=110 if wave64 else 132, capability=90, blocks_per_sm=0,
-                schedule=_SCHEDULES[name], seed=int(seed or 0), mutation=0)
+                schedule=_SCHEDULES[name], seed=int(seed or 0), mutation=0,
+                racecheck=os.environ.get("MIXKIT_EMU_RACECHECK", "1") != "0")
     args.update(overrides)
     _core.emu_configure(**args)
 

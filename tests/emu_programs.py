@@ -1,4 +1,12 @@
-"""Host programs that run the emulated GPU's instruction models (csrc/cuda/emu_sm80.cuh,
+"""Host programs for the emulated GPU's tests.
+
+`build_runtime_programs` compiles a program against the emulator itself (the HIP CPU
+runtime from shared/third_party, used in place, and csrc/cuda/emu_*.cpp: the scheduler,
+the memory-access hook and the race checker), with the program's own code instrumented
+as the emulated build instruments the kernels (clang's SanitizerCoverage), at warp
+widths 32 and 64: test_emu_runtime.py and test_emu_race*.py.
+
+The rest of this file runs the instruction models (csrc/cuda/emu_sm80.cuh,
 emu_sm90.cuh) on a tiny test-only runtime, for test_emu_sm80.py and test_emu_wgmma.py.
 
 The runtime below is not the emulator's scheduler (emu_runtime.cpp, which needs the HIP
@@ -13,7 +21,9 @@ One executable holds both programs: `host sm80|sm90 IN OUT MUTATION forward|reve
 reads its input file, sets emu::mutation() and the thread order, and writes its output
 file (exit status 3 with emu::fail's message on stderr when the launch failed).
 """
+import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -22,6 +32,84 @@ import pytest
 from test_mfma_layout import _compiler  # the host C++ compiler, not hipcc/nvcc
 
 SRC = Path(os.environ.get("MIXKIT_SOURCE_DIR", Path(__file__).resolve().parents[1])) / "csrc"
+HIP_CPU = Path(os.environ.get("MIXKIT_HIP_CPU_DIR", SRC.parents[1] / "shared" / "third_party" / "HIP-CPU"))
+
+# As CMakeLists.txt builds the emulated GPU: -O1, AddressSanitizer, line tables for the
+# reports, and the program's code (the kernels) instrumented for the memory-access hook.
+_FLAGS = ["-std=c++17", "-O1", "-fopenmp", "-w", "-gline-tables-only", "-DMIXKIT_EMULATE", "-DMIXKIT_EMU_TRACE",
+          "-fsanitize=address", "-fno-omit-frame-pointer", "-fsanitize-address-use-after-return=never"]
+_TRACE = ["-fsanitize-coverage=edge,trace-loads,trace-stores",
+          f"-fsanitize-coverage-ignorelist={SRC / 'cuda' / 'emu_trace_ignore.txt'}",
+          "-mllvm", "-asan-memory-access-callback-prefix=__mixkit_asan_"]
+_RUNTIME_OBJECTS = {}
+
+
+def _clang():
+    """clang++ 15 or newer (SanitizerCoverage's trace-loads/stores; _Float16 on x86), as the
+    emulated build uses: MIXKIT_EMU_CXX, clang++-15, or clang++ if new enough."""
+    for name in (os.environ.get("MIXKIT_EMU_CXX"), "clang++-15", "clang++"):
+        path = name and shutil.which(name)
+        if not path:
+            continue
+        version = subprocess.run([path, "-dumpversion"], capture_output=True, text=True).stdout.strip()
+        if version and int(version.split(".")[0]) >= 15:
+            return path
+    return None
+
+
+def _runtime_objects(tmp_path_factory, cxx, warp):
+    """The emulator's own sources compiled once per session and warp width."""
+    if warp not in _RUNTIME_OBJECTS:
+        d = tmp_path_factory.mktemp(f"emu_runtime{warp}")
+        objs = []
+        for src in sorted((SRC / "cuda").glob("emu_*.cpp")):
+            obj = d / (src.stem + ".o")
+            r = subprocess.run([cxx, *_FLAGS, f"-DMIXKIT_WARP_SIZE={warp}", f"-I{SRC}", f"-I{HIP_CPU / 'include'}",
+                                f"-I{HIP_CPU}", "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-4000:]
+            objs.append(obj)
+        _RUNTIME_OBJECTS[warp] = objs
+    return _RUNTIME_OBJECTS[warp]
+
+
+def build_runtime_programs(tmp_path_factory, name: str, source: str, warps=(32, 64)) -> dict:
+    """`source` compiled against the emulator at each warp width in `warps` (the program
+    instrumented, the emulator not); returns {warp: executable}. Skips cleanly without
+    clang++ or the HIP CPU runtime."""
+    cxx = _clang()
+    if not cxx:
+        pytest.skip("the emulator's instrumented programs need clang++ 15 or newer (MIXKIT_EMU_CXX)")
+    if not (HIP_CPU / "include" / "hip" / "hip_runtime.h").exists():
+        pytest.skip(f"the HIP CPU runtime is not at {HIP_CPU}")
+    d = tmp_path_factory.mktemp(name)
+    (d / "program.cpp").write_text(source)
+    exes = {}
+    for warp in warps:
+        obj, exe = d / f"program{warp}.o", d / f"program{warp}"
+        r = subprocess.run([cxx, *_FLAGS, *_TRACE, f"-DMIXKIT_WARP_SIZE={warp}", f"-I{SRC}", f"-I{HIP_CPU / 'include'}",
+                            f"-I{HIP_CPU}", "-c", str(d / "program.cpp"), "-o", str(obj)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        r = subprocess.run([cxx, "-fopenmp", "-fsanitize=address", str(obj),
+                            *map(str, _runtime_objects(tmp_path_factory, cxx, warp)),
+                            "-o", str(exe)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        exes[warp] = exe
+    return exes
+
+
+def run_json(exe: Path, *args) -> dict:
+    """Runs a runtime program (two OpenMP threads) and parses the JSON it prints."""
+    r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "2", "ASAN_OPTIONS": "detect_leaks=0"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout)
+
+
+def source_line(source: str, marker: str) -> int:
+    """The 1-based line of `source` that holds `marker` (a comment such as // @store)."""
+    lines = [i + 1 for i, line in enumerate(source.splitlines()) if marker in line]
+    assert len(lines) == 1, (marker, lines)
+    return lines[0]
 
 STUB_HIP = r"""
 #pragma once
@@ -29,6 +117,13 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+// One OS thread runs every emulated thread here: a plain add is atomic.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
 """
 
 RUNTIME = r"""
@@ -115,12 +210,12 @@ bool release(TestBlock& b) {
 }
 }  // namespace
 
-const Index3& thread_idx() { return self().tid; }
-const Index3& block_idx() { return g_block->bid; }
-const Index3& block_dim() { return g_block->bdim; }
-const Index3& grid_dim() { return g_block->gdim; }
+Index3 thread_idx() { return self().tid; }
+Index3 block_idx() { return g_block->bid; }
+Index3 block_dim() { return g_block->bdim; }
+Index3 grid_dim() { return g_block->gdim; }
 int linear_tid() { return g_current; }
-void syncthreads() { arrive(g_block->threads, "__syncthreads"); }
+void syncthreads(const char*, int) { arrive(g_block->threads, "__syncthreads"); }
 void group_sync(int group, const char* tag, int) {
   if (group > 1) arrive(group, tag);
 }
@@ -155,9 +250,20 @@ int& mutation() {
   return m;
 }
 void set_schedule(Schedule, uint64_t) {}
+void set_racecheck(bool) {}
+bool racecheck_on() { return false; }
+// No memory-access hook here: the models' reports go nowhere.
+namespace trace {
+void model_access(Kind, const void*, uint32_t, const Site&) {}
+void instruction(const char*, const Site&) {}
+void proxy_fence(const Site&) {}
+bool active() { return false; }
+Quiet::Quiet() : was_(false) {}
+Quiet::~Quiet() {}
+}  // namespace trace
 // The blocks one after the other; a block's threads are fibers on this OS thread, run
 // in forward (or reverse) order between synchronisation points.
-void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body, const void*) {
   constexpr size_t kStack = 256 * 1024;
   const int threads = int(block.x * block.y * block.z);
   std::vector<unsigned char> smem_buf(smem);

@@ -382,6 +382,10 @@ DECODE = [
     (1, 8, 2, 128, 1000, None, [2500], 5.0, "rand"),
     (2, 4, 2, 256, 64, 64, [65, 9], 5.0, "rand"),
     (1, 6, 3, 96, 20, None, [20], None, "rand"),
+    # The kernel's key steps (16, 32 or 64 keys a step by head dim) and its
+    # 128-key splits: lengths at residues 0, 1 and step - 1 of each, split-KV
+    # over a 300-slot ring, head dim 256.
+    (4, 4, 2, 256, 300, None, [127, 128, 129, 257], 5.0, "rand"),
 ]
 
 

@@ -71,9 +71,16 @@ thread_local Index3 t_idx{};
 Index3 g_bdim{};
 }  // namespace
 
-const Index3& thread_idx() { return t_idx; }
-const Index3& block_dim() { return g_bdim; }
+Index3 thread_idx() { return t_idx; }
+Index3 block_dim() { return g_bdim; }
 int linear_tid() { return t_linear; }
+// No memory-access hook here: the model's reports go nowhere.
+namespace trace {
+void model_access(Kind, const void*, uint32_t, const Site&) {}
+void instruction(const char*, const Site&) {}
+Quiet::Quiet() : was_(false) {}
+Quiet::~Quiet() {}
+}  // namespace trace
 void group_sync(int group, const char* tag, int) {
   std::unique_lock<std::mutex> lock(g_mu);
   const int first = t_linear / group * group;

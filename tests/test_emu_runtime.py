@@ -1,29 +1,21 @@
 """The emulated GPU's scheduler (csrc/cuda/emu_runtime.cpp) on small kernels.
 
-A host program is compiled against the HIP CPU runtime (shared/third_party,
-used in place) and the scheduler, at warp widths 32 and 64. It checks what the
-op tests rely on: warps are consecutive block-linear threads, so a 2-D block
-reduces each row on its own (HIP-CPU's own shuffles mix the rows); the thread
-order between synchronisation points follows the schedule, so a missing
-barrier gives different answers in forward and reverse order while a correct
-kernel does not; a barrier that only some threads reach, or lanes of one warp
-at different collectives, is an error rather than a hang; cp.async copies land
-only at the wait that covers them.
+A host program is compiled against the emulator (emu_programs.build_runtime_programs)
+at warp widths 32 and 64. It checks what the op tests rely on: warps are consecutive
+block-linear threads, so a 2-D block reduces each row on its own (HIP-CPU's own
+shuffles mix the rows); the order between synchronisation points follows the schedule,
+so a missing barrier gives different answers in forward and reverse order while a
+correct kernel does not; warps advance independently between barriers (one warp passes
+several collectives before the next starts) while a barrier still waits for the block;
+a barrier that only some threads reach, or lanes of one warp at different collectives,
+is an error rather than a hang; cp.async copies land only at the wait that covers them.
 """
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
-from test_mfma_layout import _compiler  # the host C++ compiler, not hipcc/nvcc
+from emu_programs import build_runtime_programs, run_json
 
 # Compiling the programs against the HIP CPU runtime takes about a minute.
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
-HIP_CPU = Path(os.environ.get("MIXKIT_HIP_CPU_DIR", ROOT.parent / "shared" / "third_party" / "HIP-CPU"))
 
 PROGRAM = r"""
 #include <cstdio>
@@ -53,10 +45,22 @@ __global__ void neighbour(int* out) {
   s[threadIdx.x] = -1;  // stale values for the next launch
 }
 
+// Lane 0 of each warp takes a ticket after each of its shuffles, and once more
+// after a barrier: the tickets give the order the warps ran in.
+constexpr int kSteps = 4;
+__global__ void progress(int* counter, int* tickets) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float v = 1.f;
+  for (int s = 0; s < kSteps; ++s) {
+    v += shfl_xor(v, 1);
+    if (lane == 0) tickets[warp * (kSteps + 1) + s] = atomicAdd(counter, 1);
+  }
+  __syncthreads();
+  if (lane == 0) tickets[warp * (kSteps + 1) + kSteps] = atomicAdd(counter, 1);
+}
+
 // Half of each warp waits at the barrier, the other half at a shuffle that
-// needs the first half: neither can complete. (Threads that return count as
-// arrived at a barrier, as on the hardware, so the divergence has to hold
-// threads that are still running.)
+// needs the first half: neither can complete.
 __global__ void divergent_barrier(int*) {
   if (threadIdx.x % 32 < 16) __syncthreads();
   else shfl_xor(1.f, 1);
@@ -111,6 +115,12 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 64; ++i) std::printf("%s%d", i ? ", " : "", out[i]);
     std::printf("]");
   }
+  int counter = 0;
+  std::vector<int> tickets(4 * (kSteps + 1));
+  gpu_launch(progress, dim3(1), dim3(4 * kWarpSize), 0, nullptr, &counter, tickets.data());
+  std::printf(", \"progress\": [");
+  for (size_t i = 0; i < tickets.size(); ++i) std::printf("%s%d", i ? ", " : "", tickets[i]);
+  std::printf("]");
   std::printf(", \"divergent_barrier\": %s",
               quote(guarded([] { gpu_launch(divergent_barrier, dim3(2), dim3(64), 0, nullptr, nullptr); })).c_str());
   std::vector<float> dc(64);
@@ -130,26 +140,11 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory):
-    cxx = _compiler()
-    if not cxx:
-        pytest.skip("no host C++ compiler")
-    if not (HIP_CPU / "include" / "hip" / "hip_runtime.h").exists():
-        pytest.skip(f"the HIP CPU runtime is not at {HIP_CPU}")
-    d = tmp_path_factory.mktemp("emu_runtime")
-    (d / "program.cpp").write_text(PROGRAM)
-    exes = {}
-    for warp in (32, 64):
-        exe = d / f"program{warp}"
-        subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", "-w", "-DMIXKIT_EMULATE", f"-DMIXKIT_WARP_SIZE={warp}",
-                        f"-I{ROOT / 'csrc'}", f"-I{HIP_CPU / 'include'}", f"-I{HIP_CPU}", str(d / "program.cpp"),
-                        str(ROOT / "csrc" / "cuda" / "emu_runtime.cpp"), "-o", str(exe)], check=True)
-        exes[warp] = exe
-    return exes
+    return build_runtime_programs(tmp_path_factory, "emu_runtime", PROGRAM)
 
 
 def _run(exe, schedule):
-    return json.loads(subprocess.run([str(exe), str(schedule)], check=True, capture_output=True, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout)
+    return run_json(exe, schedule)
 
 
 @pytest.mark.parametrize("warp", [32, 64])
@@ -185,3 +180,30 @@ def test_async_copies_land_at_the_wait(programs):
     out = _run(programs[32], 0)
     assert out["async_before"] == -1
     assert out["async_after"] == [0, 4]
+
+
+@pytest.mark.parametrize("warp", [32, 64])
+def test_warps_advance_independently_between_barriers(programs, warp):
+    steps = 4
+    runs = {}
+    for schedule, name in ((0, "forward"), (1, "reverse"), (2, "random")):
+        t = _run(programs[warp], schedule)["progress"]
+        runs[name] = [t[w * (steps + 1):(w + 1) * (steps + 1)] for w in range(4)]
+    # Forward: warp 0 passes all its collectives before warp 1 starts, and so on; the
+    # barrier still waits for every warp.
+    assert runs["forward"] == [list(range(steps * w, steps * w + steps)) + [4 * steps + w] for w in range(4)]
+    assert runs["reverse"] == [list(range(steps * (3 - w), steps * (3 - w) + steps)) + [4 * steps + 3 - w]
+                               for w in range(4)]
+    for warps in runs.values():
+        assert max(w[steps - 1] for w in warps) < min(w[steps] for w in warps)
+    # Random: a seeded order in which some warp gets at least two collectives ahead of
+    # another, yet not always one warp to the end before the next.
+    order = sorted((t, w) for w, ticks in enumerate(runs["random"]) for t in ticks[:steps])
+    done = [0] * 4
+    lead = 0
+    for _, w in order:
+        done[w] += 1
+        lead = max(lead, max(done) - min(done))
+    assert lead >= 2
+    assert runs["random"] not in (runs["forward"], runs["reverse"])
+

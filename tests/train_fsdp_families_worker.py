@@ -1,8 +1,9 @@
 """FSDP2 worker for tests/test_train_families.py, launched by
 `torchrun --nproc_per_node 2 tests/train_fsdp_families_worker.py OUT.json`
 on the gloo backend: the MoE families (OLMoE: no renormalisation, q/k norms;
-gpt-oss: router and expert biases, sinks, the clamped SwiGLU) train 3 steps,
-each rank on its share of the documents; rank 0 writes the losses."""
+gpt-oss: router and expert biases, sinks, the clamped SwiGLU) and Gemma 2
+(tied embeddings, sandwich (1 + w) norms, softcaps) train 3 steps, each rank
+on its share of the documents; rank 0 writes the losses."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from mixkit.train import Trainer
 from train_fsdp_worker import config, make_model, packed_batch
 
-FAMILIES = ("tiny-olmoe", "tiny-gpt-oss")
+FAMILIES = ("tiny-olmoe", "tiny-gpt-oss", "tiny-gemma2")
 STEPS = 3
 # Equal token counts per rank, so that each rank's aux loss weighs the same
 # in FSDP's gradient average as in one process's token-weighted mean over
@@ -40,7 +41,7 @@ def main(out_path: str):
         trainer = Trainer(make_model(cfg), cfg)
         assert trainer.fsdp
         losses[name] = [trainer.train_step([packed_batch(step_docs(step, rank))]) for step in range(STEPS)]
-        losses[name] = [(m["loss"], m["aux_loss"]) for m in losses[name]]
+        losses[name] = [(m["loss"], m.get("aux_loss", 0.0)) for m in losses[name]]  # Gemma 2: no aux loss
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(losses, f)

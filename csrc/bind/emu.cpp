@@ -11,7 +11,7 @@ using namespace mixkit;
 MIXKIT_BIND(emu) {
   m.def(
       "emu_configure",
-      [](int sm_count, int capability, int blocks_per_sm, int schedule, uint64_t seed, int mutation) {
+      [](int sm_count, int capability, int blocks_per_sm, int schedule, uint64_t seed, int mutation, bool racecheck) {
 #ifdef MIXKIT_WITH_EMU
         require(sm_count >= 1 && capability >= 0 && blocks_per_sm >= 0, "bad emulated device");
         require(schedule >= 0 && schedule <= 2, "schedule must be 0 (forward), 1 (reverse) or 2 (random)");
@@ -20,14 +20,29 @@ MIXKIT_BIND(emu) {
         emu::device().blocks_per_sm = blocks_per_sm;
         emu::set_schedule(emu::Schedule(schedule), seed);
         emu::mutation() = mutation;
+        emu::set_racecheck(racecheck);
 #else
-        (void)sm_count, (void)capability, (void)blocks_per_sm, (void)schedule, (void)seed, (void)mutation;
+        (void)sm_count, (void)capability, (void)blocks_per_sm, (void)schedule, (void)seed, (void)mutation,
+            (void)racecheck;
         missing_backend("emulated GPU", "-DMIXKIT_EMULATE=ON (a test build)");
 #endif
       },
       "Sets the emulated GPU's SM count, capability (major * 10 + minor), occupancy answer (0: 2048 threads "
-      "per SM), thread schedule (0 forward, 1 reverse, 2 random with `seed`) and planted instruction error "
-      "(`mutation`, emu.cuh; 0: none).",
+      "per SM), thread schedule (0 forward, 1 reverse, 2 random with `seed`), planted instruction error "
+      "(`mutation`, emu.cuh; 0: none) and whether the race checker runs (`racecheck`: a race fails the launch).",
       nb::arg("sm_count") = 132, nb::arg("capability") = 90, nb::arg("blocks_per_sm") = 0, nb::arg("schedule") = 0,
-      nb::arg("seed") = 0, nb::arg("mutation") = 0);
+      nb::arg("seed") = 0, nb::arg("mutation") = 0, nb::arg("racecheck") = false);
+  m.def(
+      "emu_trace_info",
+      [] {
+        nb::dict d;
+#ifdef MIXKIT_WITH_EMU
+        d["plain_accesses_traced"] = emu::trace::plain_accesses_traced();
+        d["racecheck"] = emu::racecheck_on();
+#else
+        missing_backend("emulated GPU", "-DMIXKIT_EMULATE=ON (a test build)");
+#endif
+        return d;
+      },
+      "Whether the emulated kernels' plain loads and stores are traced (a clang build) and the race checker is on.");
 }

@@ -70,7 +70,8 @@ constexpr int kWarpSize = MIXKIT_WARP_SIZE;
 // Butterfly exchange within a warp/wavefront; every lane must take part.
 #if defined(MIXKIT_EMULATE)
 // (The emulator also checks that every lane calls it from the same line.)
-inline float shfl_xor(float v, int lane_mask, int site = __builtin_LINE()) {
+MIXKIT_EMU_OUTLINE inline float shfl_xor(float v, int lane_mask, int site = __builtin_LINE()) {
+  emu::trace::Quiet quiet;
   float* slot = reinterpret_cast<float*>(emu::group_scratch(kWarpSize));
   const int lane = emu::linear_tid() % kWarpSize;
   slot[lane * (emu::kScratchBytes / 4)] = v;
@@ -104,7 +105,7 @@ inline void gpu_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
 #if defined(MIXKIT_EMULATE)
   (void)stream;
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  emu::launch(grid, block, smem, [&] { std::apply(kernel, params); });
+  emu::launch(grid, block, smem, [&] { std::apply(kernel, params); }, reinterpret_cast<const void*>(kernel));
 #else
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
 #endif

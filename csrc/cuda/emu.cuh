@@ -13,15 +13,21 @@
 //   wrong for 2-D blocks, and warpSize is fixed at 64. Here a warp is
 //   kWarpSize consecutive block-linear thread ids (32 or 64, chosen at build
 //   time), and a warp collective waits for that warp only.
-// - A barrier some threads never reach, or a warp collective whose lanes sit
-//   at different call sites, is reported as an error instead of hanging or
-//   silently pairing the wrong calls.
+// - Warps advance independently between barriers, in orders that push them
+//   apart, so a missing barrier before a warp-collective read shows.
+// - A barrier some threads never reach (or skip by returning), or a warp
+//   collective whose lanes sit at different call sites, is reported as an
+//   error instead of hanging or silently pairing the wrong calls.
+// - Every shared- and global-memory access can be traced (emu_trace.h), which
+//   the race checker (emu_racecheck.cpp) builds on.
 // Everything a kernel shares with other threads (shuffles, mma fragments,
 // ldmatrix rows) goes through emu::group_scratch + emu::group_sync, so the
 // emulated instructions are warp-collective the way the hardware ones are.
 #pragma once
 
 #include <hip/hip_runtime.h>
+
+#include "cuda/emu_trace.h"
 
 #include <cmath>
 #include <cstddef>
@@ -53,6 +59,13 @@
 #define __align__(n) __attribute__((aligned(n)))
 #endif
 
+// The emulator's entry points that kernels call and that touch memory of
+// their own (the exchange area, queues, the models' state) stay out of line:
+// SanitizerCoverage skips the functions its ignore list names
+// (emu_trace_ignore.txt) only as they are after inlining, so an inlined
+// model's accesses would be reported as the kernel's.
+#define MIXKIT_EMU_OUTLINE __attribute__((noinline))
+
 namespace mixkit {
 namespace emu {
 
@@ -60,19 +73,20 @@ struct Index3 {
   unsigned x, y, z;
 };
 
-// The calling emulated thread's coordinates (valid inside a kernel only).
-const Index3& thread_idx();
-const Index3& block_idx();
-const Index3& block_dim();
-const Index3& grid_dim();
+// The calling emulated thread's coordinates (valid inside a kernel only), by
+// value: a kernel's reads of them are not memory accesses, as on the GPU.
+Index3 thread_idx();
+Index3 block_idx();
+Index3 block_dim();
+Index3 grid_dim();
 int linear_tid();
 // A number unique to this run of this block (per process): state an
 // instruction model keeps per block (pending wgmma groups) keys on it, so a
 // block aborted mid-kernel leaves nothing a later block could pick up.
 uint64_t block_serial();
 
-// __syncthreads().
-void syncthreads();
+// __syncthreads() at file:line.
+void syncthreads(const char* file, int line);
 // A collective point of the `group` consecutive block-linear threads this
 // thread belongs to (a warp, or a Hopper warpgroup): returns once every
 // running thread of the group has arrived at a point with the same tag.
@@ -80,7 +94,8 @@ void syncthreads();
 // shuffle's caller line): lanes at different sites are an error too.
 void group_sync(int group, const char* tag, int site = 0);
 // This thread's group's exchange area: `group` slots of kScratchBytes, slot
-// i for the group's i-th thread. Lanes of exited threads read as 0xff bytes.
+// i for the group's i-th thread. (A collective some lanes returned before is
+// an error.)
 constexpr int kScratchBytes = 512;
 unsigned char* group_scratch(int group);
 
@@ -92,6 +107,7 @@ struct AsyncCopy {
   void* dst;
   const void* src;
   int bytes;  // copied from src; the rest of the 16 are zero-filled
+  trace::Site site;
 };
 struct AsyncQueue {
   std::vector<AsyncCopy> copies;
@@ -142,10 +158,14 @@ Device& device();
 // (the models: emu_sm80.cuh, emu_sm90.cuh, emu_mfma.cuh.)
 int& mutation();
 void set_schedule(Schedule s, uint64_t seed);
+// The race checker (emu_racecheck.cpp) on or off for the launches that follow.
+void set_racecheck(bool on);
+bool racecheck_on();
 
 // Runs `body` for every thread of every block, then raises the first error
-// a thread reported.
-void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// a thread reported (or the race checker's report). `kernel` names the
+// kernel in reports.
+void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body, const void* kernel = nullptr);
 
 }  // namespace emu
 }  // namespace mixkit
@@ -154,7 +174,20 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
 #define blockIdx (::mixkit::emu::block_idx())
 #define blockDim (::mixkit::emu::block_dim())
 #define gridDim (::mixkit::emu::grid_dim())
-#define __syncthreads() ::mixkit::emu::syncthreads()
+#define __syncthreads() ::mixkit::emu::syncthreads(__FILE__, __LINE__)
+
+// atomicAdd, reported to the trace as an atomic (HIP-CPU's own does the add).
+namespace mixkit {
+namespace emu {
+template <class T>
+MIXKIT_EMU_OUTLINE T atomic_add(T* p, T v, const trace::Site& site = {}) {
+  trace::model_access(trace::Kind::atomic, p, sizeof(T), site);
+  trace::Quiet quiet;
+  return (::atomicAdd)(p, v);
+}
+}  // namespace emu
+}  // namespace mixkit
+#define atomicAdd(p, v) ::mixkit::emu::atomic_add((p), (v))
 
 // CUDA's device-side min/max, which take mixed integer types.
 template <class A, class B>

@@ -124,7 +124,9 @@ static_assert(sizeof(Post) <= kScratchBytes, "a lane's operands fit its slot");
 // One v_mfma_f32_32x32x8 (T = bf16: the bf16_1k form; T = f16) of the
 // calling lane: a, b its operand items as 16-bit patterns, acc its C/D.
 template <class T>
-inline void mfma_32x32x8(const uint16_t (&a)[4], const uint16_t (&b)[4], float (&acc)[16]) {
+MIXKIT_EMU_OUTLINE inline void mfma_32x32x8(const uint16_t (&a)[4], const uint16_t (&b)[4], float (&acc)[16]) {
+  trace::Quiet quiet;
+  trace::instruction(std::is_same<T, f16>::value ? "v_mfma_f32_32x32x8f16" : "v_mfma_f32_32x32x8bf16_1k", trace::Site());
   unsigned char* scratch = group_scratch(kWave);
   const int l = linear_tid() % kWave;
   if (block_dim().x * block_dim().y * block_dim().z % kWave)
@@ -188,4 +190,6 @@ inline float16_t emu_mfma_f32_32x32x8f16(half4_t a, half4_t b, float16_t acc, in
 }  // namespace mixkit
 
 // HIP's global_atomic_add_f32 form of atomicAdd.
-inline void unsafeAtomicAdd(float* p, float v) { atomicAdd(p, v); }
+inline void unsafeAtomicAdd(float* p, float v, const mixkit::emu::trace::Site& site = {}) {
+  mixkit::emu::atomic_add(p, v, site);
+}

@@ -28,18 +28,24 @@ inline int lane() { return linear_tid() % kWarp; }
 
 // ---- cp.async -----------------------------------------------------------------
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes (0 or 16).
-inline void cp_async16(void* dst, const void* src, int src_bytes) {
+MIXKIT_EMU_OUTLINE inline void cp_async16(void* dst, const void* src, int src_bytes, const trace::Site& site = {}) {
+  trace::Quiet quiet;
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes && reinterpret_cast<uintptr_t>(src) % 16))
     fail("cp.async.cg of 16 bytes needs 16-byte aligned addresses");
+  trace::instruction("cp.async.cg.shared.global", site);
+  trace::model_access(trace::Kind::cp_async_src, src, uint32_t(src_bytes), site);
   if (mutation() == 4 && src_bytes == 0) return;  // the zero-fill is lost: stale data stays
-  async_queue().copies.push_back(AsyncCopy{dst, src, src_bytes});
+  trace::model_access(trace::Kind::cp_async_issue, dst, 16, site);
+  async_queue().copies.push_back(AsyncCopy{dst, src, src_bytes, site});
 }
-inline void cp_async_commit() {
+MIXKIT_EMU_OUTLINE inline void cp_async_commit() {
+  trace::Quiet quiet;
   AsyncQueue& q = async_queue();
   q.group_ends.push_back(q.copies.size());
 }
 // cp.async.wait_group n: every committed group but the newest n is complete.
-inline void cp_async_wait(int n) {
+MIXKIT_EMU_OUTLINE inline void cp_async_wait(int n) {
+  trace::Quiet quiet;
   AsyncQueue& q = async_queue();
   const int groups = int(q.group_ends.size());
   if (groups <= n) return;
@@ -49,6 +55,7 @@ inline void cp_async_wait(int n) {
     unsigned char tmp[16] = {};
     if (c.bytes) std::memcpy(tmp, c.src, size_t(c.bytes));
     std::memcpy(c.dst, tmp, 16);
+    trace::model_access(trace::Kind::cp_async_land, c.dst, 16, c.site);
   }
   q.copies.erase(q.copies.begin(), q.copies.begin() + long(done));
   q.group_ends.erase(q.group_ends.begin(), q.group_ends.begin() + (groups - n));
@@ -61,12 +68,17 @@ inline void cp_async_wait(int n) {
 // receives matrix i's elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1),
 // or with .trans those of the transposed matrix.
 template <int N>
-inline void ldmatrix(uint32_t (&r)[N], const void* row_addr, bool trans) {
+MIXKIT_EMU_OUTLINE inline void ldmatrix(uint32_t (&r)[N], const void* row_addr, bool trans, const trace::Site& site = {}) {
+  trace::Quiet quiet;
   unsigned char* scratch = group_scratch(kWarp);
   const int l = lane();
   if (l < 8 * N && reinterpret_cast<uintptr_t>(row_addr) % 16) fail("ldmatrix row addresses must be 16-byte aligned");
   std::memcpy(scratch + l * kScratchBytes, &row_addr, sizeof(row_addr));
   group_sync(kWarp, trans ? "ldmatrix.trans" : "ldmatrix");
+  // The rows are read now, each by the lane that gave its address.
+  trace::instruction(N == 4 ? (trans ? "ldmatrix.x4.trans" : "ldmatrix.x4") : (trans ? "ldmatrix.x2.trans" : "ldmatrix.x2"),
+                     site);
+  if (l < 8 * N) trace::model_access(trace::Kind::ldmatrix, row_addr, 16, site);
   auto row = [&](int m, int i) {
     const void* p;
     std::memcpy(&p, scratch + (8 * m + i) * kScratchBytes, sizeof(p));
@@ -93,7 +105,9 @@ inline void ldmatrix(uint32_t (&r)[N], const void* row_addr, bool trans) {
 // Products of 16-bit values are exact in float32; they are summed in k order
 // onto the accumulator in float32.
 template <class T>
-inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+MIXKIT_EMU_OUTLINE inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, const trace::Site& site = {}) {
+  trace::Quiet quiet;
+  trace::instruction("mma.m16n8k16", site);
   unsigned char* scratch = group_scratch(kWarp);
   const int l = lane();
   uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};

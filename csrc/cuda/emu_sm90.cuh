@@ -113,6 +113,7 @@ struct Op {
   uint64_t da, db;
   float* d;
   float a[2][16];  // RS: this thread's rows g and g + 8 of A, taken at issue
+  trace::Site site;
 };
 struct State {
   const unsigned char* smem = nullptr;  // the block this record belongs to
@@ -146,21 +147,28 @@ inline void check_rank() {
     fail("wgmma needs whole warpgroups: the block's thread count is not a multiple of 128");
 }
 
-inline void fence() {
+MIXKIT_EMU_OUTLINE inline void fence(const trace::Site& site) {
+  trace::Quiet quiet;
   check_rank();
+  trace::instruction("wgmma.fence", site);
   group_sync(kWarpgroup, "wgmma.fence");
   state().fenced = true;
 }
-inline void commit() {
+MIXKIT_EMU_OUTLINE inline void commit(const trace::Site& site) {
+  trace::Quiet quiet;
   check_rank();
+  trace::instruction("wgmma.commit_group", site);
   group_sync(kWarpgroup, "wgmma.commit_group");
   State& s = state();
   s.group_ends.push_back(s.ops.size());
 }
 
 // Issues one wgmma: checks the warpgroup agrees, takes A's registers (RS).
-inline void issue(Op op, const uint32_t* a) {
+MIXKIT_EMU_OUTLINE inline void issue(Op op, const uint32_t* a) {
+  trace::Quiet quiet;
   check_rank();
+  // The shape in the name: the cost counters (emu_cost.cpp) count its FLOPs.
+  trace::instruction(op.n == 64 ? "wgmma.mma_async.m64n64k16" : "wgmma.mma_async.m64n128k16", op.site);
   State& s = state();
   if (!s.fenced) fail("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
   struct Post {
@@ -230,6 +238,23 @@ inline void perform(const Op& op) {
   };
   for (int h = 0; h < 2; ++h)
     for (int k = 0; k < 16; ++k) A[h][k] = op.rs ? op.a[h][k] : load(k_major(da, 16 * w + g + 8 * h, k));
+  if (t % 32 == 0 && trace::active()) {
+    // The bytes this warp's slice reads (its 16 A rows, all of B), in the
+    // 16-byte pieces of the layouts: 8 consecutive k (K-major) or n (MN-major).
+    auto piece = [&](uint32_t addr) { trace::model_access(trace::Kind::wgmma, smem + addr, 16, op.site); };
+    for (int kc = 0; kc < 2; ++kc) {
+      if (!op.rs)
+        for (int r = 0; r < 16; ++r) piece(k_major(da, 16 * w + r, 8 * kc));
+      if (!mn)
+        for (int n = 0; n < op.n; ++n) piece(k_major(db, n, 8 * kc));
+    }
+    // Core matrix by core matrix (8 k rows of 8 n), as for K-major: the cost
+    // counters take each 8 consecutive pieces as one shared-memory phase.
+    if (mn)
+      for (int k0 = 0; k0 < 16; k0 += 8)
+        for (int n = 0; n < op.n; n += 8)
+          for (int k = k0; k < k0 + 8; ++k) piece(mn_major(db, n, k));
+  }
   float out[64];
   for (int i = 0; i < cols; ++i)
     for (int j = 0; j < 2; ++j) {
@@ -250,8 +275,10 @@ inline void perform(const Op& op) {
 }
 
 // wgmma.wait_group n: every committed group but the newest n is complete.
-inline void wait(int n) {
+MIXKIT_EMU_OUTLINE inline void wait(int n, const trace::Site& site) {
+  trace::Quiet quiet;
   check_rank();
+  trace::instruction("wgmma.wait_group", site);
   group_sync(kWarpgroup, "wgmma.wait_group");
   State& s = state();
   const int groups = int(s.group_ends.size());
@@ -276,18 +303,21 @@ inline void wait(int n) {
 
 namespace sm90 {
 
-inline void wgmma_fence() { emu::sm90::fence(); }
-inline void wgmma_commit() { emu::sm90::commit(); }
+using emu::trace::Site;
+inline void wgmma_fence(const Site& site = {}) { emu::sm90::fence(site); }
+inline void wgmma_commit(const Site& site = {}) { emu::sm90::commit(site); }
 template <int N>
-inline void wgmma_wait() {
-  emu::sm90::wait(N);
+inline void wgmma_wait(const Site& site = {}) {
+  emu::sm90::wait(N, site);
 }
-inline void fence_proxy_async() {}
+// No-op for the data (one proxy here), but the race checker wants it between
+// a thread's generic-proxy writes and the wgmmas that read them.
+inline void fence_proxy_async(const Site& site = {}) { emu::trace::proxy_fence(site); }
 template <int N>
 inline void pin(float (&)[N]) {}
 
 template <class T, int N, bool MN_MAJOR_B = false>
-inline void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+inline void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d, const Site& site = {}) {
   static_assert(N == 64 || N == 128, "wgmma_ss: N is 64 or 128");
   emu::sm90::Op op{};
   op.rs = false;
@@ -298,10 +328,11 @@ inline void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
   op.da = da;
   op.db = db;
   op.d = d;
+  op.site = site;
   emu::sm90::issue(op, nullptr);
 }
 template <class T, int N>
-inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d, const Site& site = {}) {
   static_assert(N == 64 || N == 128, "wgmma_rs: N is 64 or 128");
   emu::sm90::Op op{};
   op.rs = true;
@@ -312,6 +343,7 @@ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int
   op.da = 0;
   op.db = db;
   op.d = d;
+  op.site = site;
   emu::sm90::issue(op, a);
 }
 

@@ -271,6 +271,14 @@ template <> __device__ __forceinline__ half4_t operand_of<f16>(uint16_t a, uint1
                  __builtin_bit_cast(_Float16, d)};
 }
 
+// The 16 bits of operand element e. Copied out of the vector first: clang 15
+// (hipcc's, and the emulated build's) compiles __builtin_bit_cast of an
+// ext_vector element as a cast of the vector's leading bits, element 0's.
+template <class V> __device__ __forceinline__ uint16_t element_bits(const V& v, int e) {
+  const auto x = v[e];
+  return __builtin_bit_cast(uint16_t, x);
+}
+
 __device__ __forceinline__ void zero(float16_t& acc) {
 #pragma unroll
   for (int r = 0; r < kAccRegs; ++r) acc[r] = 0.f;
@@ -466,8 +474,7 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
           for (int st = 0; st < kSteps; ++st)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              dSs[lds_ds(w, acc_row(lane, x_reg(st, e)), acc_col(lane, x_reg(st, e)))] =
-                  __builtin_bit_cast(uint16_t, db[st][e]);
+              dSs[lds_ds(w, acc_row(lane, x_reg(st, e)), acc_col(lane, x_reg(st, e)))] = element_bits(db[st], e);
         }
 
         // dV^T += dO^T P, then dK^T += Q^T dS: B from registers, A = 4

@@ -164,9 +164,11 @@ __device__ __forceinline__ uint32_t lane_bt(uint32_t tile, int lane) {
 // mma_sm80.cuh's wrappers take generic pointers; these take the 32-bit
 // shared address directly so the XOR form above reaches the instruction.
 #if defined(MIXKIT_EMULATE)
-inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), false); }
-inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), true);
+inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr, const emu::trace::Site& site = {}) {
+  emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), false, site);
+}
+inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr, const emu::trace::Site& site = {}) {
+  emu::sm80::ldmatrix(r, emu::shared_ptr(addr, 16), true, site);
 }
 inline void sts_u32(uint32_t addr, uint32_t v) { std::memcpy(emu::shared_ptr(addr, 4), &v, 4); }
 inline void sts_f32(uint32_t addr, float v) { std::memcpy(emu::shared_ptr(addr, 4), &v, 4); }
@@ -176,8 +178,8 @@ inline float2 lds_f32x2(uint32_t addr) {
   std::memcpy(&v, emu::shared_ptr(addr, 8), 8);
   return v;
 }
-inline void cp_async16_to(uint32_t dst, const void* src, bool valid) {
-  emu::sm80::cp_async16(emu::shared_ptr(dst, 16), src, valid ? 16 : 0);
+inline void cp_async16_to(uint32_t dst, const void* src, bool valid, const emu::trace::Site& site = {}) {
+  emu::sm80::cp_async16(emu::shared_ptr(dst, 16), src, valid ? 16 : 0, site);
 }
 #else
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {

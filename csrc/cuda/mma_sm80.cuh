@@ -31,20 +31,28 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 #if defined(MIXKIT_EMULATE)
-// The emulated GPU: the same wrappers over emu_sm80.cuh's models.
-inline void cp_async16(void* dst, const void* src, bool valid) { emu::sm80::cp_async16(dst, src, valid ? 16 : 0); }
+// The emulated GPU: the same wrappers over emu_sm80.cuh's models; `site`
+// (defaulted) is the kernel line that issues the instruction, for the trace.
+using emu::trace::Site;
+inline void cp_async16(void* dst, const void* src, bool valid, const Site& site = {}) {
+  emu::sm80::cp_async16(dst, src, valid ? 16 : 0, site);
+}
 inline void cp_async_commit() { emu::sm80::cp_async_commit(); }
 template <int N>
 inline void cp_async_wait() {
   emu::sm80::cp_async_wait(N);
 }
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu::sm80::ldmatrix(r, p, false); }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu::sm80::ldmatrix(r, p, true); }
-inline void ldmatrix_x2(uint32_t (&r)[2], const void* p) { emu::sm80::ldmatrix(r, p, false); }
-inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu::sm80::ldmatrix(r, p, true); }
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, const Site& site = {}) { emu::sm80::ldmatrix(r, p, false, site); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p, const Site& site = {}) {
+  emu::sm80::ldmatrix(r, p, true, site);
+}
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* p, const Site& site = {}) { emu::sm80::ldmatrix(r, p, false, site); }
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p, const Site& site = {}) {
+  emu::sm80::ldmatrix(r, p, true, site);
+}
 template <class T> struct Mma {
-  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    emu::sm80::mma_m16n8k16<T>(d, a, b0, b1);
+  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, const Site& site = {}) {
+    emu::sm80::mma_m16n8k16<T>(d, a, b0, b1, site);
   }
 };
 template <class T>
