@@ -38,6 +38,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kMaxGroup = 8;           // query heads per block; larger GQA groups take several blocks
 constexpr int kAppendThreads = 256;
+constexpr int kCombineThreads = 256;    // decode_combine_kernel: head_dim lanes a row, 256 / head_dim rows a block
 constexpr int64_t kMinKeysPerSplit = 128;  // below this a split's fixed cost (q load, merge, partial write) dominates
 constexpr int64_t kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -263,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attn_kernel(DecodeArgs a, 
 // carries, joins the denominator here, once (flash::finish_row): a row with
 // no visible key then gets zeros and lse = sink.
 template <class T>
-__global__ void __launch_bounds__(256) decode_combine_kernel(DecodeArgs a) {
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeArgs a) {
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= a.batch * a.heads) return;
   const int64_t splits = a.splits, d = a.head_dim;
@@ -353,7 +354,7 @@ void launch_decode(const DecodeArgs& a, gpuStream_t stream) {
   gpu_check(gpuGetLastError(), "launching decode_attn_kernel");
   if (a.splits == 1) return;
   const int d = int(a.head_dim);
-  const int rows_per_block = 256 / d;
+  const int rows_per_block = kCombineThreads / d;
   const int64_t rows = a.batch * a.heads;
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   require(blocks <= 0x7fffffff, "too many rows for one decode combine launch");

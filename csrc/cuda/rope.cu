@@ -15,6 +15,8 @@ namespace {
 
 constexpr int kMaxHalf = 512;  // head_dim <= 1024, checked in check(RopeArgs)
 constexpr int kMaxThreads = kMaxHalf;  // one lane per pair at most
+constexpr int kBlockLanes = 256;       // lanes a block: tokens share a block along blockDim.y
+constexpr int64_t kBusyLanes = 65536;  // lanes worth of work that keep HBM saturated
 
 // ============================== kernels ======================================
 
@@ -111,14 +113,15 @@ bool vector_ok(const RopeArgs& a, int p) {
 template <class T, int P, bool kInterleaved>
 void launch(const RopeArgs& a, gpuStream_t stream) {
   const int lanes = int(a.head_dim / 2 / P);
-  const int tokens_per_block = std::max(1, 256 / lanes);
+  const int tokens_per_block = std::max(1, kBlockLanes / lanes);
   const int64_t blocks = (a.tokens + tokens_per_block - 1) / tokens_per_block;
   require(blocks <= 0x7fffffff, "too many tokens for one launch");
-  // Split the heads over grid.y until about 64k lanes are busy: enough to
-  // keep HBM saturated, without recomputing cos/sin more often than needed.
+  // Split the heads over grid.y until about kBusyLanes lanes are busy: enough
+  // to keep HBM saturated, without recomputing cos/sin more often than needed.
   const int64_t total_heads = a.heads[0] + a.heads[1];
   const int64_t busy = a.tokens * lanes;
-  const int64_t head_groups = std::clamp<int64_t>((65536 + busy - 1) / busy, 1, std::min<int64_t>(total_heads, 65535));
+  const int64_t head_groups =
+      std::clamp<int64_t>((kBusyLanes + busy - 1) / busy, 1, std::min<int64_t>(total_heads, 65535));
   const dim3 grid{unsigned(blocks), unsigned(head_groups)}, block{unsigned(lanes), unsigned(tokens_per_block)};
   if (a.positions_int64)
     gpu_launch(rope_kernel<T, P, kInterleaved, int64_t>, grid, block, 0, stream, a);
