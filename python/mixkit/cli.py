@@ -251,6 +251,7 @@ def _ops(text: str) -> list[str]:
     return ops
 
 
+@option_type("device", _cuda_bad)
 def bench_device(text: str) -> str:
     """`device`, or emu: the emulated GPU (bench/emu_cost.py)."""
     if text == "emu":
