@@ -74,6 +74,7 @@ __global__ void wgmma_kernel(float* out) {
   MIXKIT_DYNAMIC_SMEM(smem_raw, 16);
   unsigned char* smem = smem_raw + ((1024u - (sm80::smem_addr(smem_raw) & 1023u)) & 1023u);
   for (int i = threadIdx.x; i < 2 * 64 * 64; i += 128) reinterpret_cast<uint16_t*>(smem)[i] = 0x3f80;  // bf16 1.0
+  sm90::fence_proxy_async();  // generic-proxy stores, read by wgmma (async proxy)
   __syncthreads();
   const uint32_t a = sm80::smem_addr(smem), b = a + 64 * 128;
   float d[32];
