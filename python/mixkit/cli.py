@@ -237,18 +237,29 @@ def _override(text: str) -> str:
     return text
 
 
-@option_type("ops", ["nope", "rms_norm,nope"])
-def _ops(text: str) -> list[str]:
+def names(what: str, known: Callable[[], list[str]], bad: list[str]):
+    """A non-empty comma-separated list of names, each one of known() (called
+    when parsing, so the lists it imports load only when the option is used)."""
+    @option_type(what, bad)
+    def parse(text: str) -> list[str]:
+        choices = list(known())
+        given = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in given if n not in choices]
+        if unknown or not given:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown)} in {text!r}; known: "
+                                             f"{', '.join(choices)}")
+        return given
+    return parse
+
+
+def _bench_ops() -> list[str]:
     from mixkit.bench import CASES
     from mixkit.bench.emu_cost import EXTRA_CASES
 
-    known = [*CASES, *EXTRA_CASES]
-    ops = [op.strip() for op in text.split(",") if op.strip()]
-    unknown = [op for op in ops if op not in known]
-    if unknown or not ops:
-        raise argparse.ArgumentTypeError(f"unknown ops {', '.join(unknown)} in {text!r}; known: "
-                                         f"{', '.join(known)}")
-    return ops
+    return [*CASES, *EXTRA_CASES]
+
+
+_ops = names("ops", _bench_ops, ["nope", "rms_norm,nope"])
 
 
 @option_type("device", _cuda_bad)
