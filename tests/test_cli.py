@@ -370,6 +370,17 @@ def test_device_cuda_without_a_gpu_is_one_line_in_every_command(tmp_path):
         assert r.rc == 2 and "--device" in r.error() and "sees no CUDA GPU" in r.error()
 
 
+def test_bench_device_emu_needs_an_emulated_build(tmp_path):
+    # The test suite's own _core is the CPU (or GPU) build: the counters of
+    # --device emu are not in it, nor are the emulated-only ops timed.
+    r = run_cli("bench", "--device", "emu", "--ops", "rms_norm", cwd=tmp_path)
+    assert r.rc == 2 and "--device emu needs an emulated build" in r.error() and "Traceback" not in r.err
+    r = run_cli("bench", "--device", "cpu", "--ops", "paged_kv_append", cwd=tmp_path)
+    assert r.rc == 2 and "paged_kv_append: counted on the emulated GPU only" in r.error()
+    r = run_cli("bench", "--device", "tpu", cwd=tmp_path)
+    assert r.rc == 2 and "expected cpu, cuda or emu, got 'tpu'" in r.error()
+
+
 def _wait_for_output(proc: subprocess.Popen, stream, text: bytes, timeout: float = 120) -> bytes:
     os.set_blocking(stream.fileno(), False)
     seen, end = b"", time.monotonic() + timeout

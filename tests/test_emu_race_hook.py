@@ -248,7 +248,7 @@ def test_wgmma_reads_each_warps_operands(programs):
     fences = [e for e in out["items"] if e.get("event") == "proxy_fence"]
     assert len(fences) == 128
     names = [e["name"] for e in out["items"] if e.get("event") == "instruction"]
-    assert names.count("wgmma.mma_async") == 128 and names.count("wgmma.wait_group") == 128
+    assert names.count("wgmma.mma_async.m64n64k16") == 128 and names.count("wgmma.wait_group") == 128
 
 
 def test_mfma_lds_reads_are_plain_loads(programs):

@@ -394,10 +394,10 @@ def flash_attn_tiles(kernel: str, d: int) -> dict[str, list]:
         rows, keys = [(c("BM"), c("BM") // c("kWarpgroups"))], [c("BN", D=d)]
     elif name == "flash_attn_bwd_sm80":
         # dkdv: BN keys, 16 a warp, kBM<D> queries a step (16 a warp in the
-        # atomic dQ); dq_kernel: BQ rows, 16 a warp, BN keys a step.
+        # atomic dQ); dq_kernel: BQ rows, 16 a warp, kBNq<D> keys a step.
         w = c("BN") // c("kWarps")
         rows, keys = [(c("BQ"), w), (c("kBM", D=d), w)] if c("kBM", D=d) > w else [(c("BQ"), w), c("kBM", D=d)], \
-            [(c("BN"), w)]
+            [(c("BN"), w), c("kBNq", D=d)]
     elif name == "flash_attn_fwd_mfma":  # 4 wavefronts of 32 queries; every wavefront sees the block's keys
         rows, keys = [(c("kBM"), c("kWaveM"))], [function(kernel, "block_n", d)]
     elif name == "flash_attn_bwd_mfma":  # dkdv: 2 wavefronts of 32 keys; dq: 4 wavefronts of 32 queries

@@ -98,7 +98,28 @@ template <> MIXKIT_HD f16 from_f32<f16>(float f) {
 }
 
 // N elements loaded or stored as one aligned access (16 bytes at most).
+#if !defined(MIXKIT_EMULATE)
 template <class T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
+#else
+// On the emulated GPU a copy is one vector load and store of the whole pack,
+// as on the GPU: the host compiler would make a plain struct copy a memcpy,
+// which the memory-access hook (cuda/emu_trace.h) does not see, and the race
+// checker and cost counters would miss its bytes.
+template <class T, int N> struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+  Pack() = default;
+  Pack(const Pack& o) { bits() = o.bits(); }
+  Pack& operator=(const Pack& o) {
+    bits() = o.bits();
+    return *this;
+  }
+
+ private:
+  typedef unsigned char Bits __attribute__((vector_size(sizeof(T) * N), may_alias));
+  Bits& bits() { return *reinterpret_cast<Bits*>(v); }
+  const Bits& bits() const { return *reinterpret_cast<const Bits*>(v); }
+};
+#endif
 
 inline const char* dtype_name(DType d) {
   switch (d) {

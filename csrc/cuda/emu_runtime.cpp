@@ -553,6 +553,7 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
       }
       Block b;
       b.bid = Index3{unsigned(i % grid.x), unsigned(i / grid.x % grid.y), unsigned(i / (int64_t(grid.x) * grid.y))};
+      if (traced && tr::skip_block(trace::BlockInfo{&info, {b.bid.x, b.bid.y, b.bid.z}, i, threads, 0, false})) continue;
       b.bdim = Index3{block.x, block.y, block.z};
       b.gdim = Index3{grid.x, grid.y, grid.z};
       b.threads = threads;

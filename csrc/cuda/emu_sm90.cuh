@@ -167,7 +167,8 @@ MIXKIT_EMU_OUTLINE inline void commit(const trace::Site& site) {
 MIXKIT_EMU_OUTLINE inline void issue(Op op, const uint32_t* a) {
   trace::Quiet quiet;
   check_rank();
-  trace::instruction("wgmma.mma_async", op.site);
+  // The shape in the name: the cost counters (emu_cost.cpp) count its FLOPs.
+  trace::instruction(op.n == 64 ? "wgmma.mma_async.m64n64k16" : "wgmma.mma_async.m64n128k16", op.site);
   State& s = state();
   if (!s.fenced) fail("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
   struct Post {
@@ -247,9 +248,12 @@ inline void perform(const Op& op) {
       if (!mn)
         for (int n = 0; n < op.n; ++n) piece(k_major(db, n, 8 * kc));
     }
+    // Core matrix by core matrix (8 k rows of 8 n), as for K-major: the cost
+    // counters take each 8 consecutive pieces as one shared-memory phase.
     if (mn)
-      for (int k = 0; k < 16; ++k)
-        for (int n = 0; n < op.n; n += 8) piece(mn_major(db, n, k));
+      for (int k0 = 0; k0 < 16; k0 += 8)
+        for (int n = 0; n < op.n; n += 8)
+          for (int k = k0; k < k0 + 8; ++k) piece(mn_major(db, n, k));
   }
   float out[64];
   for (int i = 0; i < cols; ++i)

@@ -275,6 +275,12 @@ bool launch_begin(const LaunchInfo& l) {
   return !g_consumers.empty();
 }
 
+bool skip_block(const BlockInfo& b) {
+  for (Consumer* c : g_consumers)
+    if (c->skip_block(b)) return true;
+  return false;
+}
+
 void block_begin(BlockInfo& b, const unsigned char* dyn, size_t dyn_bytes) {
   Worker& w = t_worker;
   if (!w.tls_found) {

@@ -148,6 +148,9 @@ class Consumer {
   virtual void block_end(void* /*block*/, const BlockInfo&) {}
   // After every block; a non-empty answer fails the launch with that message.
   virtual std::string launch_end(const LaunchInfo&) { return {}; }
+  // Before a block: true leaves it out of the launch, unrun (a consumer that
+  // samples blocks; the launch's results are then incomplete).
+  virtual bool skip_block(const BlockInfo&) { return false; }
   bool wants_occurrence = false;
   // Global-memory reads (plain loads, cp.async sources) are the bulk of the
   // traffic; a consumer that does not need them says so, and when none does

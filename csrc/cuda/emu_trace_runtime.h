@@ -37,6 +37,8 @@ void on_access(Running& r, uintptr_t addr, uint32_t bytes, Kind kind, Where wher
 
 // Whether any consumer listens to this launch.
 bool launch_begin(const LaunchInfo& l);
+// Whether a consumer leaves this block out.
+bool skip_block(const BlockInfo& b);
 // Fills b.static_shared_bytes.
 void block_begin(BlockInfo& b, const unsigned char* dyn, size_t dyn_bytes);
 // Around each run of an emulated thread (the scheduler switching to it and back).

@@ -10,6 +10,9 @@
 
 #include "common/flash_attn.h"
 #include "cuda/compat.cuh"
+#if defined(MIXKIT_EMULATE)
+#include "cuda/emu_cost.h"
+#endif
 
 namespace mixkit {
 
@@ -39,6 +42,12 @@ __device__ __forceinline__ Span span(const int32_t* cu, int64_t b, int64_t fixed
 template <int CH>
 __device__ __forceinline__ int swz(int r, int c) {
   static_assert(CH == 4 || CH % 8 == 0, "tile rows must be 4 or a multiple of 8 chunks");
+#if defined(MIXKIT_EMULATE)
+  // The emulated GPU's planted layout error (tests/test_emu_cost_kernels.py):
+  // the tiles without their swizzle. Answers stay right (reads and writes
+  // agree); only the bank-conflict counters can tell.
+  if (::mixkit::emu::cost::unswizzled()) return r * (CH * 8) + (c << 3);
+#endif
   if constexpr (CH == 4) return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
   else return r * (CH * 8) + (((c & ~7) | ((c ^ r) & 7)) << 3);
 }

@@ -237,16 +237,39 @@ def _override(text: str) -> str:
     return text
 
 
-@option_type("ops", ["nope", "rms_norm,nope"])
-def _ops(text: str) -> list[str]:
-    from mixkit.bench import CASES
+def names(what: str, known: Callable[[], list[str]], bad: list[str]):
+    """A non-empty comma-separated list of names, each one of known() (called
+    when parsing, so the lists it imports load only when the option is used)."""
+    @option_type(what, bad)
+    def parse(text: str) -> list[str]:
+        choices = list(known())
+        given = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in given if n not in choices]
+        if unknown or not given:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown)} in {text!r}; known: "
+                                             f"{', '.join(choices)}")
+        return given
+    return parse
 
-    ops = [op.strip() for op in text.split(",") if op.strip()]
-    unknown = [op for op in ops if op not in CASES]
-    if unknown or not ops:
-        raise argparse.ArgumentTypeError(f"unknown ops {', '.join(unknown)} in {text!r}; known: "
-                                         f"{', '.join(CASES)}")
-    return ops
+
+def _bench_ops() -> list[str]:
+    from mixkit.bench import CASES
+    from mixkit.bench.emu_cost import EXTRA_CASES
+
+    return [*CASES, *EXTRA_CASES]
+
+
+_ops = names("ops", _bench_ops, ["nope", "rms_norm,nope"])
+
+
+@option_type("device", _cuda_bad)
+def bench_device(text: str) -> str:
+    """`device`, or emu: the emulated GPU (bench/emu_cost.py)."""
+    if text == "emu":
+        return text
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or emu, got {text!r}")
+    return device(text)
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
@@ -259,6 +282,11 @@ def _bench(args: argparse.Namespace) -> int:
     from mixkit import bench
     from mixkit.bench import harness
 
+    if args.device == "emu":
+        return _bench_emulated(args)
+    unknown = [op for op in args.ops or [] if op not in bench.CASES]
+    if unknown:
+        raise UsageError(f"{', '.join(unknown)}: counted on the emulated GPU only (--device emu), not timed")
     written: dict[str, Path] = {}
 
     def save(meta: dict, rows: list[dict], complete: bool = False) -> list[Path]:
@@ -281,6 +309,31 @@ def _bench(args: argparse.Namespace) -> int:
     # failing or missing peer (torch.compile without a C++ compiler, no
     # transformers) is only shown.
     return 1 if any("error" in r and r["impl"] == "mixkit" for r in rows) else 0
+
+
+def _bench_emulated(args: argparse.Namespace) -> int:
+    """`mixkit bench --device emu`: counters and projections on the emulated GPU (bench/emu_cost.py)."""
+    from mixkit.bench import emu_cost
+
+    if not emu_cost.emulated_build():
+        raise UsageError("--device emu needs an emulated build of mixkit._core (-DMIXKIT_EMULATE=ON; "
+                         "MIXKIT_CORE=path/to/_core*.so selects one)")
+    written: dict[str, Path] = {}
+
+    def save(meta: dict, results: list[dict]) -> None:
+        # after every case: a report at the benchmark shapes takes hours
+        if "path" not in written:
+            out = Path(args.out)
+            written["path"] = out / f"{emu_cost.result_name(meta)}.json" if out.is_dir() or args.out.endswith("/") \
+                else out
+        emu_cost.write(written["path"], meta, results)
+
+    meta, results = emu_cost.run(ops=args.ops, resources=args.resources, on_result=save if args.out else None)
+    print()
+    print(emu_cost.render_markdown(meta, results))
+    if args.out:
+        print(f"wrote {written['path']} and {written['path'].with_suffix('.md')}")
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -543,8 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time mixkit ops against torch eager, torch.compile and Liger")
     b.add_argument("--quick", action="store_true", help="fewer token counts and shorter timing")
-    b.add_argument("--device", type=device, metavar="{cpu,cuda}", help=device_help)
+    b.add_argument("--device", type=bench_device, metavar="{cpu,cuda,emu}",
+                   help=device_help + "; emu: memory, bank-conflict and occupancy counters and a projection on the "
+                   "emulated GPU (an emulated build of _core), no timing")
     b.add_argument("--ops", type=_ops, metavar="OP,...", help="comma-separated op names (default: all; a wrong name lists them)")
+    b.add_argument("--resources", type=existing_file, metavar="JSON", help="with --device emu: kernel registers and "
+                   "shared memory from tools/kernel_resources.py (adds occupancy and waves)")
     b.add_argument("--out", type=output_path, metavar="PATH", help="results JSON path, with a .md table (and a .png) beside it; "
                    "a directory gets <date>_<device>_<commit>.json. Written after every case")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import mixkit.ops
+from mixkit._backend import gpu_kernels
 from mixkit.bench.harness import Case, compiled, mixkit_op
 
 BATCH, N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 1, 32, 8, 128  # Mistral 7B
@@ -253,7 +254,9 @@ def _case(device, s: int, dtype, compile_mode: str | None, window: int | None, b
     heads, kv_heads, head_dim, softcap, with_sinks = N_Q_HEADS, N_KV_HEADS, HEAD_DIM, None, False
     if variant is not None:
         heads, kv_heads, head_dim, window, softcap, with_sinks = VARIANTS[variant]
-    if window is not None and not cuda:
+    # GPU shapes wherever the GPU kernels run: on a GPU, or on CPU tensors
+    # under the emulated GPU (bench.emu_cost).
+    if window is not None and not gpu_kernels(torch.device(device)):
         window = min(window, CPU_WINDOW)
     q = torch.randn(BATCH, s, heads, head_dim, device=device, dtype=dtype)
     k = torch.randn(BATCH, s, kv_heads, head_dim, device=device, dtype=dtype)

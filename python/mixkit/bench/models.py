@@ -811,17 +811,9 @@ def write_results(path: str | Path, meta: dict, rows: list[dict]) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mixkit.cli import Parser, device, integer, option_type, output_path
+    from mixkit.cli import Parser, device, integer, names, output_path
 
-    @option_type("sections", ["nope", "mixkit,nope", ""])
-    def sections(text: str) -> list[str]:
-        names = [s.strip() for s in text.split(",") if s.strip()]
-        unknown = [s for s in names if s not in SECTIONS]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown sections {', '.join(unknown)} in {text!r}; known: "
-                                             f"{', '.join(SECTIONS)}")
-        return names
-
+    sections = names("sections", lambda: list(SECTIONS), ["nope", "mixkit,nope", ""])
     ap = Parser(prog="mixkit bench models", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="few timed steps; on the GPU compile batch 1 decode only")

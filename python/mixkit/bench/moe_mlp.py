@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mixkit._backend import gpu_kernels
 from mixkit.bench.harness import Case, mixkit_op
 
 EXPERTS, TOP_K = 8, 2
@@ -56,7 +57,8 @@ def moe_grouped_mm(x, router_weight, w13, w2, top_k: int = TOP_K):
 
 
 def _inputs(device, tokens, dtype, requires_grad=False):
-    hidden, ffn = GPU_DIMS if torch.device(device).type == "cuda" else CPU_DIMS
+    # GPU shapes wherever the GPU kernels run (a GPU, or the emulated GPU).
+    hidden, ffn = GPU_DIMS if gpu_kernels(torch.device(device)) else CPU_DIMS
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     rw = torch.randn(EXPERTS, hidden, device=device, dtype=dtype) / hidden ** 0.5
     w13 = torch.randn(EXPERTS, 2 * ffn, hidden, device=device, dtype=dtype) / hidden ** 0.5
