@@ -162,6 +162,9 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
   V x_cache[kCached], dy_cache[kCached];
 
   const int64_t iters = (a.rows + workers - 1) / workers;
+  // mutant-equivalent(flip): an iteration it = iters has row >= iters *
+  // workers >= rows for every thread: all inactive, no load, no dw, zero
+  // row sums, and each thread still reaches both row_sum barriers.
   for (int64_t it = 0; it < iters; ++it) {
     const int64_t row = worker + it * workers;
     const bool active = worker < workers && row < a.rows;
@@ -174,6 +177,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(NormBwdArgs a, in
     // Pass 1: the two row sums and this row's weight-gradient contribution.
     float sg = 0.f, sgx = 0.f;
 #pragma unroll
+    // mutant-equivalent(flip): item i = ITEMS has j >= ITEMS * tpr >= nvec
+    // (common/norm.h picks tpr and ITEMS so), so the guard below skips it.
     for (int i = 0; i < ITEMS; ++i) {
       const int64_t j = int64_t(i) * tpr + threadIdx.x;
       if (!active || j >= nvec) continue;
