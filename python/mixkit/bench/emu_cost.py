@@ -17,7 +17,7 @@ static shared memory, from ptxas and the gfx90a ISA) and turns them into:
   bench/emu_devices.py, summed over the case's launches, and the % of the
   op's roofline (its minimal bytes and FLOPs at the same peaks) that bound
   allows. Nothing here is a measurement, and these rows never mix with
-  measured ones: results are written as `<date>_emulated-<path>_<commit>`.
+  measured ones: results are written as `<date>_<host>_<commit>_emulated-<paths>`.
 
 Which path runs is the build's warp width and the emulated device: warp 32 as
 an A100 (capability 8.0, 108 SMs: the sm_80 kernels) and as an H100 (9.0, 132
@@ -468,7 +468,11 @@ def projection_table(results: list[dict]) -> str:
 
 
 def result_name(meta: dict) -> str:
-    return f"{meta['date_utc'][:10]}_emulated-{'-'.join(meta['paths'])}_{meta['commit'] or 'nocommit'}"
+    """`<date>_<host>_<commit>_emulated-<paths>`: bench/results/'s naming
+    (harness.result_name, the host that emulated as the device)."""
+    from mixkit.bench import harness
+
+    return f"{harness.result_name(meta)}_emulated-{'-'.join(meta['paths'])}"
 
 
 def write(out: str | Path, meta: dict, results: list[dict]) -> list[Path]:
@@ -496,7 +500,7 @@ def run(ops: list[str] | None = None, paths: list[str] | None = None, resources:
     paths = paths or paths_of_build()
     res = json.loads(Path(resources).read_text()) if resources else None
     meta = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": harness._git_commit(), "build": _core().build_info(), "paths": paths,
+            "device_name": harness._device_name(torch.device("cpu")), "commit": harness._git_commit(), "build": _core().build_info(), "paths": paths,
             "resources": resources, "kind": "emulated: counters and projections, no GPU measurement"}
     results = []
     torch.manual_seed(0)
