@@ -327,7 +327,6 @@ __global__ void __launch_bounds__(256) delta_kernel(FlashBwdArgs a) {
   float* dbase = a.delta + b * f.lse_stride[0] + h * f.lse_stride[1] + qs.start;
   const int chunk = threadIdx.x % kLanes;
   for (int64_t m0 = int64_t(blockIdx.x) * 256; m0 < qs.len; m0 += int64_t(gridDim.x) * 256) {
-#pragma unroll 2
     for (int r = threadIdx.x / kLanes; r < 256; r += kRowsPerPass) {
       const int64_t i = m0 + r;
       float acc = 0.f;
