@@ -302,6 +302,9 @@ REPORT = {
     # The windowed kernels at the benchmark's first S, where W = 4096 cuts no
     # key (the same visible pairs as causal, through the window's code).
     "flash_attn_fwd_bwd_w4096": dict(tokens=(1024,), sample=(4, 0)),
+    # gpt-oss-20b's sliding layers: head dim 64 (on gfx90a the atomic dQ
+    # path and its dq_convert_kernel), one GQA group of 8 of its 64 heads.
+    "flash_attn_fwd_bwd_sinks_w128": dict(tokens=(1024,), sample=(8, 0)),
     # The window first cuts keys at S = 8192: 20 minutes of emulation a path,
     # so on the H100 and MI250X paths only (the sm_80 forward is the H100's
     # fallback; its backward is the fwd_bwd_causal row's).
@@ -361,8 +364,50 @@ def paged_prefill_attn_case(device, tokens: int, dtype, compile_mode, context: i
                 {"mixkit": lambda: op(q, kp, vp, table, cu, seqlens, tokens, window=window)}, tokens=tokens)
 
 
-EXTRA_CASES = {"paged_kv_append": paged_kv_append_case, "paged_prefill_attn": paged_prefill_attn_case}
-REPORT.update({"paged_kv_append": dict(tokens=(512,)), "paged_prefill_attn": dict(tokens=(512,), sample=(1, 0))})
+def flash_attn_fwd_bwd_deterministic_case(device, tokens: int, dtype, compile_mode) -> "Case":
+    """flash_attn_fwd_bwd_causal (its shapes, bytes and FLOPs) with
+    deterministic=True: dQ by its own kernel (dq_kernel), no atomic adds."""
+    from mixkit import ops
+    from mixkit.bench import flash_attn
+    from mixkit.bench.harness import Case
+
+    base = flash_attn.flash_attn_fwd_bwd_causal_case(device, tokens, dtype, compile_mode)
+    q = torch.randn(flash_attn.BATCH, tokens, flash_attn.N_Q_HEADS, flash_attn.HEAD_DIM, device=device,
+                    dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(flash_attn.BATCH, tokens, flash_attn.N_KV_HEADS, flash_attn.HEAD_DIM, device=device,
+                        dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def run():
+        return torch.autograd.grad(ops.flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+    return Case("flash_attn_fwd_bwd_deterministic", base.shape, dtype, base.bytes, {"mixkit": run},
+                tokens=tokens, flops=base.flops)
+
+
+def grouped_bias_grad_case(device, tokens: int, dtype, compile_mode) -> "Case":
+    """The expert biases' gradient (models with expert biases: gpt-oss) at
+    Mixtral's routing of `tokens` tokens: per-expert sums of the T * k rows
+    of the down projection's output gradient (hidden 4096)."""
+    import mixkit.ops  # noqa: F401  (registers torch.ops.mixkit)
+    from mixkit.bench.harness import Case
+    from mixkit.bench.moe_mlp import EXPERTS, TOP_K
+
+    rows, hidden = tokens * TOP_K, 4096
+    g = torch.randn(rows, hidden, device=device, dtype=dtype)
+    counts = torch.bincount(torch.randint(0, EXPERTS, (rows,)), minlength=EXPERTS)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])  # (E + 1,) int64
+    op = torch.ops.mixkit.grouped_bias_grad  # the backward of moe_mlp's biases, not a public op
+    nbytes = g.numel() * g.element_size() + EXPERTS * hidden * g.element_size()
+    return Case("grouped_bias_grad", f"T={tokens} E={EXPERTS} k={TOP_K} H={hidden}", dtype, nbytes,
+                {"mixkit": lambda: op(g, offsets, EXPERTS)}, tokens=tokens)
+
+
+EXTRA_CASES = {"paged_kv_append": paged_kv_append_case, "paged_prefill_attn": paged_prefill_attn_case,
+               "flash_attn_fwd_bwd_deterministic": flash_attn_fwd_bwd_deterministic_case,
+               "grouped_bias_grad": grouped_bias_grad_case}
+REPORT.update({"paged_kv_append": dict(tokens=(512,)), "paged_prefill_attn": dict(tokens=(512,), sample=(1, 0)),
+               "flash_attn_fwd_bwd_deterministic": dict(tokens=(1024,), sample=(4, 0)),
+               "grouped_bias_grad": dict(tokens=(1024,))})
 
 
 def resident_blocks(kernel: str, threads: int, path: str, resources: dict | None) -> int:
