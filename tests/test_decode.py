@@ -13,6 +13,9 @@ import torch
 import mixkit.ops.decode as ops
 from mixkit.bench.harness import capture_cuda_graph
 from conftest import DEVICES, on, gpu
+import tiles
+from mixkit import _core
+from mixkit._backend import DTYPE_CODES, launch_args
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -131,6 +134,55 @@ def test_decode_attn_matches_reference(case, dtype, device):
             assert (out[i] == 0).all() and (lse[i] == float("-inf")).all()
 
 
+# ---- tile boundaries ----------------------------------------------------------------
+# tiles.decode_design reads decode.cu's lane-group layout, head tiles and
+# split rule and gives one case per kernel instance (T's size, D, head tile);
+# its sequences hit the boundary classes of the visible keys, of the last
+# split's length and of the ring's wrap point, with an empty sequence in
+# every (split) batch. Each case also runs through a page table (the
+# capacity's largest divisor up to 32 as page size), which must give the
+# ring's result bit for bit.
+
+def _tile_cases():
+    for e, d, h, hkv, c, w, lens in tiles.decode_design():
+        yield pytest.param(e, d, h, hkv, c, w, lens, id=f"{'f32' if e == 4 else 'bf16'}-D{d}-H{h}-Hkv{hkv}-C{c}-W{w}")
+
+
+@pytest.mark.parametrize("e,d,h,hkv,c,window,lens", list(_tile_cases()))
+@pytest.mark.parametrize("device", DEVICES)
+def test_tile_boundaries(e, d, h, hkv, c, window, lens, device):
+    dtype = torch.float32 if e == 4 else torch.bfloat16
+    b = len(lens)
+    k_cache, v_cache = make_caches(b, c, hkv, d, lens, window, dtype, device)
+    q = torch.randn(b, h, d, generator=torch.Generator().manual_seed(2)).to(dtype).to(on(device))
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=on(device))
+    if device == "emu":  # the design's split count is the kernel's
+        backend, dev, _ = launch_args(q.device)
+        got = _core.decode_splits(backend, dev, DTYPE_CODES[dtype], b, h, hkv, d, c, window or 0)
+        assert got == tiles.decode_splits(min(window or c, c))
+    out, lse = ops.decode_attn(q, k_cache, v_cache, seqlens, window=window, return_lse=True)
+    assert torch.isfinite(out).all(), "a NaN slot outside the visible window was read"
+    lse32 = assert_fa_rule(out, q, k_cache, v_cache, seqlens, window)
+    torch.testing.assert_close(lse, lse32, rtol=1e-5, atol=1e-5)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert (out[i] == 0).all() and (lse[i] == float("-inf")).all()
+    # Past C tokens the ring wraps and a page table does not: the paged call
+    # sees the sequences that fit (the others as empty).
+    ps = max(p for p in range(1, 33) if c % p == 0)
+    max_pages = c // ps
+    num_pages = b * max_pages + 2
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(ps))[: b * max_pages].to(on(device))
+    table = perm.view(b, max_pages).to(torch.int32).contiguous()
+    fits = torch.tensor(lens) <= c
+    paged, paged_lse = ops.decode_attn_paged(q, _to_pages(k_cache, ps, perm, num_pages),
+                                             _to_pages(v_cache, ps, perm, num_pages), table,
+                                             torch.where(fits, seqlens.cpu(), 0).to(torch.int32).to(on(device)),
+                                             window=window, return_lse=True)
+    assert torch.equal(paged[fits], out[fits]) and torch.equal(paged_lse[fits], lse[fits]), \
+        f"page size {ps}: the page lookup changed the result"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_scale(dtype, device):
@@ -229,6 +281,31 @@ def test_append_writes_slot_p_mod_c(pos_dtype, dtype, device):
     expect_k, expect_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     for i in range(b):
         for t in range(s):
+            slot = int(pos[i, t]) % c
+            expect_k[i, slot], expect_v[i, slot] = k[i, t], v[i, t]
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+
+
+@pytest.mark.parametrize("hkv,d,vec,c,s", list(tiles.append_design()))
+@pytest.mark.parametrize("device", DEVICES)
+def test_append_tile_boundaries(hkv, d, vec, c, s, device):
+    """tiles.append_design: KV heads x vectors a token at the boundaries of
+    the append kernel's threads, on the 16-byte path and the scalar one (k
+    and v then strided views of padded rows), and tokens a call below, at
+    and past the capacity."""
+    b, dtype = 2, torch.bfloat16
+    g = torch.Generator().manual_seed(hkv * d)
+    pad = 0 if vec else 1
+    k = torch.randn(b, s, hkv, d + pad, generator=g).to(dtype).to(on(device))[..., :d]
+    v = torch.randn(b, s, hkv, d + pad, generator=g).to(dtype).to(on(device))[..., :d]
+    k_cache = torch.zeros(b, c, hkv, d, dtype=dtype, device=on(device))
+    v_cache = torch.zeros_like(k_cache)
+    start = torch.tensor([0, 3 * c + 1])
+    pos = (start[:, None] + torch.arange(s)).to(on(device))
+    ops.kv_cache_append(k, v, k_cache, v_cache, pos)
+    expect_k, expect_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    for i in range(b):
+        for t in range(max(0, s - c), s):
             slot = int(pos[i, t]) % c
             expect_k[i, slot], expect_v[i, slot] = k[i, t], v[i, t]
     assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
@@ -444,12 +521,14 @@ def test_core_rejects_bad_calls_without_crashing():
         _core.kv_cache_append(0, 0, 0, 0, False, 0, 8, 8, 8, 8, 1, 1, 2, 64, 16, 0, 0, 0, 0, 0, 0)
 
 
-@pytest.mark.gpu
-def test_gpu_errors():
-    kc = KC.cuda()
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_gpu_errors(device):
     with pytest.raises(ValueError, match="head_dim 96 is not supported on the GPU"):
-        ops.decode_attn(torch.randn(2, 6, 96, device="cuda"), torch.zeros(2, 16, 2, 96, device="cuda"),
-                        torch.zeros(2, 16, 2, 96, device="cuda"), SL.cuda())
+        ops.decode_attn(torch.randn(2, 6, 96, device=on(device)), torch.zeros(2, 16, 2, 96, device=on(device)),
+                        torch.zeros(2, 16, 2, 96, device=on(device)), SL.to(on(device)))
+    if device == "emu":  # the emulated GPU's tensors are all on the CPU: no device mix-ups
+        return
+    kc = KC.cuda()
     with pytest.raises(ValueError, match="positions is on cpu but"):
         ops.kv_cache_append(K1.cuda(), K1.cuda(), kc, kc.clone(), POS)
     with pytest.raises(ValueError, match="cache_seqlens is on cpu but"):

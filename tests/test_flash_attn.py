@@ -8,6 +8,7 @@ require max|ours - ref64| <= 2 * max|ref_lowp - ref64| + slack for outputs and
 float32 case, where ref_lowp is itself nearly exact and only summation order
 separates the kernels from the reference.
 """
+import functools
 import math
 
 import pytest
@@ -17,6 +18,7 @@ import mixkit.ops as ops
 from mixkit import _core
 from mixkit.bench.harness import capture_cuda_graph
 from conftest import DEVICES, on, gpu, EMULATED
+import tiles
 
 NEG_INF = float("-inf")
 
@@ -244,6 +246,118 @@ def test_varlen_matches_per_sequence_reference(lens_q, lens_k, causal, w, device
         assert_fa_rule(name, leaves[i].grad.cpu(), ref["64"][2 + i], ref["lowp"][2 + i], 3)
 
 
+# ---- tile boundaries ----------------------------------------------------------------
+# tiles.attention_design reads every attention kernel's tiles (sm_80, sm_90a,
+# MFMA; forward and backward) from its source and picks varlen calls whose
+# sequences hit the boundary residues of Sq, Sk, Sk - Sq, the window and its
+# edge for each tile and warp split, plus empty, key-only, query-only and
+# one-token sequences in every call. bfloat16 only: the dtype moves no index.
+# The two backward kernels (atomic and deterministic dQ) take turns with the
+# two forward kernels where the GPU has both (warp 32), so each forward and
+# each backward sees every shape.
+
+def _tile_variants():
+    for device in DEVICES:
+        dev = device if isinstance(device, str) else device.values[0]
+        marks = () if isinstance(device, str) else device.marks
+        if dev == "cpu":
+            runs = [("default", False)]
+        elif _FORCE_SM80[dev]:
+            runs = [("default", False), ("sm80", True)]
+        else:
+            runs = [("default", False), ("default", True)]
+        for kernel, det in runs:
+            yield pytest.param(dev, kernel, det, marks=marks, id=f"{dev}-{kernel}-{'det' if det else 'atomic'}")
+
+
+def _tile_calls():
+    for d in tiles.HEAD_DIMS:
+        for causal, w, h, hkv, seqs in tiles.attention_design(d):
+            yield pytest.param(d, causal, w, h, hkv, seqs, id=f"d{d}-{'causal' if causal else 'full'}-w{w}-h{h}/{hkv}")
+
+
+@functools.lru_cache(maxsize=4)
+def _tile_call(d, causal, w, h, hkv, seqs, dtype):
+    """Inputs and per-sequence references of one design call (CPU tensors),
+    kept for the next kernel variant of the same call."""
+    lens_q, lens_k = [s[0] for s in seqs], [s[1] for s in seqs]
+    g = torch.Generator().manual_seed(len(seqs) + d)
+    q = _randn((sum(lens_q), h, d), dtype, "cpu", g)
+    k = _randn((sum(lens_k), hkv, d), dtype, "cpu", g)
+    v = _randn((sum(lens_k), hkv, d), dtype, "cpu", g)
+    dout = _randn(q.shape, dtype, "cpu", g)
+    cu_q = [0] + torch.tensor(lens_q).cumsum(0).tolist()
+    cu_k = [0] + torch.tensor(lens_k).cumsum(0).tolist()
+    refs = []
+    for i in range(len(seqs)):
+        rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        ref = {}
+        for name, rdtype in (("64", torch.float64), ("lowp", dtype)):
+            rl = [t[None, s].clone().requires_grad_(True) for t, s in ((q, rows), (k, keys), (v, keys))]
+            o, l = attention_ref(*rl, causal=causal, window=w, dtype=rdtype)
+            o.backward(dout[None, rows].to(rdtype))
+            ref[name] = (o[0].detach(), l[0].detach(), *(t.grad[0] for t in rl))
+        refs.append((rows, keys, ref))
+    return (q, k, v, dout, cu_q, cu_k), refs
+
+
+@pytest.mark.parametrize("device,kernel,deterministic", list(_tile_variants()))  # fastest: a call's references are reused
+@pytest.mark.parametrize("d,causal,w,h,hkv,seqs", list(_tile_calls()))
+def test_tile_boundaries(d, causal, w, h, hkv, seqs, device, kernel, deterministic, select_kernel):
+    select_kernel(device, kernel)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    (q, k, v, dout, cu_q, cu_k), refs = _tile_call(d, causal, w, h, hkv, seqs, dtype)
+    leaves = [t.clone().to(on(device)).requires_grad_(True) for t in (q, k, v)]
+    lens_q, lens_k = [s[0] for s in seqs], [s[1] for s in seqs]
+    out, lse = ops.flash_attn_varlen(*leaves, torch.tensor(cu_q, dtype=torch.int32, device=on(device)),
+                                     torch.tensor(cu_k, dtype=torch.int32, device=on(device)), max(lens_q),
+                                     max(lens_k), causal=causal, window=w, return_lse=True,
+                                     deterministic=deterministic)
+    out.backward(dout.to(on(device)))
+    got = [out, lse, *(t.grad for t in leaves)]
+    for i, ((sq, sk), (rows, keys, ref)) in enumerate(zip(seqs, refs)):
+        where = f"sequence {i} (Sq={sq}, Sk={sk})"
+        ours = [got[0][rows].cpu(), got[1][:, rows].cpu(), got[2][rows].cpu(), got[3][keys].cpu(), got[4][keys].cpu()]
+        assert_fa_rule(f"out, {where}", ours[0], ref["64"][0], ref["lowp"][0], 2)
+        assert torch.equal(torch.isfinite(ours[1]), torch.isfinite(ref["64"][1])), f"lse -inf pattern, {where}"
+        for j, name in ((2, "dq"), (3, "dk"), (4, "dv")):
+            assert_fa_rule(f"{name}, {where}", ours[j], ref["64"][j], ref["lowp"][j], 3)
+
+
+@pytest.mark.parametrize("device,kernel,deterministic", [p for p in _tile_variants() if p.values[0] != "cpu"])
+def test_max_seqlen_hints_below_the_real_lengths(device, kernel, deterministic, select_kernel):
+    """Under graph capture or torch.compile the host cannot check cu_seqlens
+    against the max_seqlen hints, and the GPU kernels size their grids from
+    the hints: with hints of 1 every block walks all the query (key) blocks
+    of its sequence with a grid stride, and the result must not change. (The
+    tensors are stamped as checked, as a capture would leave them; the CPU
+    backend checks the lengths on every call.)"""
+    select_kernel(device, kernel)
+    dtype = torch.bfloat16
+    lens_q, lens_k, w = [130, 0, 200, 65], [130, 40, 250, 70], 70
+    g = torch.Generator().manual_seed(11)
+    q = _randn((sum(lens_q), 2, 64), dtype, device, g)
+    k = _randn((sum(lens_k), 1, 64), dtype, device, g)
+    v = _randn((sum(lens_k), 1, 64), dtype, device, g)
+    dout = _randn(q.shape, dtype, device, g)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=on(device))
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=on(device))
+    results = []
+    for max_q, max_k in ((max(lens_q), max(lens_k)), (1, 1)):
+        cu_q._mixkit_checked = (cu_q._version, q.shape[0], max_q)
+        cu_k._mixkit_checked = (cu_k._version, k.shape[0], max_k)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, lse = ops.flash_attn_varlen(*leaves, cu_q, cu_k, max_q, max_k, window=w, return_lse=True,
+                                         deterministic=deterministic)
+        out.backward(dout)
+        results.append([out, lse] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        if deterministic or name in ("out", "lse", "dk", "dv"):
+            assert torch.equal(a, b), f"{name} changed with the grid-stride loops"
+        else:  # atomic dQ: the same sums in another order
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_equals_fixed_length_per_document(device):
     """Packing never lets a document see its neighbours: each document's rows
@@ -290,20 +404,28 @@ def test_deterministic_backward(device):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["default", "sm80"])
-@pytest.mark.parametrize("s,w", [(32768, 4096), (8192, None)])
-def test_long_sequences_on_gpu(s, w, kernel, select_kernel):
+# On the emulated GPU (about 100 times slower) the same test at a length
+# that still spans several query and key blocks of every kernel (128 rows,
+# up to 128 keys) and several windows, one not a multiple of a key block.
+_LONG = {"cuda": [(32768, 4096), (8192, None)], "emu": [(700, 160), (448, None)]}
+
+
+@pytest.mark.parametrize("s,w,device,kernel", [
+    pytest.param(s, w, dev, kernel, marks=p.marks, id=f"{dev}-{kernel}-s{s}-w{w}")
+    for p in DEVICES[1:] for dev in p.values for s, w in _LONG[dev]
+    for kernel in (("default", "sm80") if _FORCE_SM80[dev] else ("default",))])
+def test_long_sequences_on_gpu(s, w, device, kernel, select_kernel):
     """32k tokens with Mistral's window, checked query chunk by query chunk
     against the reference over the keys each chunk can see."""
-    select_kernel("cuda", kernel)
+    select_kernel(device, kernel)
     torch.manual_seed(0)
-    q = torch.randn(1, s, 4, 128, dtype=torch.bfloat16, device="cuda")
-    k = torch.randn(1, s, 1, 128, dtype=torch.bfloat16, device="cuda")
-    v = torch.randn(1, s, 1, 128, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(1, s, 4, 128, dtype=torch.bfloat16).to(on(device))
+    k = torch.randn(1, s, 1, 128, dtype=torch.bfloat16).to(on(device))
+    v = torch.randn(1, s, 1, 128, dtype=torch.bfloat16).to(on(device))
     out = ops.flash_attn(q, k, v, window=w)
-    for start in (0, s // 2 - 700, s - 1024):
-        end = start + 1024
+    chunk = min(1024, s // 3)
+    for start in (0, s // 2 - chunk // 2 - 3, s - chunk):
+        end = start + chunk
         k0 = max(0, start - w + 1) if w else 0
         want, _ = attention_ref(q[:, start:end], k[:, k0:end], v[:, k0:end], window=w, dtype=torch.float32)
         lowp, _ = attention_ref(q[:, start:end], k[:, k0:end], v[:, k0:end], window=w, dtype=torch.bfloat16)
@@ -540,12 +662,12 @@ def test_bad_varlen_arguments():
         ops.flash_attn_varlen(q, k, k, cu, cu, 9, -1)
 
 
-@pytest.mark.gpu
-def test_gpu_rejects_unsupported_head_dim_and_float32():
-    q = torch.randn(1, 8, 2, 96, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_gpu_rejects_unsupported_head_dim_and_float32(device):
+    q = torch.randn(1, 8, 2, 96, dtype=torch.bfloat16).to(on(device))
     with pytest.raises(ValueError, match="head_dim 96"):
         ops.flash_attn(q, q, q)
-    q = torch.randn(1, 8, 2, 64, device="cuda")
+    q = torch.randn(1, 8, 2, 64).to(on(device))
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         ops.flash_attn(q, q, q)
 

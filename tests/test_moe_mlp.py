@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 import reference as ref
 from mixkit.bench.harness import capture_cuda_graph
-from conftest import DEVICES, on
+from conftest import DEVICES, GPU_DEVICES, kernel_devices, on
+import tiles
 # The module, not the function of the same name that mixkit.ops exports.
 mm = importlib.import_module("mixkit.ops.moe_mlp")
 
@@ -61,21 +62,26 @@ GEMM_CASES = [(64, 96, [5, 0, 12, 3], 20), (32, 40, [0, 0, 37, 0], 37), (16, 8, 
 ODD_CASES = [(13, 7, [4, 0, 9], 13), (5, 3, [1, 2], 3)]  # CPU only: K, N_out not multiples of 8
 
 
+def _no_f16_subnormals(x):
+    """MI200's MFMA flushes subnormal 16-bit inputs to zero (mfma.cuh; the
+    emulated GPU at warp 64 models it), which the float32 reference does
+    not: inputs keep clear of float16's subnormal range."""
+    return torch.where(x.abs() < 2 ** -13, torch.copysign(torch.full_like(x, 2 ** -13), x), x)
+
+
 def _gemm_case(device, dtype, k, n, counts, rows, trans_b, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(rows, k, generator=g).to(dtype).to(on(device))
+    a = _no_f16_subnormals(torch.randn(rows, k, generator=g)).to(dtype).to(on(device))
     shape = (len(counts), n, k) if trans_b else (len(counts), k, n)
-    b = (torch.randn(shape, generator=g) / k ** 0.5).to(dtype).to(on(device))
+    b = _no_f16_subnormals(torch.randn(shape, generator=g) / k ** 0.5).to(dtype).to(on(device))
     return a, b, _offsets(counts, device)
 
 
-@pytest.mark.parametrize("device,kernel", [("cpu", "default"), pytest.param("cuda", "default", marks=pytest.mark.gpu),
-                                           pytest.param("cuda", "sm80", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device,kernel", kernel_devices())
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_grouped_gemm_matches_per_expert_matmul(device, kernel, trans_b, monkeypatch):
+def test_grouped_gemm_matches_per_expert_matmul(device, kernel, trans_b, force_kernel):
     # On an H100 "default" runs the wgmma kernel and "sm80" the mma.sync one.
-    if kernel == "sm80":
-        monkeypatch.setenv("MIXKIT_FORCE_SM80", "1")
+    force_kernel(kernel)
     cases = GEMM_CASES + (ODD_CASES if device == "cpu" else [])
     for dtype in _dtypes(device):
         for i, (k, n, counts, rows) in enumerate(cases):
@@ -201,11 +207,9 @@ def swiglu_ref(x, w13, offsets):
     return h, F.silu(h[:, :ffn]) * h[:, ffn:]
 
 
-@pytest.mark.parametrize("device,kernel", [("cpu", "default"), pytest.param("cuda", "default", marks=pytest.mark.gpu),
-                                           pytest.param("cuda", "sm80", marks=pytest.mark.gpu)])
-def test_grouped_swiglu_matches_float32_reference(device, kernel, monkeypatch):
-    if kernel == "sm80":
-        monkeypatch.setenv("MIXKIT_FORCE_SM80", "1")
+@pytest.mark.parametrize("device,kernel", kernel_devices())
+def test_grouped_swiglu_matches_float32_reference(device, kernel, force_kernel):
+    force_kernel(kernel)
     for dtype in _dtypes(device):
         for i, (k, ffn, counts, rows) in enumerate(SWIGLU_CASES):
             x, w13, off = _gemm_case(device, dtype, k, 2 * ffn, counts, rows, True, seed=i)
@@ -222,6 +226,52 @@ def test_grouped_swiglu_matches_float32_reference(device, kernel, monkeypatch):
             act2, h2 = mm.grouped_swiglu(x, w13, off, store_h=False)
             assert h2.shape == (0, 2 * ffn)
             torch.testing.assert_close(act2, act, rtol=0, atol=0)
+
+
+# ---- tile boundaries ----------------------------------------------------------------
+# tiles.gemm_design reads the sm_80, sm_90a and MFMA grouped-GEMM tiles from
+# their sources and gives cases whose rows per expert, K, N and SwiGLU F hit
+# every boundary class, with an empty expert beside one of more than a full
+# tile and bad-id rows past offsets[E]. Each case runs the forward in both
+# weight layouts, the fused SwiGLU and the weight gradient in both layouts,
+# in bfloat16 on the GPU (the dtype moves no index).
+
+def _gemm_tile_cases():
+    for k, n, f, counts, bad in tiles.gemm_design():
+        yield pytest.param(k, n, f, counts, bad, id=f"K{k}-N{n}-F{f}-rows{'_'.join(map(str, counts))}+{bad}")
+
+
+@pytest.mark.parametrize("k,n,f,counts,bad", list(_gemm_tile_cases()))
+@pytest.mark.parametrize("device,kernel", kernel_devices())
+def test_tile_boundaries(k, n, f, counts, bad, device, kernel, force_kernel):
+    force_kernel(kernel)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rows = sum(counts) + bad
+    where = f"K={k} N={n} F={f} counts={counts} bad={bad}"
+    for trans_b in (False, True):
+        a, b, off = _gemm_case(device, dtype, k, n, counts, rows, trans_b, seed=k + n)
+        c = mm.grouped_gemm(a, b, off, trans_b=trans_b)
+        ref.assert_close(c.cpu(), gemm_ref(a, b, off, trans_b), dtype, f"grouped_gemm trans_b={trans_b} {where}")
+        assert not c[off[-1]:].any(), "rows after offsets[E] must be zero"
+        # Weight gradient: (K, N) is its output tile, the rows its reduction.
+        dy = torch.randn(rows, n, generator=torch.Generator().manual_seed(n)).to(dtype).to(on(device))
+        db = mm.grouped_gemm_wgrad(a, dy, off, trans_b=trans_b).cpu()
+        o = off.tolist()
+        expected = torch.stack([a[o[e]:o[e + 1]].float().cpu().t() @ dy[o[e]:o[e + 1]].float().cpu()
+                                for e in range(len(counts))])
+        if trans_b:
+            expected = expected.transpose(1, 2)
+        scale = (a.float().abs().max() * dy.float().abs().max()).item() * max(counts) ** 0.5
+        ref.assert_close(db, expected, dtype, f"wgrad trans_b={trans_b} {where}", scale=scale)
+        for e, cnt in enumerate(counts):
+            if cnt == 0:
+                assert not db[e].any(), "an expert with no rows gets a zero weight gradient"
+    x, w13, off = _gemm_case(device, dtype, k, 2 * f, counts, rows, True, seed=f)
+    h_ref, act_ref = swiglu_ref(x, w13, off)
+    act, h = mm.grouped_swiglu(x, w13, off, store_h=True)
+    ref.assert_close(h.cpu(), h_ref, dtype, f"swiglu h {where}")
+    ref.assert_close(act.cpu(), act_ref, dtype, f"swiglu act {where}", scale=(h_ref.abs().max().item() + 1) ** 2)
+    assert not act[off[-1]:].any() and not h[off[-1]:].any(), "rows after offsets[E] must be zero"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,8 +388,8 @@ def test_cuda_graph_capture_moe_mlp_forward(fused):
     torch.testing.assert_close(out, mm.moe_mlp(x, rw, w13, w2, top_k=2, fused_swiglu=fused), rtol=0, atol=0)
 
 
-@pytest.mark.gpu
-def test_gpu_wgrad_large_experts_match_cpu():
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_gpu_wgrad_large_experts_match_cpu(device):
     """Many 32-row steps per expert, several output tiles with tails in both
     dimensions, an empty expert: the tensor-core wgrad against float32."""
     counts = [300, 0, 77, 1, 129]
@@ -349,7 +399,7 @@ def test_gpu_wgrad_large_experts_match_cpu():
             a = torch.randn(sum(counts) + 5, 136, generator=g).to(dtype)
             dy = torch.randn(sum(counts) + 5, 264, generator=g).to(dtype)
             off = _offsets(counts, "cpu")
-            db = mm.grouped_gemm_wgrad(a.cuda(), dy.cuda(), off.cuda(), trans_b=trans_b).cpu()
+            db = mm.grouped_gemm_wgrad(a.to(on(device)), dy.to(on(device)), off.to(on(device)), trans_b=trans_b).cpu()
             o = off.tolist()
             expected = torch.stack([a[o[e]:o[e + 1]].float().t() @ dy[o[e]:o[e + 1]].float() for e in range(5)])
             if trans_b:
@@ -394,15 +444,16 @@ def test_bad_input_raises_naming_the_argument():
         mm.grouped_gemm(a, b, torch.tensor([0, 5, 6, 10]))  # past the row count
 
 
-@pytest.mark.gpu
-def test_gpu_bad_input():
-    a, b, off = _gemm_case("cuda", torch.bfloat16, 16, 24, [3, 0, 5], 9, False)
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_gpu_bad_input(device):
+    a, b, off = _gemm_case(device, torch.bfloat16, 16, 24, [3, 0, 5], 9, False)
     with pytest.raises(ValueError, match="multiples of 8"):
         mm.grouped_gemm(a[:, :12].contiguous(), b[:, :12].contiguous(), off)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         mm.grouped_gemm(a.float(), b.float(), off)
-    with pytest.raises(ValueError, match="device|cuda|cpu"):
-        mm.grouped_gemm(a, b, off.cpu())
+    if device == "cuda":  # the emulated GPU's tensors are all on the CPU
+        with pytest.raises(ValueError, match="device|cuda|cpu"):
+            mm.grouped_gemm(a, b, off.cpu())
 
 
 # ---- moe_experts (the router elsewhere, e.g. Hugging Face's) -------------------------

@@ -4,7 +4,9 @@ import torch
 
 import mixkit.ops as ops
 import reference as ref
-from conftest import DEVICES, on
+from conftest import DEVICES, GPU_DEVICES, emu_configure, on
+from mixkit._backend import launch_args
+import tiles
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Hidden sizes: 1 and odd sizes hit the scalar path and partial warps; 64/128
@@ -128,10 +130,10 @@ def test_non_finite_propagates(device):
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", GPU_DEVICES)
 @pytest.mark.parametrize("dtype,hidden", [(torch.float32, 16384), (torch.bfloat16, 32768), (torch.float16, 16383)])
-def test_gpu_widest_rows(dtype, hidden):
-    x, w, _, dy = _inputs((3, hidden), dtype, "cuda")
+def test_gpu_widest_rows(dtype, hidden, device):
+    x, w, _, dy = _inputs((3, hidden), dtype, device)
     (y,), (dx, dw) = _grads(lambda x, w: ops.rms_norm(x, w, 1e-5), (x, w), dy)
     (y_ref,), (dx_ref, dw_ref) = _grads(lambda x, w: ref.rms_norm(x, w, 1e-5), (x, w), dy.float())
     ref.assert_close(y, y_ref, dtype, "y")
@@ -139,18 +141,26 @@ def test_gpu_widest_rows(dtype, hidden):
     ref.assert_close(dw, dw_ref, dtype, "dw")
 
 
-@pytest.mark.gpu
-def test_gpu_rows_too_wide():
-    x = torch.randn(2, 16385, device="cuda")
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_gpu_rows_too_wide(device):
+    x = torch.randn(2, 16385, device=on(device))
     with pytest.raises(ValueError, match="too large"):
-        ops.rms_norm(x, torch.ones(16385, device="cuda"))
+        ops.rms_norm(x, torch.ones(16385, device=on(device)))
 
 
-@pytest.mark.gpu
-def test_gpu_many_rows_weight_grad():
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_gpu_many_rows_weight_grad(device):
     """More rows than row groups: each group walks several rows and the
-    float32 weight-gradient partials must add up."""
-    x, w, _, dy = _inputs((20000, 64), torch.bfloat16, "cuda")
+    float32 weight-gradient partials must add up. The row groups fill every
+    SM once, so the emulated GPU is given one SM, and the row count is read
+    from the partials count to be 2.5 times it on any device."""
+    from mixkit import _core
+    if device == "emu":
+        emu_configure(sm_count=1)
+    backend, dev, _ = launch_args(torch.empty(0, device=on(device)).device)
+    groups = _core.norm_bwd_partials(backend, dev, 2, 1 << 30, 64)
+    rows = groups * 5 // 2 + 3
+    x, w, _, dy = _inputs((rows, 64), torch.bfloat16, device)
     (_,), (dx, dw) = _grads(lambda x, w: ops.rms_norm(x, w, 1e-5), (x, w), dy)
     (_,), (dx_ref, dw_ref) = _grads(lambda x, w: ref.rms_norm(x, w, 1e-5), (x, w), dy.float())
     ref.assert_close(dx, dx_ref, torch.bfloat16, "dx", scale=ref.norm_grad_scale(x, dy, w))
@@ -223,15 +233,23 @@ def _layout_cases():
         yield pytest.param(torch.bfloat16, cols, id=f"bfloat16-{cols}-reported")
 
 
+def _tile_cases():
+    # tiles.norm_design: every layout at its widest row, with row counts at
+    # the boundaries of the layout's rows a block.
+    for dtype, rows, cols in tiles.norm_design():
+        yield pytest.param(getattr(torch, dtype), cols, rows, id=f"{dtype}-{cols}-rows{rows}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,cols", list(_layout_cases()))
-def test_every_block_layout(dtype, cols, device):
+@pytest.mark.parametrize("dtype,cols,rows", [pytest.param(*p.values, 5, id=p.id) for p in _layout_cases()] +
+                         list(_tile_cases()))
+def test_every_block_layout(dtype, cols, rows, device):
     """rms_norm (plain and fused residual) and layer_norm, forward and
-    backward, at the smallest hidden size of every layout, with rows of
+    backward, at the smallest hidden size of every layout (5 rows: the last
+    block of a two-row layout is half empty) and at the widest, with rows of
     clearly different scale."""
-    rows = 5  # odd: the last block of a two-row layout is half empty
     g = torch.Generator().manual_seed(cols)
-    scale = torch.tensor([1.0, 7.0, 0.25, 3.0, 40.0])[:, None]
+    scale = torch.tensor([1.0, 7.0, 0.25, 3.0, 40.0]).repeat(-(-rows // 5))[:rows, None]
     x = (torch.randn(rows, cols, generator=g) * scale).to(dtype).to(on(device))
     w = (1 + 0.5 * torch.randn(cols, generator=g)).to(dtype).to(on(device))
     r = torch.randn(rows, cols, generator=g).to(dtype).to(on(device))

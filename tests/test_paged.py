@@ -15,6 +15,7 @@ import torch
 
 import mixkit.ops as ops
 from conftest import DEVICES, gpu, on
+import tiles
 from test_attn_variants import ref_attention
 from test_flash_attn import assert_fa_rule, attention_ref
 
@@ -128,6 +129,32 @@ def test_paged_prefill_matches_reference(case, dtype, device):
     if device == "cpu" and dtype == torch.float16 and case[2] != 64:
         pytest.skip("float16 on the CPU: one case is enough (same code as bfloat16)")
     x = build(case, dtype, device)
+    out, lse = ops.paged_prefill_attn(x["q"], x["k_pages"], x["v_pages"], x["table"], x["cu"], x["lens"],
+                                      x["max_q"], window=case[4], return_lse=True)
+    ref64, lse64 = reference(x, case, torch.float64)
+    ref_lowp, _ = reference(x, case, dtype)
+    assert torch.isfinite(out).all(), "a freed or foreign page was read"
+    assert_fa_rule("out", out.cpu(), ref64, ref_lowp.to(dtype), 2)
+    seen = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse.cpu()), seen)
+    torch.testing.assert_close(lse.cpu()[seen].double(), lse64[seen], rtol=1e-5, atol=1e-5)
+
+
+# tiles.paged_design reads paged.cu's row and key tiles (the key tile is the
+# warp width) and gives cases whose sequences hit the boundary classes of the
+# rows a block, of Sk and Sk - Sq for both warp widths and of Sk against the
+# page size. bfloat16 and float32 take turns (they stage K and V in vectors
+# of 8 and 4); float16 shares bfloat16's code.
+def _tile_cases():
+    for i, (h, hkv, d, ps, w, seqs) in enumerate(tiles.paged_design()):
+        dtype = torch.float32 if i % 2 and d != 256 else torch.bfloat16
+        yield pytest.param((h, hkv, d, ps, w, list(seqs)), dtype, id=f"{_case_id((h, hkv, d, ps, w, seqs))}-{dtype}")
+
+
+@pytest.mark.parametrize("case,dtype", list(_tile_cases()))
+@pytest.mark.parametrize("device", DEVICES)
+def test_tile_boundaries(case, dtype, device):
+    x = build(case, dtype, device, seed=case[3])
     out, lse = ops.paged_prefill_attn(x["q"], x["k_pages"], x["v_pages"], x["table"], x["cu"], x["lens"],
                                       x["max_q"], window=case[4], return_lse=True)
     ref64, lse64 = reference(x, case, torch.float64)

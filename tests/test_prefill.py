@@ -13,6 +13,7 @@ import torch
 
 import mixkit.ops as ops
 from conftest import DEVICES, on
+import tiles
 
 
 def _tol(device):
@@ -28,6 +29,8 @@ CASES = [
     (1, 4, 4, 128, 32, 32, 33, 70),
     (2, 3, 1, 64, 8, 20, 5, 30),
     (1, 8, 2, 64, None, 64, 40, 64),
+    # tiles.prefill_design: chunks at the attention kernels' largest query tile.
+    *tiles.prefill_design(),
 ]
 
 

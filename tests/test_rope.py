@@ -5,6 +5,7 @@ import torch
 import mixkit.ops as ops
 import reference as ref
 from conftest import DEVICES, on
+import tiles
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, S, Hq, Hkv, D): Mistral's 32/8 GQA at D=128, MQA, group sizes 3 and 5,
@@ -115,6 +116,26 @@ def test_odd_offset_falls_back_to_scalar_access(device):
         qo, ko = ops.rope(q, k, pos, interleaved=interleaved)
         ref.assert_close(qo, ref.rope(q, pos, 1e4, interleaved), torch.float16, "q")
         ref.assert_close(ko, ref.rope(k, pos, 1e4, interleaved), torch.float16, "k")
+
+
+@pytest.mark.parametrize("tokens,hq,hkv,d,path", list(tiles.rope_design()))
+@pytest.mark.parametrize("device", DEVICES)
+def test_tile_boundaries(tokens, hq, hkv, d, path, device):
+    """tiles.rope_design: for each access path and head dim, token counts at
+    the boundaries of the tokens a block, and blocks that walk several
+    heads; bfloat16 (float16 has the same access widths). The scalar path
+    comes from views one element into their storage, in either layout."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(tokens)
+    off = 1 if path == "scalar" else 0
+    buf = torch.randn(off + tokens * (hq + hkv) * d, generator=g).to(dtype).to(on(device))
+    qk = buf[off:].view(1, tokens, hq + hkv, d)
+    q, k = qk[:, :, :hq], qk[:, :, hq:]
+    pos = torch.arange(tokens, device=on(device)) * 7 + 3
+    interleaved = path == "interleaved" or (path == "scalar" and tokens % 2 == 1)  # both scalar kernels
+    qo, ko = ops.rope(q, k, pos, 1e4, interleaved=interleaved)
+    ref.assert_close(qo, ref.rope(q, pos, 1e4, interleaved), dtype, "q")
+    ref.assert_close(ko, ref.rope(k, pos, 1e4, interleaved), dtype, "k")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,13 +14,19 @@ Each mutant is one small change to one kernel file of csrc/cuda:
 For each mutant the sweep builds the emulated GPU (ASan, as CI) from a
 private copy of the sources, in a build directory of its own, so the tree
 itself is never modified; then it runs the file's tests
-(tests/tiles.py: KERNELS) on that build, stopping at the first failure, and
-records whether the mutant was caught and by which test. A mutant that does
-not compile is recorded as such and scores nothing. A catch counts only if
-the catching test passes on the unmutated sources (run once per test on a
-clean build of its own, and recorded); --baseline full runs all of a file's
-tests on them first instead. A survivor is run again when the emulator
-(csrc/cuda/emu*) has changed since.
+(tests/tiles.py: KERNELS) on that build, with the race checker on (as
+tests/conftest.py sets it), stopping at the first failure, and records
+whether the mutant was caught and by which test. Only the objects that
+include the mutated file and that the tests can reach are rebuilt: the
+generated instantiations of a head dim outside tiles.HEAD_DIMS, or of
+float16 where the tests' selection has "not float16", keep the unmutated
+code (no mapped test calls them). A mutant that does not compile is recorded
+as such and scores nothing. A catch counts only if the catching test passes
+on the unmutated sources (the same copy restored and rebuilt; run once per
+test and recorded); --baseline full runs all of a file's tests on them first
+instead. A survivor is run again when the emulator (csrc/cuda/emu*) has
+changed since, and every result from before the race checker. Each record names the emulator (a hash of csrc/cuda/emu*)
+and whether its race checker was on.
 
 A mutant that survives is either given a test that catches it or shown to
 be equivalent by a comment on its line (or the line above) in the source:
@@ -67,6 +73,25 @@ RESULTS = ROOT / "bench/results/mutation_sweep.jsonl"
 REPORT = ROOT / "bench/results/mutation_sweep.md"
 WORK = ROOT / "build/mutation"
 KINDS = ("barrier", "flip", "bound", "swap")
+
+# Tests added for survivors (tests/test_mutation_survivors.py), by the kernel
+# file whose mutants they catch: run after the file's tests of
+# tests/tiles.py, under the same -k selection.
+SURVIVORS = "tests/test_mutation_survivors.py"
+SURVIVOR_TESTS = {
+    "cuda/flash_attn_fwd_sm90.cuh": ("test_grid_stride_over_query_blocks_that_see_no_keys",),
+    "cuda/flash_attn_fwd_sm80.cuh": ("test_grid_stride_over_query_blocks_that_see_no_keys",),
+}
+
+
+def file_tests(relpath: str) -> tuple:
+    """The pytest arguments of a kernel file's tests: its tests/tiles.py
+    mapping, with the survivors' tests for it before the -k selection."""
+    tests = tiles.KERNELS[relpath].tests
+    extra = tuple(f"{SURVIVORS}::{t}" for t in SURVIVOR_TESTS.get(relpath, ()))
+    k = tests.index("-k") if "-k" in tests else len(tests)
+    return tests[:k] + extra + tests[k:]
+
 
 # ---- mutants ------------------------------------------------------------------------
 
@@ -305,19 +330,21 @@ class Build:
     def __init__(self, name: str, warp: int, jobs: int):
         self.dir = WORK / f"{name}-emu{warp}"
         self.src, self.out, self.warp, self.jobs = self.dir / "src", self.dir / "build", warp, jobs
-        self.mutated: tuple[Path, str] | None = None
+        self.mutated: tuple[Path, str, int] | None = None
+        self.rebuilt: list[Path] = []
         self.cxx = emu_cxx()
 
     def prepare(self) -> None:
         self.src.mkdir(parents=True, exist_ok=True)
-        # Only files whose content changed are copied, so ninja rebuilds
-        # only what the tree has changed since the last sweep.
+        # Only files whose content changed are copied (stamped now, not with
+        # the tree's mtime, which may be older than objects built since), so
+        # ninja rebuilds only what the tree has changed since the last sweep.
         for p in [ROOT / "CMakeLists.txt", *(ROOT / "csrc").rglob("*")]:
             if p.is_file():
                 dst = self.src / p.relative_to(ROOT)
                 if not dst.exists() or dst.read_bytes() != p.read_bytes():
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(p, dst)
+                    shutil.copyfile(p, dst)
         if not (self.out / "build.ninja").exists():
             py = sys.executable
             nb = subprocess.run([py, "-m", "nanobind", "--cmake_dir"], capture_output=True, text=True,
@@ -330,33 +357,87 @@ class Build:
                             f"-DMIXKIT_EMU_WARP={self.warp}", "-DMIXKIT_ASAN=ON", f"-DMIXKIT_HIP_CPU_DIR={hip}",
                             f"-DPython_EXECUTABLE={py}", f"-Dnanobind_DIR={nb}"], check=True,
                            stdout=subprocess.DEVNULL, env=env)
+        # The unmutated copy built first: apply() reads which objects include
+        # a file from ninja's dependency log.
+        ok, log = self.build(None)
+        if not ok:
+            raise SystemExit(f"the unmutated sources do not build: {_first_error(log)}")
 
-    def apply(self, m: Mutant) -> None:
+    def _dependents(self, relpath: str) -> list[Path]:
+        """The objects whose compilation includes csrc/`relpath` (ninja's deps log)."""
+        target = str(self.src / "csrc" / relpath)
+        r = subprocess.run(["ninja", "-C", str(self.out), "-t", "deps"], capture_output=True, text=True, check=True)
+        out, obj = [], None
+        for line in r.stdout.splitlines():
+            if line and not line[0].isspace():
+                obj = line.split(":")[0]
+            elif obj and line.strip() == target:
+                out.append(self.out / obj)
+        return out
+
+    def apply(self, m: Mutant, unused=lambda obj: False) -> None:
+        """Writes the mutant into the copy. Only the objects that include the
+        file and that the tests can reach are rebuilt with it: the file keeps
+        its old mtime (ninja sees no change), and those objects are deleted
+        (ninja rebuilds them). The rest (unused(obj): an instantiation no
+        mapped test calls) keep the unmutated code."""
         path = self.src / "csrc" / m.file
         text = path.read_text()
         lines = text.split("\n")
         assert lines[m.line - 1] == m.before, f"{m.file}:{m.line} changed under the sweep"
-        self.mutated = (path, text)
+        deps = self._dependents(m.file)
+        if not deps:
+            raise SystemExit(f"no object of {self.out} includes {m.file}")
+        stamp = path.stat().st_mtime_ns
+        self.rebuilt = [o for o in deps if not unused(o)]
+        self.mutated = (path, text, stamp)
         lines[m.line - 1] = m.after
         path.write_text("\n".join(lines))
+        os.utime(path, ns=(stamp, stamp))
+        for o in self.rebuilt:
+            o.unlink(missing_ok=True)
 
     def restore(self) -> None:
+        """The unmutated file back; the objects built with the mutant are
+        deleted, so the next build rebuilds them from it."""
         if self.mutated:
-            path, text = self.mutated
+            path, text, stamp = self.mutated
             path.write_text(text)
+            os.utime(path, ns=(stamp, stamp))
+            for o in self.rebuilt:
+                o.unlink(missing_ok=True)
             self.mutated = None
 
     def build(self, timeout: float | None) -> tuple[bool, str]:
         """Builds the copy; a build that times out counts as failed."""
         try:
-            r = subprocess.run(["cmake", "--build", str(self.out), "--", f"-j{self.jobs}"], capture_output=True,
-                               text=True, timeout=timeout)
+            r = subprocess.run(["cmake", "--build", str(self.out), "--", f"-j{self.jobs}"],
+                               capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return False, f"the build took over {timeout:.0f} s"
         return r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
     def core(self) -> str:
         return str(next(self.out.glob("_core*.so")))
+
+
+_INSTANCE = re.compile(r"gen/(?:flash_attn_\w+_hd(\d+)|grouped_gemm_sm90)_(bf16|f16)\.cpp\.o$")
+
+
+def unused_instance(tests: tuple) -> "callable":
+    """For a kernel file's tests: whether a generated instantiation object is
+    one they never call, so a mutant need not be built into it: a head dim
+    outside tiles.HEAD_DIMS (the attention tests' head dims), or float16
+    where the tests' selection has "not float16"."""
+    sel = " ".join(tests[i + 1] for i, t in enumerate(tests[:-1]) if t == "-k")
+    no_f16 = "not float16" in sel
+
+    def unused(obj: Path) -> bool:
+        m = _INSTANCE.search(obj.as_posix())
+        if not m:
+            return False
+        return (m.group(1) is not None and int(m.group(1)) not in tiles.HEAD_DIMS) or (no_f16 and m.group(2) == "f16")
+    return unused
 
 
 def _print_file_name(cxx: str, lib: str) -> str:
@@ -370,7 +451,7 @@ def run_tests(build: Build, tests: tuple, schedule: str, timeout: float) -> tupl
     # The emulated GPU's ASan runtime is its compiler's (as in .ci/run);
     # libstdc++ preloaded too, so ASan sees its __cxa_throw.
     asan = _print_file_name(build.cxx, "libclang_rt.asan-x86_64.so" if "clang" in build.cxx else "libasan.so")
-    env = dict(os.environ, MIXKIT_CORE=build.core(), MIXKIT_EMU_SCHEDULE=schedule,
+    env = dict(os.environ, MIXKIT_CORE=build.core(), MIXKIT_EMU_SCHEDULE=schedule, MIXKIT_EMU_RACECHECK="1",
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                LD_PRELOAD=f"{asan} {_print_file_name('g++', 'libstdc++.so')}")
     # -v: each test's node id is printed before it runs, so a crash (an ASan
@@ -418,7 +499,6 @@ def sweep(args) -> int:
         todo = [m for m in todo if m.key in args.only.split(",")]
     done = _load()
     builds: dict[int, Build] = {}
-    clean: dict[int, Build] = {}
     interrupted = False
 
     def stop(*_):
@@ -442,6 +522,7 @@ def sweep(args) -> int:
                     continue
                 rec = _record(m)
                 kernel = tiles.KERNELS[m.file]
+                tests = file_tests(m.file)
                 for warp in kernel.warps:
                     b = builds.get(warp)
                     if b is None:
@@ -451,10 +532,10 @@ def sweep(args) -> int:
                         # The unmutated sources must pass the tests, or every
                         # mutant would count as caught; a pass is recorded
                         # against the sources' and tests' hash and reused.
-                        bkey = _baseline_key(m.file, warp, kernel.tests)
+                        bkey = _baseline_key(m.file, warp, tests)
                         if done.get(bkey, {}).get("outcome") != "pass":
                             ok, log = b.build(None)  # the first build of a copy is a full one
-                            outcome, test, secs, _ = run_tests(b, kernel.tests, args.schedules.split(",")[0],
+                            outcome, test, secs, _ = run_tests(b, tests, args.schedules.split(",")[0],
                                                                args.timeout) if ok else ("fail", log, 0, "")
                             print(f"baseline {m.file} warp {warp}: {outcome} {test} ({secs:.0f} s)", flush=True)
                             if outcome != "pass":
@@ -463,27 +544,26 @@ def sweep(args) -> int:
                                               seconds=round(secs), date=time.strftime("%Y-%m-%d %H:%M"))
                             _append(done[bkey])
                         baseline_ok[(m.file, warp)] = True
-                    b.apply(m)
+                    b.apply(m, unused_instance(tests))
+                    t0 = time.time()
                     try:
                         ok, log = b.build(args.build_timeout)
                     finally:
                         b.restore()
+                    rec.setdefault("build_seconds", []).append(round(time.time() - t0))
                     if not ok:
                         rec.update(outcome="compile-error", detail=_first_error(log), warp=warp)
                         break
                     for sched in args.schedules.split(","):
-                        outcome, test, secs, node = run_tests(b, kernel.tests, sched, args.timeout)
+                        outcome, test, secs, node = run_tests(b, tests, sched, args.timeout)
                         rec.setdefault("runs", []).append(dict(warp=warp, schedule=sched, outcome=outcome,
                                                                seconds=round(secs)))
                         if outcome != "pass":
                             if args.baseline == "catch":
                                 # The test that caught the mutant must pass on
-                                # the unmutated sources (or it caught nothing).
-                                c = clean.get(warp)
-                                if c is None:
-                                    c = clean[warp] = Build("clean", warp, args.jobs)
-                                    c.prepare()
-                                _check_clean(c, m.file, node, sched, args.timeout, done)
+                                # the unmutated sources (or it caught nothing):
+                                # the same copy, restored and rebuilt.
+                                _check_clean(b, m.file, node, sched, args.timeout, done)
                             rec.update(outcome="caught" if outcome == "fail" else "timeout", test=test,
                                        warp=warp, schedule=sched)
                             if node and node != test:
@@ -509,20 +589,23 @@ def sweep(args) -> int:
 
 def _settled(rec: dict | None) -> bool:
     """Whether a mutant's result stands: a survivor is run again against a
-    changed emulator (a race checker or another scheduler may catch it)."""
-    return rec is not None and not (rec["outcome"] == "survived" and rec.get("emulator") != _emulator())
+    changed emulator (a race checker or another scheduler may catch it), and
+    any result from before the race checker where the tree now has one."""
+    if rec is None or (_racecheck() and not rec.get("racecheck") and rec["outcome"] != "equivalent"):
+        return False
+    return not (rec["outcome"] == "survived" and rec.get("emulator") != _emulator())
 
 
 def _check_clean(c: Build, relpath: str, node: str, schedule: str, timeout: float, done: dict) -> None:
-    """Raises SystemExit unless test `node` passes on the unmutated build
-    `c`; a pass is recorded against the sources' and tests' hash and reused."""
+    """Raises SystemExit unless test `node` passes on the copy `c` rebuilt
+    unmutated; a pass is recorded against the sources' and tests' hash and
+    reused."""
     if not node:
         raise SystemExit(f"a {relpath} mutant failed outside any test: run with --baseline full")
     bkey = _baseline_key(relpath, c.warp, (node, schedule))
     if done.get(bkey, {}).get("outcome") == "pass":
         return
-    c.prepare()  # the tree's current sources (a mutant's are never copied here)
-    ok, log = c.build(None)
+    ok, log = c.build(None)  # the copy holds the unmutated sources again
     if not ok:
         raise SystemExit(f"the unmutated sources do not build: {_first_error(log)}")
     outcome, test, secs, _ = run_tests(c, (node,), schedule, timeout)
@@ -555,7 +638,12 @@ def _emulator() -> str:
 
 def _record(m: Mutant) -> dict:
     return dict(key=m.key, file=m.file, line=m.line, kind=m.kind, note=m.note, mutated=m.after.strip(),
-                emulator=_emulator())
+                emulator=_emulator(), racecheck=_racecheck())
+
+
+def _racecheck() -> bool:
+    """Whether this tree's emulator has the race checker (run_tests turns it on)."""
+    return (ROOT / "csrc/cuda/emu_racecheck.cpp").exists()
 
 
 def _first_error(log: str) -> str:
@@ -582,28 +670,60 @@ def report() -> str:
     out = ["# Mutation sweep of the GPU kernels", "",
            "Written by `tools/mutation_sweep.py --report` from `mutation_sweep.jsonl` (see the tool for the",
            "mutation operators). Caught: a test of the file's mapping in tests/tiles.py failed (or the run",
-           "timed out); equivalent: a `mutant-equivalent` comment at the line gives the reason; survived:",
-           "neither. Score = (caught + equivalent) / (mutants that compile). Comparison and swap mutants",
-           "are a seeded sample where the file has more than the sweep's --sample.", "",
+           "timed out) and passes on the unmutated sources; equivalent: a `mutant-equivalent` comment at the",
+           "line gives the reason; survived: neither; not compiled: scores nothing. Score = (caught +",
+           "equivalent) / (mutants that compiled). Comparison and swap mutants are a seeded sample where the",
+           "file has more than the sweep's --sample. Race checker: how many of the run mutants ran with the",
+           "emulator's race checker on (independent warps); the others ran on the emulator before it.", "",
            "| kernel file | barriers: caught / equivalent / survived | comparisons + swaps: caught / equivalent / "
-           "survived (run of the file's) | score |", "|---|---|---|---|"]
+           "survived | not compiled | run of the file's barriers, comparisons + swaps | race checker | score |",
+           "|---|---|---|---|---|---|---|"]
     survivors = []
+    totals = [0] * 8
     for f in sorted(files):
         rs = files[f]
+
         def count(kinds, outcome):
             return sum(1 for r in rs if r["kind"] in kinds and (r["outcome"] == outcome or
                        (outcome == "caught" and r["outcome"] == "timeout")))
         b = [count({"barrier"}, o) for o in ("caught", "equivalent", "survived")]
         c = [count({"flip", "bound", "swap"}, o) for o in ("caught", "equivalent", "survived")]
-        in_file = sum(1 for m in mutants(f) if m.kind != "barrier")
-        ran = sum(1 for r in rs if r["kind"] != "barrier")
+        bad = count(set(KINDS), "compile-error")
+        every = mutants(f)
+        n_b = sum(1 for m in every if m.kind == "barrier")
+        n_c = len(every) - n_b
+        ran = [r for r in rs if r["outcome"] != "equivalent"]
+        checked = sum(1 for r in ran if r.get("racecheck"))
         total = sum(b) + sum(c)
         score = f"{100 * (b[0] + b[1] + c[0] + c[1]) / total:.0f} % of {total}" if total else "-"
-        out.append(f"| {f} | {' / '.join(map(str, b))} | {' / '.join(map(str, c))} ({ran} of {in_file}) | {score} |")
+        out.append(f"| {f} | {' / '.join(map(str, b))} | {' / '.join(map(str, c))} | {bad} | "
+                   f"{sum(b)} of {n_b}, {sum(c)} of {n_c} | {checked} of {len(ran)} | {score} |")
+        for i, v in enumerate(b + c + [b[0] + b[1] + c[0] + c[1], total]):
+            totals[i] += v
         survivors += [r for r in rs if r["outcome"] in ("survived", "equivalent")]
-    emus = sorted({r.get("emulator", "?") for rs in files.values() for r in rs if r["outcome"] != "equivalent"})
-    out += ["", f"Emulator versions (a hash of csrc/cuda/emu*) the mutants ran against: {', '.join(emus) or '-'}; "
-            f"this tree's: {_emulator()}.", "", "## Survivors and equivalent mutants", ""]
+    if files:
+        t = totals
+        score = f"{100 * t[6] / t[7]:.0f} % of {t[7]}" if t[7] else "-"
+        out.append(f"| all | {t[0]} / {t[1]} / {t[2]} | {t[3]} / {t[4]} / {t[5]} | | | | {score} |")
+    by_emu: dict[str, list] = {}
+    for rs in files.values():
+        for r in rs:
+            if r["outcome"] != "equivalent":
+                by_emu.setdefault(r.get("emulator", "?"), []).append(r)
+    out += ["", "Emulators the mutants ran against (a hash of csrc/cuda/emu*; this tree's: "
+            f"{_emulator()}, race checker {'on' if _racecheck() else 'absent'}):", ""]
+    for e, rs in sorted(by_emu.items(), key=lambda kv: -len(kv[1])):
+        on = "on" if all(r.get("racecheck") for r in rs) else "off (before the race checker)"
+        out.append(f"- `{e}`: {len(rs)} mutants, race checker {on}")
+    out += ["", "## Barrier removals", "", "Each barrier mutant and what caught it (the first failing test, or the one",
+            "running when the emulator aborted the run).", ""]
+    for r in sorted((r for rs in files.values() for r in rs if r["kind"] == "barrier"),
+                    key=lambda r: (r["file"], r["line"])):
+        by = r.get("test") or r.get("reason") or ""
+        checker = "race checker on" if r.get("racecheck") else "before the race checker"
+        out.append(f"- `{r['file']}:{r['line']}` {r['note']}: {r['outcome']}"
+                   + (f" ({checker})" if r["outcome"] != "equivalent" else "") + (f": {by}" if by else ""))
+    out += ["", "## Survivors and equivalent mutants", ""]
     for r in sorted(survivors, key=lambda r: (r["file"], r["line"], r["kind"])):
         why = r.get("reason") or "no test catches it yet"
         out.append(f"- `{r['file']}:{r['line']}` {r['kind']} ({r['note']}): {r['outcome']} "
@@ -628,8 +748,8 @@ def main(argv=None) -> int:
                    help="emulated thread orders to try, in turn, until one catches the mutant")
     p.add_argument("--timeout", type=float, default=1800, help="seconds for one mutant's tests")
     p.add_argument("--baseline", choices=("catch", "full"), default="catch",
-                   help="catch: the test that caught a mutant is run on the unmutated sources (a build of\n"
-                        "their own, build/mutation/clean-emuWARP) and must pass; full: every test of a file\n"
+                   help="catch: the test that caught a mutant is run on the unmutated sources (the same\n"
+                        "copy, restored and rebuilt) and must pass; full: every test of a file\n"
                         "runs on the unmutated sources before its first mutant")
     p.add_argument("--build-timeout", type=float, default=1800)
     p.add_argument("--jobs", type=int, default=2, help="build jobs")

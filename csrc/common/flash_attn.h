@@ -131,19 +131,22 @@ inline void check(const FlashBwdArgs& a) {
   require(a.f.total_k == 0 || (a.dk && a.dv), "null tensor pointer");
 }
 
-// The CPU backends' end of a row with a sink (-inf: none): folds it into the
-// row's max m and sum l of exp(s - m), and returns the factor the accumulated
-// output takes before the division by l. A larger sink becomes the max
-// (always, for a row that saw nothing: l = 1, factor 0). The GPU kernels do
-// the same in flash::finish_row (csrc/cuda/flash_attn.cuh).
-inline float fold_sink(float sink, float& m, float& l) {
+// A row's end with a sink (-inf: none), for the CPU backends and the paged
+// prefill kernel: folds it into the row's max m and sum l of exp(s - m)
+// (scores in natural-log units, or log2 units with Log2) and returns the
+// factor the accumulated output takes before the division by l. A larger
+// sink becomes the max (always, for a row that saw nothing: l = 1, factor
+// 0). The other GPU kernels do the same in flash::finish_row
+// (csrc/cuda/flash_attn.cuh).
+template <bool Log2>
+MIXKIT_HD float add_sink(float sink, float& m, float& l) {
   if (sink > m) {
-    const float rescale = std::exp(m - sink);
+    const float rescale = Log2 ? exp2f(m - sink) : expf(m - sink);
     l = l * rescale + 1.f;
     m = sink;
     return rescale;
   }
-  if (sink != -std::numeric_limits<float>::infinity()) l += std::exp(sink - m);  // a NaN sink lands here
+  if (sink != -INFINITY) l += Log2 ? exp2f(sink - m) : expf(sink - m);  // a NaN sink lands here
   return 1.f;
 }
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 
+#include "flash_attn.h"
 #include "ops.h"
 
 namespace mixkit {
@@ -116,22 +117,6 @@ MIXKIT_HD void visible_keys(int64_t p, int64_t sk, int64_t window, int64_t& lo, 
   if (hi < 0) hi = 0;
   lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
   if (lo > hi) lo = hi;
-}
-
-// Folds a row's sink logit (-inf: none) into its running max m and sum l
-// (scores in natural-log units, or log2 units with Log2): the sink joins the
-// denominator once, and when it is the larger the max moves to it and the
-// accumulated output must be scaled by the returned factor.
-template <bool Log2>
-MIXKIT_HD float add_sink(float sink, float& m, float& l) {
-  if (sink > m) {
-    const float rescale = Log2 ? exp2f(m - sink) : expf(m - sink);
-    l = l * rescale + 1.f;
-    m = sink;
-    return rescale;
-  }
-  if (sink != -INFINITY) l += Log2 ? exp2f(sink - m) : expf(sink - m);
-  return 1.f;
 }
 
 // ---- backends --------------------------------------------------------------

@@ -121,7 +121,7 @@ void decode_attn(const DecodeArgs& a) {
         for (int64_t g = 0; g < group; ++g) {
           const float sink = a.sinks ? a.sinks[kvh * group + g] : neg_inf;
           float mg = m[g], lg = l[g];
-          const float rescale = fold_sink(sink, mg, lg);
+          const float rescale = add_sink<false>(sink, mg, lg);
           const bool any = n > 0 || sink != neg_inf;
           const float inv = any ? rescale / lg : 0.f;
           for (int64_t i = 0; i < d; ++i) out[(row0 + g) * d + i] = from_f32<T>(acc[g * d + i] * inv);

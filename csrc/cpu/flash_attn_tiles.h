@@ -257,7 +257,7 @@ void forward_task(const Geometry<T>& g, int64_t t, FwdScratch& w) {
     // (always, for a row that saw nothing, which then outputs zeros with
     // lse = sink). Without a sink such a row keeps l = 0: zeros, lse = -inf.
     float mi = m[i], li = l[i];
-    const float rescale = fold_sink(sink, mi, li);
+    const float rescale = add_sink<false>(sink, mi, li);
     const float inv = li > 0.f ? rescale / li : 0.f;
     const float* o = O + i * dp;
     T* dst = out + (i0 + i) * a.o_stride[1];

@@ -195,7 +195,11 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
       }
       __syncthreads();  // stage s is refilled two iterations on
     }
-    cp_async_wait<0>();  // an empty block range leaves the K/V group of nothing pending
+    // mutant-equivalent(barrier): no copy can be pending here. A non-empty
+    // key range ends with the loop's cp_async_wait<0>() and no commit after
+    // it; an empty one leaves only the K/V group, which holds no copies (Q's
+    // group landed at the cp_async_wait<1>() before the loop).
+    cp_async_wait<0>();
 
     flash::store_rows<T>(flat(o), m, l, row, sq, obase, a.o_stride[1], lbase, sscale, sink, lane,
                          [](float lo, float hi) { return pack2<T>(lo, hi); });

@@ -39,6 +39,10 @@ __device__ __forceinline__ Pack<T, VEC>* out_row(void* base, int64_t off) {
 __device__ __forceinline__ float row_sum(float v, float* smem) {
   const int tpr = blockDim.x;
   for (int m = (tpr < kWarpSize ? tpr : kWarpSize) / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+  // mutant-equivalent(flip, bound): tpr is a power of two (common/norm.h),
+  // none lies between kWarpSize and kWarpSize + 1; at tpr == kWarpSize the
+  // shared-memory path below adds one slot per row (the warp's sum) to zeros:
+  // the same value, and every thread of the block takes the same branch.
   if (tpr <= kWarpSize) return v;
   const int warps = tpr / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* slots = smem + threadIdx.y * warps;
