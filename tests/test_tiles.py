@@ -51,7 +51,7 @@ def _attention_shapes(d):
 
 
 @pytest.mark.parametrize("kernel", tiles.FLASH_KERNELS)
-@pytest.mark.parametrize("d", tiles.HEAD_DIMS)
+@pytest.mark.parametrize("d", tiles.GPU_HEAD_DIMS)
 def test_attention_design_covers_each_kernel(kernel, d):
     assert not tiles.missing(_attention_shapes(d), tiles.flash_attn_tiles(kernel, d))
     for causal, w, h, hkv, seqs in tiles.attention_design(d):

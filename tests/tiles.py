@@ -412,12 +412,11 @@ def flash_attn_tiles(kernel: str, d: int) -> dict[str, list]:
 
 FLASH_KERNELS = ["cuda/flash_attn_fwd_sm80.cuh", "cuda/flash_attn_fwd_sm90.cuh", "cuda/flash_attn_bwd_sm80.cuh",
                  "cuda/flash_attn_fwd_mfma.cuh", "cuda/flash_attn_bwd_mfma.cuh"]
-# The attention designs' head dims (tools/mutation_sweep.py builds no other
-# attention instantiation). Head dim 256 (kBN<256> and the other D = 256
-# tiles) is not yet among them: at the emulator's speed it would take about
-# half again the tile tests' CI time.
+# The head dims tools/mutation_sweep.py builds mutated attention
+# instantiations for (its other head dims keep the unmutated code).
 HEAD_DIMS = (64, 128)
-GPU_HEAD_DIMS = (64, 128, 256)  # every GPU kernel's head dims: the decode and rope designs
+# Every GPU kernel's head dims: the attention, decode and rope designs.
+GPU_HEAD_DIMS = (64, 128, 256)
 
 
 def _near(tile_list, top: int) -> list[int]:
