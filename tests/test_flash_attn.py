@@ -271,7 +271,7 @@ def _tile_variants():
 
 
 def _tile_calls():
-    for d in tiles.HEAD_DIMS:
+    for d in tiles.GPU_HEAD_DIMS:
         for causal, w, h, hkv, seqs in tiles.attention_design(d):
             yield pytest.param(d, causal, w, h, hkv, seqs, id=f"d{d}-{'causal' if causal else 'full'}-w{w}-h{h}/{hkv}")
 

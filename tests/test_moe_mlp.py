@@ -442,6 +442,22 @@ def test_bad_input_raises_naming_the_argument():
         mm.grouped_gemm(a, b, torch.tensor([0, 5, 3, 9]))  # decreasing: rejected by the CPU backend
     with pytest.raises(ValueError, match="expert_offsets"):
         mm.grouped_gemm(a, b, torch.tensor([0, 5, 6, 10]))  # past the row count
+    # The bias gradient (moe_mlp's backward; callable as torch.ops.mixkit.grouped_bias_grad).
+    bias_grad = torch.ops.mixkit.grouped_bias_grad
+    g = torch.randn(9, 24)
+    with pytest.raises(TypeError, match="expert_offsets"):
+        bias_grad(g, off.int(), 3)
+    with pytest.raises(ValueError, match="expert_offsets"):
+        bias_grad(g, off, 4)
+    with pytest.raises(ValueError, match="experts"):
+        bias_grad(g, off[:1], 0)
+    with pytest.raises(ValueError, match="grad_out"):
+        bias_grad(g[None], off, 3)
+    with pytest.raises(ValueError, match="grad_out"):
+        bias_grad(g.t(), off, 3)
+    with pytest.raises(ValueError, match="expert_offsets"):
+        bias_grad(g, torch.tensor([0, 5, 3, 9]), 3)  # decreasing: rejected by the CPU backend
+    torch.testing.assert_close(bias_grad(g, off, 3), torch.stack([g[0:3].sum(0), g[3:3].sum(0), g[3:8].sum(0)]))
 
 
 @pytest.mark.parametrize("device", GPU_DEVICES)

@@ -51,7 +51,7 @@ def _attention_shapes(d):
 
 
 @pytest.mark.parametrize("kernel", tiles.FLASH_KERNELS)
-@pytest.mark.parametrize("d", tiles.HEAD_DIMS)
+@pytest.mark.parametrize("d", tiles.GPU_HEAD_DIMS)
 def test_attention_design_covers_each_kernel(kernel, d):
     assert not tiles.missing(_attention_shapes(d), tiles.flash_attn_tiles(kernel, d))
     for causal, w, h, hkv, seqs in tiles.attention_design(d):
@@ -81,10 +81,10 @@ def test_decode_design_covers_each_instance():
                            "wrap": cap - first_slot if 0 < first_slot and cap - first_slot < n else None})
         assert not tiles.missing(shapes, {p: t[p] for p in ("n", "tail", "wrap")}), (e, d, g)
         assert 0 in seqs and splits > 1, "an empty sequence in a batch that splits"
-    assert seen == {(e, d, g) for e in (2, 4) for d in tiles.HEAD_DIMS for g in (1, 2, 4, 8)}
+    assert seen == {(e, d, g) for e in (2, 4) for d in tiles.GPU_HEAD_DIMS for g in (1, 2, 4, 8)}
     assert not tiles.missing([{"keys": min(w or cap, cap), "group": h // hkv} for _, _, h, hkv, cap, w, _ in design],
                              {"keys": tiles.decode_tiles(2, 64, 8)["keys"], "group": [8, "+"]})
-    for d in tiles.HEAD_DIMS:
+    for d in tiles.GPU_HEAD_DIMS:
         rows = [{"rows": len(seqs) * h} for _, dd, h, _, _, _, seqs in design if dd == d]
         assert not tiles.missing(rows, {"rows": tiles.decode_tiles(2, d, 1)["rows"]}), d
     assert not tiles.missing([{"per_token": hkv * d // (8 if vec else 1)} for hkv, d, vec, _, _ in tiles.append_design()],
@@ -117,7 +117,7 @@ def test_moe_designs_cover_route_and_permute(warp):
 
 
 def test_rope_design_covers_each_path():
-    for d in tiles.HEAD_DIMS:
+    for d in tiles.GPU_HEAD_DIMS:
         for path in ("half", "interleaved", "scalar"):
             shapes = [{"tokens": t} for t, _, _, dd, p in tiles.rope_design() if (dd, p) == (d, path)]
             assert not tiles.missing(shapes, tiles.rope_tiles(d, path)), (d, path)

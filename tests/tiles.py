@@ -412,7 +412,11 @@ def flash_attn_tiles(kernel: str, d: int) -> dict[str, list]:
 
 FLASH_KERNELS = ["cuda/flash_attn_fwd_sm80.cuh", "cuda/flash_attn_fwd_sm90.cuh", "cuda/flash_attn_bwd_sm80.cuh",
                  "cuda/flash_attn_fwd_mfma.cuh", "cuda/flash_attn_bwd_mfma.cuh"]
-HEAD_DIMS = (64, 128)  # the GPU kernels' head dims
+# The head dims tools/mutation_sweep.py builds mutated attention
+# instantiations for (its other head dims keep the unmutated code).
+HEAD_DIMS = (64, 128)
+# Every GPU kernel's head dims: the attention, decode and rope designs.
+GPU_HEAD_DIMS = (64, 128, 256)
 
 
 def _near(tile_list, top: int) -> list[int]:
@@ -522,6 +526,7 @@ def decode_design() -> tuple:
     c = _c(DECODE)
     layouts = [(e, d, g) for e in (2, 4) for d in (64, 128) for g in (1, 2, 4, c("kMaxGroup"))]
     layouts += [(2, d, c("kMaxGroup")) for d in (64, 128)]
+    layouts += [(e, 256, g) for e in (2, 4) for g in (1, 2, 4, c("kMaxGroup"))] + [(2, 256, c("kMaxGroup"))]
     group_of = {1: [1], 2: [2], 4: [3, 4]}
     big = cover({"group": [c("kMaxGroup"), "+"]}, [{"group": x} for x in range(5, 3 * c("kMaxGroup"))],
                 cost=lambda v: v["group"])
@@ -751,7 +756,7 @@ def rope_design() -> tuple:
     each block walks several heads (total heads not a multiple of the head
     groups)."""
     cases = []
-    for d in (64, 128):
+    for d in GPU_HEAD_DIMS:
         for i, path in enumerate(("half", "interleaved", "scalar")):
             t = rope_tiles(d, path)
             per = t["tokens"][0]

@@ -312,25 +312,34 @@ __device__ __forceinline__ void stage(uint16_t* tile, const T* base, int64_t row
 
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-// delta = rowsum(dO * O), one thread a row.
+// delta = rowsum(dO * O): D / 8 lanes a row, 16 bytes of each a lane,
+// contiguous across the lanes (a thread a row read 16 bytes a row apart:
+// twice the sectors per request).
 template <int D, class T>
 __global__ void __launch_bounds__(256) delta_kernel(FlashBwdArgs a) {
+  constexpr int kLanes = D / 8, kRowsPerPass = 256 / kLanes;
+  static_assert(256 % kRowsPerPass == 0, "every lane of a wavefront must run the same number of passes (shuffles)");
   const FlashFwdArgs& f = a.f;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const Span qs = span(f.cu_seqlens_q, b, f.seqlen_q, f.total_q);
   const T* obase = static_cast<const T*>(f.out) + b * f.o_stride[0] + qs.start * f.o_stride[1] + h * f.o_stride[2];
   const T* dobase = static_cast<const T*>(a.dout) + b * a.do_stride[0] + qs.start * a.do_stride[1] + h * a.do_stride[2];
   float* dbase = a.delta + b * f.lse_stride[0] + h * f.lse_stride[1] + qs.start;
-  for (int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x; i < qs.len; i += int64_t(gridDim.x) * 256) {
-    float acc = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < D; c += 8) {
-      const Pack<T, 8> o = *reinterpret_cast<const Pack<T, 8>*>(obase + i * f.o_stride[1] + c);
-      const Pack<T, 8> d = *reinterpret_cast<const Pack<T, 8>*>(dobase + i * a.do_stride[1] + c);
+  const int chunk = threadIdx.x % kLanes;
+  for (int64_t m0 = int64_t(blockIdx.x) * 256; m0 < qs.len; m0 += int64_t(gridDim.x) * 256) {
+    for (int r = threadIdx.x / kLanes; r < 256; r += kRowsPerPass) {
+      const int64_t i = m0 + r;
+      float acc = 0.f;
+      if (i < qs.len) {
+        const Pack<T, 8> o = *reinterpret_cast<const Pack<T, 8>*>(obase + i * f.o_stride[1] + chunk * 8);
+        const Pack<T, 8> d = *reinterpret_cast<const Pack<T, 8>*>(dobase + i * a.do_stride[1] + chunk * 8);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc = fmaf(to_f32(o.v[e]), to_f32(d.v[e]), acc);
+        for (int e = 0; e < 8; ++e) acc = fmaf(to_f32(o.v[e]), to_f32(d.v[e]), acc);
+      }
+#pragma unroll
+      for (int m = kLanes / 2; m > 0; m >>= 1) acc += shfl_xor(acc, m);
+      if (i < qs.len && chunk == 0) dbase[i] = acc;
     }
-    dbase[i] = acc;
   }
 }
 
@@ -699,23 +708,30 @@ __global__ void __launch_bounds__(kQThreads) dq_kernel(FlashBwdArgs a) {
   }
 }
 
-// dq = dq_accum rounded to T (dq_accum already holds scale * dS K), one thread a row.
+// dq = dq_accum rounded to T (dq_accum already holds scale * dS K). A row is
+// D / 4 lanes converting 4 elements each: one 16-byte load (flash_attn_bwd_gpu
+// checks dq_accum's alignment) and one 8-byte store, both contiguous across
+// the lanes. (A thread a row read D * heads * 4 bytes apart across the lanes:
+// a sector per lane per load.)
 template <int D, class T>
 __global__ void __launch_bounds__(256) dq_convert_kernel(FlashBwdArgs a) {
+  constexpr int kLanes = D / 4, kRowsPerPass = 256 / kLanes;
   const FlashFwdArgs& f = a.f;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const Span qs = span(f.cu_seqlens_q, b, f.seqlen_q, f.total_q);
   const int64_t acc_row0 = f.cu_seqlens_q ? qs.start : b * f.seqlen_q;
   T* dqbase = static_cast<T*>(a.dq) + b * a.dq_stride[0] + qs.start * a.dq_stride[1] + h * a.dq_stride[2];
-  for (int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x; i < qs.len; i += int64_t(gridDim.x) * 256) {
-    // dq_accum's alignment is not checked beyond 4 bytes: scalar loads.
-    const float* src = a.dq_accum + ((acc_row0 + i) * f.heads + h) * D;
-#pragma unroll 4
-    for (int c = 0; c < D; c += 8) {
-      Pack<T, 8> out;
+  const int chunk = threadIdx.x % kLanes;
+  for (int64_t m0 = int64_t(blockIdx.x) * 256; m0 < qs.len; m0 += int64_t(gridDim.x) * 256) {
+    for (int r = threadIdx.x / kLanes; r < 256; r += kRowsPerPass) {
+      const int64_t i = m0 + r;
+      if (i >= qs.len) break;
+      const float* src = a.dq_accum + ((acc_row0 + i) * f.heads + h) * D + chunk * 4;
+      const Pack<float, 4> in = *reinterpret_cast<const Pack<float, 4>*>(src);
+      Pack<T, 4> out;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out.v[e] = from_f32<T>(src[c + e]);
-      *reinterpret_cast<Pack<T, 8>*>(dqbase + i * a.dq_stride[1] + c) = out;
+      for (int e = 0; e < 4; ++e) out.v[e] = from_f32<T>(in.v[e]);
+      *reinterpret_cast<Pack<T, 4>*>(dqbase + i * a.dq_stride[1] + chunk * 4) = out;
     }
   }
 }

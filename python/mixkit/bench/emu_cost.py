@@ -17,7 +17,7 @@ static shared memory, from ptxas and the gfx90a ISA) and turns them into:
   bench/emu_devices.py, summed over the case's launches, and the % of the
   op's roofline (its minimal bytes and FLOPs at the same peaks) that bound
   allows. Nothing here is a measurement, and these rows never mix with
-  measured ones: results are written as `<date>_emulated-<path>_<commit>`.
+  measured ones: results are written as `<date>_<host>_<commit>_emulated-<paths>`.
 
 Which path runs is the build's warp width and the emulated device: warp 32 as
 an A100 (capability 8.0, 108 SMs: the sm_80 kernels) and as an H100 (9.0, 132
@@ -222,17 +222,25 @@ def launch_row(launch: dict, path: str, resources: dict | None, shared_y: bool =
     row["shared_wavefronts"] = wf
     row["shared_ideal"] = wi
     row["conflict_share"] = 1 - wi / wf if wf else 0.0
-    res = (resources or {}).get(path, {}).get(launch["kernel"])
+    return add_resources(row, resources)
+
+
+def add_resources(row: dict, resources: dict | None) -> dict:
+    """`row` (a launch_row) with its kernel's static resources from
+    tools/kernel_resources.py, its theoretical occupancy and its grid's waves
+    on the path's device; unchanged when the table has no row for it."""
+    dev: Device = PATHS[row["path"]]["device"]
+    res = (resources or {}).get(row["path"], {}).get(row["kernel_full"])
     if res:
         static = res.get("smem_static", res.get("lds_static", 0))
         regs = res.get("registers", res.get("vgprs", 0))  # gfx90a: the unified file's total
-        occ = emu_devices.occupancy(dev, threads, regs=regs, smem=static + launch["dynamic_smem"])
+        occ = emu_devices.occupancy(dev, row["threads"], regs=regs, smem=static + row["dynamic_smem"])
         row.update(registers=regs, agprs=res.get("agprs"), static_smem=static,
                    spill_bytes=res.get("spill_stores", 0) + res.get("spill_loads", 0),
                    vgpr_spills=res.get("vgpr_spills"),
                    stack=res.get("stack", res.get("scratch", 0)), blocks_per_unit=occ["blocks"],
                    occupancy=occ["occupancy"], occupancy_limit=occ["limited_by"])
-        row.update(emu_devices.waves(dev, blocks, occ["blocks"]))
+        row.update(emu_devices.waves(dev, row["blocks"], occ["blocks"]))
     return row
 
 
@@ -291,6 +299,12 @@ REPORT = {
     "decode_attn_nowin_b8": dict(tokens=(4096,), sample=(1, 1), occupancy="decode_attn_kernel<mixkit::bf16, 128, 4>"),
     "flash_attn_fwd_causal": dict(tokens=(1024,), sample=(4, 0)),
     "flash_attn_fwd_bwd_causal": dict(tokens=(1024,), sample=(4, 0)),
+    # The windowed kernels at the benchmark's first S, where W = 4096 cuts no
+    # key (the same visible pairs as causal, through the window's code).
+    "flash_attn_fwd_bwd_w4096": dict(tokens=(1024,), sample=(4, 0)),
+    # gpt-oss-20b's sliding layers: head dim 64 (on gfx90a the atomic dQ
+    # path and its dq_convert_kernel), one GQA group of 8 of its 64 heads.
+    "flash_attn_fwd_bwd_sinks_w128": dict(tokens=(1024,), sample=(8, 0)),
     # The window first cuts keys at S = 8192: 20 minutes of emulation a path,
     # so on the H100 and MI250X paths only (the sm_80 forward is the H100's
     # fallback; its backward is the fwd_bwd_causal row's).
@@ -350,8 +364,50 @@ def paged_prefill_attn_case(device, tokens: int, dtype, compile_mode, context: i
                 {"mixkit": lambda: op(q, kp, vp, table, cu, seqlens, tokens, window=window)}, tokens=tokens)
 
 
-EXTRA_CASES = {"paged_kv_append": paged_kv_append_case, "paged_prefill_attn": paged_prefill_attn_case}
-REPORT.update({"paged_kv_append": dict(tokens=(512,)), "paged_prefill_attn": dict(tokens=(512,), sample=(1, 0))})
+def flash_attn_fwd_bwd_deterministic_case(device, tokens: int, dtype, compile_mode) -> "Case":
+    """flash_attn_fwd_bwd_causal (its shapes, bytes and FLOPs) with
+    deterministic=True: dQ by its own kernel (dq_kernel), no atomic adds."""
+    from mixkit import ops
+    from mixkit.bench import flash_attn
+    from mixkit.bench.harness import Case
+
+    base = flash_attn.flash_attn_fwd_bwd_causal_case(device, tokens, dtype, compile_mode)
+    q = torch.randn(flash_attn.BATCH, tokens, flash_attn.N_Q_HEADS, flash_attn.HEAD_DIM, device=device,
+                    dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(flash_attn.BATCH, tokens, flash_attn.N_KV_HEADS, flash_attn.HEAD_DIM, device=device,
+                        dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def run():
+        return torch.autograd.grad(ops.flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+    return Case("flash_attn_fwd_bwd_deterministic", base.shape, dtype, base.bytes, {"mixkit": run},
+                tokens=tokens, flops=base.flops)
+
+
+def grouped_bias_grad_case(device, tokens: int, dtype, compile_mode) -> "Case":
+    """The expert biases' gradient (models with expert biases: gpt-oss) at
+    Mixtral's routing of `tokens` tokens: per-expert sums of the T * k rows
+    of the down projection's output gradient (hidden 4096)."""
+    import mixkit.ops  # noqa: F401  (registers torch.ops.mixkit)
+    from mixkit.bench.harness import Case
+    from mixkit.bench.moe_mlp import EXPERTS, TOP_K
+
+    rows, hidden = tokens * TOP_K, 4096
+    g = torch.randn(rows, hidden, device=device, dtype=dtype)
+    counts = torch.bincount(torch.randint(0, EXPERTS, (rows,)), minlength=EXPERTS)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])  # (E + 1,) int64
+    op = torch.ops.mixkit.grouped_bias_grad  # the backward of moe_mlp's biases, not a public op
+    nbytes = g.numel() * g.element_size() + EXPERTS * hidden * g.element_size()
+    return Case("grouped_bias_grad", f"T={tokens} E={EXPERTS} k={TOP_K} H={hidden}", dtype, nbytes,
+                {"mixkit": lambda: op(g, offsets, EXPERTS)}, tokens=tokens)
+
+
+EXTRA_CASES = {"paged_kv_append": paged_kv_append_case, "paged_prefill_attn": paged_prefill_attn_case,
+               "flash_attn_fwd_bwd_deterministic": flash_attn_fwd_bwd_deterministic_case,
+               "grouped_bias_grad": grouped_bias_grad_case}
+REPORT.update({"paged_kv_append": dict(tokens=(512,)), "paged_prefill_attn": dict(tokens=(512,), sample=(1, 0)),
+               "flash_attn_fwd_bwd_deterministic": dict(tokens=(1024,), sample=(4, 0)),
+               "grouped_bias_grad": dict(tokens=(1024,))})
 
 
 def resident_blocks(kernel: str, threads: int, path: str, resources: dict | None) -> int:
@@ -457,7 +513,11 @@ def projection_table(results: list[dict]) -> str:
 
 
 def result_name(meta: dict) -> str:
-    return f"{meta['date_utc'][:10]}_emulated-{'-'.join(meta['paths'])}_{meta['commit'] or 'nocommit'}"
+    """`<date>_<host>_<commit>_emulated-<paths>`: bench/results/'s naming
+    (harness.result_name, the host that emulated as the device)."""
+    from mixkit.bench import harness
+
+    return f"{harness.result_name(meta)}_emulated-{'-'.join(meta['paths'])}"
 
 
 def write(out: str | Path, meta: dict, results: list[dict]) -> list[Path]:
@@ -485,7 +545,7 @@ def run(ops: list[str] | None = None, paths: list[str] | None = None, resources:
     paths = paths or paths_of_build()
     res = json.loads(Path(resources).read_text()) if resources else None
     meta = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": harness._git_commit(), "build": _core().build_info(), "paths": paths,
+            "device_name": harness._device_name(torch.device("cpu")), "commit": harness._git_commit(), "build": _core().build_info(), "paths": paths,
             "resources": resources, "kind": "emulated: counters and projections, no GPU measurement"}
     results = []
     torch.manual_seed(0)

@@ -123,8 +123,28 @@ def _(a, b, expert_offsets, trans_b, bias=None):
 
 # ---- grouped_bias_grad: the bias gradient, per-expert sums of rows ------------------
 
+def _check_bias_grad(grad_out, expert_offsets, experts):
+    """(rows, N) after validating grad_out (rows, N) and offsets int64 (experts + 1,)."""
+    op = "grouped_bias_grad"
+    _checks.tensor(op, "grad_out", grad_out, min_dim=2)
+    if grad_out.dim() != 2:
+        raise ValueError(f"{op}: grad_out must have shape (rows, N), got {tuple(grad_out.shape)}")
+    _checks.contiguous(op, "grad_out", grad_out)
+    if not 1 <= experts <= MAX_EXPERTS:
+        raise ValueError(f"{op}: experts must be in [1, {MAX_EXPERTS}], got {experts}")
+    _checks.tensor(op, "expert_offsets", expert_offsets, dtypes=(torch.int64,))
+    if tuple(expert_offsets.shape) != (experts + 1,):
+        raise ValueError(f"{op}: expert_offsets must have shape (experts + 1,) = ({experts + 1},), "
+                         f"got {tuple(expert_offsets.shape)}")
+    _checks.contiguous(op, "expert_offsets", expert_offsets)
+    _checks.same_device(op, "grad_out", grad_out, "expert_offsets", expert_offsets)
+    if gpu_kernels(grad_out.device) and grad_out.dtype not in GPU_DTYPES:
+        raise TypeError(f"{op}: on the GPU grad_out must be bfloat16 or float16, got {grad_out.dtype}")
+    return grad_out.shape
+
+
 def _grouped_bias_grad(grad_out, expert_offsets, experts):
-    rows, n = grad_out.shape
+    rows, n = _check_bias_grad(grad_out, expert_offsets, experts)
     db = grad_out.new_empty((experts, n))
     backend, device, stream = launch_args(grad_out.device)
     _core.grouped_bias_grad(backend, device, stream, DTYPE_CODES[grad_out.dtype], grad_out.data_ptr(),
@@ -137,6 +157,7 @@ define("grouped_bias_grad(Tensor grad_out, Tensor expert_offsets, int experts) -
 
 @torch.library.register_fake("mixkit::grouped_bias_grad")
 def _(grad_out, expert_offsets, experts):
+    _check_bias_grad(grad_out, expert_offsets, experts)
     return grad_out.new_empty((experts, grad_out.shape[1]))
 
 
