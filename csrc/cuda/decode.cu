@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attn_kernel(DecodeArgs a, 
   // Visible keys: the last n positions seen - n .. seen - 1, split evenly over
   // the splits (rounded to whole block steps) by the runtime length.
   const int64_t keys = a.window > 0 ? min64(a.window, C) : C;
+  // mutant-equivalent(flip): at seqlens[b] == 0 both arms give 0.
   const int64_t seen = a.seqlens[b] > 0 ? a.seqlens[b] : 0;  // negative: nothing visible
   const int64_t first = first_visible(a, b, seen, keys);    // position of the oldest visible key
   const int64_t n = seen - first;
