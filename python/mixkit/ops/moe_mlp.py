@@ -63,12 +63,7 @@ def _check_gemm(op, a, b, offsets, trans_b, a_name="a", b_name="b"):
         where = "shape[2]" if trans_b else "shape[1]"
         raise ValueError(f"{op}: {b_name}.{where} must equal K = {a_name}.shape[1] = {k} (> 0), got {b_name} of "
                          f"shape {tuple(b.shape)} with trans_b={trans_b}")
-    _checks.tensor(op, "expert_offsets", offsets, dtypes=(torch.int64,))
-    if tuple(offsets.shape) != (experts + 1,):
-        raise ValueError(f"{op}: expert_offsets must have shape (experts + 1,) = ({experts + 1},), "
-                         f"got {tuple(offsets.shape)}")
-    _checks.contiguous(op, "expert_offsets", offsets)
-    _checks.same_device(op, a_name, a, "expert_offsets", offsets)
+    _check_offsets(op, offsets, experts, a_name, a)
     if gpu_kernels(a.device):
         if a.dtype not in GPU_DTYPES:
             raise TypeError(f"{op}: on the GPU {a_name} and {b_name} must be bfloat16 or float16, got {a.dtype}")
@@ -76,6 +71,16 @@ def _check_gemm(op, a, b, offsets, trans_b, a_name="a", b_name="b"):
             raise ValueError(f"{op}: on the GPU K ({k}) and N_out ({n_out}) must be multiples of 8 "
                              "(16-byte rows for cp.async)")
     return rows, k, n_out, experts
+
+
+def _check_offsets(op, offsets, experts, ref_name, ref):
+    """expert_offsets: int64, contiguous, (experts + 1,), on ref's device."""
+    _checks.tensor(op, "expert_offsets", offsets, dtypes=(torch.int64,))
+    if tuple(offsets.shape) != (experts + 1,):
+        raise ValueError(f"{op}: expert_offsets must have shape (experts + 1,) = ({experts + 1},), "
+                         f"got {tuple(offsets.shape)}")
+    _checks.contiguous(op, "expert_offsets", offsets)
+    _checks.same_device(op, ref_name, ref, "expert_offsets", offsets)
 
 
 def _gpu_ready(op, *tensors):
@@ -132,12 +137,7 @@ def _check_bias_grad(grad_out, expert_offsets, experts):
     _checks.contiguous(op, "grad_out", grad_out)
     if not 1 <= experts <= MAX_EXPERTS:
         raise ValueError(f"{op}: experts must be in [1, {MAX_EXPERTS}], got {experts}")
-    _checks.tensor(op, "expert_offsets", expert_offsets, dtypes=(torch.int64,))
-    if tuple(expert_offsets.shape) != (experts + 1,):
-        raise ValueError(f"{op}: expert_offsets must have shape (experts + 1,) = ({experts + 1},), "
-                         f"got {tuple(expert_offsets.shape)}")
-    _checks.contiguous(op, "expert_offsets", expert_offsets)
-    _checks.same_device(op, "grad_out", grad_out, "expert_offsets", expert_offsets)
+    _check_offsets(op, expert_offsets, experts, "grad_out", grad_out)
     if gpu_kernels(grad_out.device) and grad_out.dtype not in GPU_DTYPES:
         raise TypeError(f"{op}: on the GPU grad_out must be bfloat16 or float16, got {grad_out.dtype}")
     return grad_out.shape
