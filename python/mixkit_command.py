@@ -10,10 +10,10 @@ import sys
 
 def main():
     try:
-        from mixkit.cli import main as run
+        from mixkit.cli import exit_process, main as run
     except KeyboardInterrupt:
         return 130  # mixkit.cli.EXIT_CTRL_C, which is not importable yet
-    return run()
+    exit_process(run())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import train_fsdp_worker as base
+from mixkit.parallel import exit_rank
 from mixkit.train import Trainer
 
 STEPS, SAVE_AT, RANKS = 3, 1, 4
@@ -59,8 +60,7 @@ def main(out_path: str, ckpt_dir: str):
         torch.save({"losses": losses, "norms": norms, "weights": weights, "resumed": tail,
                     "local_experts": local_experts, "ac_losses": [m["loss"] for m in ac_metrics],
                     "ac_norms": [m["grad_norm"] for m in ac_metrics]}, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_rank(0)  # barrier, destroy_process_group, os._exit: see its docstring
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from mixkit.models import CONFIGS, Transformer
-from mixkit.parallel import tensor_parallel
+from mixkit.parallel import exit_rank, tensor_parallel
 from mixkit.serve import LLM, Engine, SamplingParams
 from mixkit.serve.parallel import Follower, Leader
 from mixkit.serve.server import EngineLoop
@@ -63,8 +63,7 @@ def main():
             json.dump({"offline": offline, "served": served}, f)
     else:
         Follower(engine, mesh).run()
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_rank(0)  # barrier, destroy_process_group, os._exit: see its docstring
 
 
 if __name__ == "__main__":

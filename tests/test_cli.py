@@ -577,6 +577,23 @@ def test_torchrun_generate_splits_the_model_and_prints_once(tmp_path):
     assert proc.stdout.count("Hello") == 1, proc.stdout
 
 
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_rank_ends_with_its_output_and_code(tmp_path, code):
+    """mixkit.parallel.exit_rank leaves through os._exit: what the rank wrote to
+    its (block-buffered) pipes must still arrive, and its exit code."""
+    script = (f"import sys, torch.distributed as dist\n"
+              f"from mixkit.parallel import exit_rank\n"
+              f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+              f"print('no newline yet', end='')\n"
+              f"sys.stderr.write('on stderr')\n"
+              f"exit_rank({code})\n")
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}  # buffered, as pipes are by default
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code and proc.stdout == "no newline yet", (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.endswith("on stderr")
+
+
 def test_model_path_is_named(tmp_path):
     data = _jsonl(tmp_path / "x.jsonl", DOCS[:1])
     for command in (["generate", "--model", "nope_dir"], ["eval", "--model", "nope_dir", "--data", str(data)]):

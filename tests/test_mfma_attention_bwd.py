@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_mfma_layout import build_host_program, mfma_32x32x8
+from test_mfma_layout import TABLE_HELPER, build_host_program, mfma_32x32x8
 
 SRC = Path(os.environ.get("MIXKIT_SOURCE_DIR", Path(__file__).resolve().parents[1])) / "csrc"
 
@@ -48,16 +48,7 @@ HOST_PROGRAM = r"""
 using namespace mixkit::mfma;
 using namespace mixkit::mfma::fab;
 
-template <class F> void table(const char* name, int n0, int n1, int n2, F f) {
-  std::printf(",\n\"%s\": [", name);
-  bool first = true;
-  for (int a = 0; a < n0; ++a) for (int b = 0; b < n1; ++b) for (int c = 0; c < n2; ++c) {
-    std::printf("%s%d", first ? "" : ",", f(a, b, c));
-    first = false;
-  }
-  std::printf("]");
-}
-
+""" + TABLE_HELPER + r"""
 void dump(int d) {
   std::printf("{\"consts\": [%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d]", kKvThreads, kKvWaves, kBN, kBM,
               kQThreads, kQWaves, kQBM, kQBN, kSteps, lds_tile_size(d, kBN), lds_tile_size(d, kBM),

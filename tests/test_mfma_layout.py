@@ -132,6 +132,22 @@ def _compiler():
     return None
 
 
+# The attention replays' host programs print their tables with this (after
+# a first JSON member): table(name, n0, n1, n2, f) is f over the 3-D index
+# space, flattened.
+TABLE_HELPER = r"""
+template <class F> void table(const char* name, int n0, int n1, int n2, F f) {
+  std::printf(",\n\"%s\": [", name);
+  bool first = true;
+  for (int a = 0; a < n0; ++a) for (int b = 0; b < n1; ++b) for (int c = 0; c < n2; ++c) {
+    std::printf("%s%d", first ? "" : ",", f(a, b, c));
+    first = false;
+  }
+  std::printf("]");
+}
+"""
+
+
 def build_host_program(tmp_path_factory, program: str, header: str, name: str) -> Path:
     """Compile a host C++ program that includes csrc/cuda/<header> (skipping
     cleanly without a compiler or the sources); returns the executable.

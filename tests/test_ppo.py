@@ -325,6 +325,8 @@ def _fsdp_worker(out_path: str):
 
     from torch.distributed.tensor import DTensor
 
+    from mixkit.parallel import exit_rank
+
     dist.init_process_group("gloo")
     trainer = _trainer(_fsdp_config())
     assert trainer.fsdp and trainer.world == 2
@@ -349,7 +351,7 @@ def _fsdp_worker(out_path: str):
         with open(out_path, "w") as f:
             json.dump({"history": history, "weights": {k: v.tolist() for k, v in weights.items()},
                        "gathers": len(gathers), "expected_gathers": len(history) * n_params}, f)
-    dist.destroy_process_group()
+    exit_rank(0)  # barrier, destroy_process_group, os._exit: see its docstring
 
 
 # ---- the demo -----------------------------------------------------------------------------------------------

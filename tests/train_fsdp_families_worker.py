@@ -11,6 +11,7 @@ import sys
 
 import torch.distributed as dist
 
+from mixkit.parallel import exit_rank
 from mixkit.train import Trainer
 from train_fsdp_worker import config, make_model, packed_batch
 
@@ -45,7 +46,7 @@ def main(out_path: str):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(losses, f)
-    dist.destroy_process_group()
+    exit_rank(0)  # barrier, destroy_process_group, os._exit: see its docstring
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mixkit.models import Transformer
+from mixkit.parallel import exit_rank
 from mixkit.train import IGNORE_INDEX, Trainer, TrainConfig
 
 STEPS, SAVE_AT, VOCAB = 5, 2, 128
@@ -71,7 +72,7 @@ def main(out_path: str, ckpt_dir: str):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"losses": losses, "resumed": tail, "moe_bf16": moe_losses, "master_fp32": master_fp32}, f)
-    dist.destroy_process_group()
+    exit_rank(0)  # barrier, destroy_process_group, os._exit: see its docstring
 
 
 if __name__ == "__main__":

@@ -1,3 +1,3 @@
-from mixkit.cli import main
+from mixkit.cli import exit_process, main
 
-raise SystemExit(main())
+exit_process(main())

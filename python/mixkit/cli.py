@@ -660,5 +660,14 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def exit_process(code: int):
+    """How `mixkit` and `python -m mixkit` end: sys.exit, or under torchrun
+    (WORLD_SIZE > 1) mixkit.parallel.exit_rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from mixkit.parallel import exit_rank
+        exit_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

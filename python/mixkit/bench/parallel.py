@@ -336,4 +336,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixkit.parallel import exit_rank
+    exit_rank(main())  # a torchrun rank: see exit_rank

@@ -7,8 +7,8 @@ from .expert import ExpertParallelMoE, expert_parallel, fully_shard_ep
 from .layout import Split, ep_splits, tp_splits
 from .tensor import tensor_parallel
 
-__all__ = ["ExpertParallelMoE", "Split", "ep_splits", "expert_parallel", "fully_shard_ep", "shard_plan", "tp_splits",
-           "tensor_parallel"]
+__all__ = ["ExpertParallelMoE", "Split", "ep_splits", "exit_rank", "expert_parallel", "fully_shard_ep", "shard_plan",
+           "tp_splits", "tensor_parallel"]
 
 
 def shard_plan(args, mesh, parallel: str = "tp"):
@@ -31,6 +31,34 @@ def shard_plan(args, mesh, parallel: str = "tp"):
         ep_mesh = expert._ep_mesh(mesh, "load")
         return ep_splits(args, ep_mesh.get_local_rank(), ep_mesh.size()), lambda m: expert.convert_modules(m, ep_mesh)
     raise ValueError(f"load: parallel must be 'tp' or 'ep', got {parallel!r}")
+
+
+def exit_rank(code: int):
+    """End a torchrun rank: destroy its process group (after a barrier when
+    `code` is 0: no rank closes its connections while another still waits on
+    it), flush stdout and stderr, and os._exit(code). A normal interpreter
+    exit can abort the process: gloo's worker threads may still be releasing
+    the last collective's tensors, which takes the GIL, while the interpreter
+    finalizes; the thread is then cancelled inside a destructor and the
+    process dies with SIGABRT ("terminate called without an active
+    exception"; one `--tp 2` generate in about 40 on 2 cores). So the caller
+    must have closed every file it writes; nothing registered with atexit
+    runs."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def tp_mesh_from_env(size: int, device: str):
