@@ -202,3 +202,26 @@ def test_a_tile_without_its_swizzle_fails_the_gate_and_passes_correctness():
         assert err < 0.02 * ref.abs().max().item(), (mutation, err)
     assert results[0, "bad"] == []
     assert any("ldmatrix" in b for b in results[30, "bad"]), results[30, "bad"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paged_prefill_kernel(path):
+    """paged_prefill_attn_kernel reads its K rows in 16-byte vectors from rows
+    padded to an odd number of 16-byte units: conflict-free (its 2-byte reads
+    of rows padded by 4 bytes were 4-way on the emulated GPU). And count's
+    sample_x: the middle blocks along x give the whole grid's per-request
+    ratios, without its totals."""
+    rows = {}
+    for sample in ((1, 0), (1, 0, 2)):
+        with emu_cost.emulated_device(path):
+            case = emu_cost.paged_prefill_attn_case("cpu", 16, torch.bfloat16, None, context=256)
+            launches = emu_cost.count(case.impls["mixkit"], *sample)
+        rows[sample] = [emu_cost.launch_row(l, path, None, sample=sample) for l in launches]
+    (full,), (mid,) = rows[1, 0], rows[1, 0, 2]
+    assert _shared_failures("paged_prefill_attn", [full], path) == []
+    assert full["shared"]["load"]["wavefronts"] == full["shared"]["load"]["ideal"], full["shared"]["load"]
+    assert not full["sampled_x"] and full["dram_bytes"] > 0
+    assert mid["sampled_x"] and mid["blocks_run"] == 2 < full["blocks_run"] and mid["dram_bytes"] is None
+    assert mid["sectors_per_request"] == pytest.approx(full["sectors_per_request"], rel=0.05)
+    for cls, c in full["shared"].items():
+        assert mid["shared"][cls]["wavefronts_per_request"] == pytest.approx(c["wavefronts_per_request"], rel=0.05)

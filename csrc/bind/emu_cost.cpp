@@ -17,19 +17,21 @@ namespace {
 MIXKIT_BIND(emu_cost) {
   m.def(
       "emu_cost_start",
-      [](int sample_y, int sample_z) {
+      [](int sample_y, int sample_z, int sample_x) {
 #ifdef MIXKIT_WITH_EMU
-        require(sample_y >= 0 && sample_z >= 0, "sample_y and sample_z must be >= 0 (0: every block)");
-        emu::cost::start(sample_y, sample_z);
+        require(sample_y >= 0 && sample_z >= 0 && sample_x >= 0,
+                "sample_y, sample_z and sample_x must be >= 0 (0: every block)");
+        emu::cost::start(sample_y, sample_z, sample_x);
 #else
-        (void)sample_y, (void)sample_z;
+        (void)sample_y, (void)sample_z, (void)sample_x;
         no_emu();
 #endif
       },
       "Starts counting the cost of every emulated launch (memory traffic, coalescing, bank conflicts, "
       "tensor-core instructions, barriers). sample_y, sample_z > 0 run only the blocks with blockIdx.y < "
-      "sample_y and blockIdx.z < sample_z (their results are then incomplete).",
-      nb::arg("sample_y") = 0, nb::arg("sample_z") = 0);
+      "sample_y and blockIdx.z < sample_z, and sample_x > 0 only sample_x blocks along x from grid.x / 2 "
+      "where grid.y > sample_y > 0 (their results are then incomplete).",
+      nb::arg("sample_y") = 0, nb::arg("sample_z") = 0, nb::arg("sample_x") = 0);
   m.def(
       "emu_cost_stop",
       []() -> std::string {

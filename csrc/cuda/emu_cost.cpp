@@ -259,10 +259,20 @@ uint64_t instruction_flops(const std::string& name) {
 
 class Profiler final : public trace::Consumer {
  public:
-  Profiler(int sample_y, int sample_z) : sample_y_(sample_y), sample_z_(sample_z) {}
+  Profiler(int sample_y, int sample_z, int sample_x)
+      : sample_y_(sample_y), sample_z_(sample_z), sample_x_(sample_x) {}
 
   bool skip_block(const trace::BlockInfo& b) override {
-    return (sample_y_ > 0 && int64_t(b.idx.y) >= sample_y_) || (sample_z_ > 0 && int64_t(b.idx.z) >= sample_z_);
+    if ((sample_y_ > 0 && int64_t(b.idx.y) >= sample_y_) || (sample_z_ > 0 && int64_t(b.idx.z) >= sample_z_))
+      return true;
+    // Only in the launches that sample_y cuts (heads, N tiles): the others
+    // (routing, offsets) make what later launches index with.
+    if (sample_x_ <= 0 || sample_y_ <= 0 || int64_t(b.launch->grid.y) <= sample_y_) return false;
+    // The middle of the row: away from both ends of a long sequence, where a
+    // sliding window's query blocks and key blocks all do the same work.
+    const int64_t gx = b.launch->grid.x;
+    const int64_t x0 = std::max<int64_t>(0, std::min<int64_t>(gx / 2, gx - sample_x_));
+    return int64_t(b.idx.x) < x0 || int64_t(b.idx.x) >= x0 + sample_x_;
   }
 
   void launch_begin(const trace::LaunchInfo& info) override {
@@ -485,7 +495,7 @@ class Profiler final : public trace::Consumer {
     b.sites[SiteKey{r.where, r.cls}].add(c);
   }
 
-  int sample_y_, sample_z_;
+  int sample_y_, sample_z_, sample_x_;
   std::mutex mu_;
   std::mutex lines_mu_;
   std::unordered_map<trace::Where, uint64_t> lines_;
@@ -576,9 +586,9 @@ std::unique_ptr<Profiler> g_profiler;
 
 }  // namespace
 
-void start(int sample_y, int sample_z) {
+void start(int sample_y, int sample_z, int sample_x) {
   if (g_profiler) trace::detach(g_profiler.get());
-  g_profiler = std::make_unique<Profiler>(sample_y, sample_z);
+  g_profiler = std::make_unique<Profiler>(sample_y, sample_z, sample_x);
   trace::attach(g_profiler.get());
 }
 

@@ -94,7 +94,12 @@ Sectors global_sectors(std::vector<std::pair<uint64_t, uint32_t>> ranges);
 // sample_z (the counts are those of the blocks run; the report scales them,
 // and the launch's results are then incomplete): for benchmark shapes whose
 // blocks along y and z (heads, batch, N tiles) repeat the same work.
-void start(int sample_y = 0, int sample_z = 0);
+// sample_x > 0 also runs only sample_x blocks along x, from the middle of
+// the row (grid.x / 2), of the launches with grid.y > sample_y > 0: the
+// steady state of a long sequence's tiles, whose per-block counts stand;
+// totals over the grid and distinct sectors do not (blocks along x share
+// K/V windows or weights).
+void start(int sample_y = 0, int sample_z = 0, int sample_x = 0);
 // Stops, and returns the launches counted since start() as JSON.
 std::string stop();
 bool running();

@@ -74,11 +74,13 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Shared memory: q (R x D float32), one K or V tile (BN x (D + PAD) of T;
-// PAD staggers rows across banks: lane j reads row j), P (R x BN float32).
+// Shared memory: q (R x D float32), one K or V tile (BN x (D + PAD) of T),
+// P (R x BN float32). Lane j reads K row j in 16-byte vectors, which the
+// hardware serves 8 lanes a phase: PAD makes a row an odd number of 16-byte
+// units, so the 8 lanes of a phase hit 8 different groups of 4 banks.
 template <class T, int D>
 struct Smem {
-  static constexpr int PAD = 4 / int(sizeof(T));
+  static constexpr int PAD = 16 / int(sizeof(T));
   static constexpr int LD = D + PAD;
   static constexpr int bytes = R * D * 4 + R * BN * 4 + BN * LD * int(sizeof(T));
 };
@@ -95,14 +97,15 @@ __device__ __forceinline__ void load_tile(T* tile, const T* pool, const int64_t 
   for (int idx = threadIdx.x; idx < BN * CH; idx += kThreads) {
     const int j = idx / CH, c = idx % CH;
     const int64_t p = n0 + j;
-    V val{};
+    // A store on each side: a vector that is assigned in one branch is kept
+    // in scratch memory by hipcc.
+    V* dst = reinterpret_cast<V*>(tile + j * Smem<T, D>::LD + c * VEC);
     if (p < hi) {
       const int64_t page = clamp64(table[p / a.page_size], 0, a.num_pages - 1);
-      val = reinterpret_cast<const V*>(pool + page * stride[0] + (p % a.page_size) * stride[1] + kvh * stride[2])[c];
+      *dst = reinterpret_cast<const V*>(pool + page * stride[0] + (p % a.page_size) * stride[1] + kvh * stride[2])[c];
+    } else {
+      *dst = V{};
     }
-    T* dst = tile + j * Smem<T, D>::LD + c * VEC;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) dst[i] = val.v[i];
   }
 }
 
@@ -179,11 +182,16 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_attn_kernel(PagedPr
         const int64_t p = n0 + lane;
         float s = -INFINITY;
         if (p >= rlo[rr] && p < rhi[rr]) {
+          constexpr int VEC = 16 / int(sizeof(T));
           const float* qr = Qs + r * D;
-          const T* kr = KV + lane * LD;
+          const auto* kr = reinterpret_cast<const Pack<T, VEC>*>(KV + lane * LD);
           s = 0.f;
-#pragma unroll 8
-          for (int e = 0; e < D; ++e) s += qr[e] * to_f32(kr[e]);
+#pragma unroll 2
+          for (int c = 0; c < D / VEC; ++c) {
+            const Pack<T, VEC> kv = kr[c];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) s += qr[c * VEC + i] * to_f32(kv.v[i]);
+          }
           // The cap acts on the natural-log score: c * tanh(s / c), back in log2 units.
           if (a.softcap > 0.f) s = kLog2e * a.softcap * tanhf(s * kLn2 / a.softcap);
         }

@@ -89,13 +89,16 @@ def emulated_device(path: str, blocks_per_sm: int = 0):
         _core().emu_configure()
 
 
-def count(fn: Callable[[], object], sample_y: int = 0, sample_z: int = 0) -> list[dict]:
+def count(fn: Callable[[], object], sample_y: int = 0, sample_z: int = 0, sample_x: int = 0) -> list[dict]:
     """The launches `fn` makes, with their counters (fn runs under emulate()).
     sample_y, sample_z > 0 run only the blocks with blockIdx.y < sample_y and
     blockIdx.z < sample_z, and launch_row scales their counts to the grid
-    (the results fn computes are then wrong; the addresses are not)."""
+    (the results fn computes are then wrong; the addresses are not).
+    sample_x > 0 also runs only sample_x blocks along x from grid.x / 2, in
+    the launches that sample_y cuts (grid.y > sample_y > 0): the per-block
+    counters stand, the totals do not (launch_row leaves them out)."""
     core = _core()
-    core.emu_cost_start(sample_y, sample_z)
+    core.emu_cost_start(sample_y, sample_z, sample_x)
     try:
         fn()
     finally:
@@ -170,10 +173,13 @@ def _sampled_dram_scale(launch: dict, k: float, shared_y: bool) -> float:
     return other * (shared + (any_y - shared) * y_scale) / any_y
 
 
-def launch_row(launch: dict, path: str, resources: dict | None, shared_y: bool = False) -> dict:
+def launch_row(launch: dict, path: str, resources: dict | None, shared_y: bool = False,
+               sample: tuple = (0, 0)) -> dict:
     """One launch's counters, ratios, static resources, occupancy and waves.
     A sampled launch (blocks_run < blocks) has its counts scaled to the grid
-    (distinct sectors: _sampled_dram_scale)."""
+    (distinct sectors: _sampled_dram_scale). With sample_x (some blocks along
+    x run, see count) the ratios stand but the grid's totals are not known:
+    its distinct sectors, re-read and projection are left out (None)."""
     dev: Device = PATHS[path]["device"]
     threads = launch["block"][0] * launch["block"][1] * launch["block"][2]
     blocks = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
@@ -222,6 +228,10 @@ def launch_row(launch: dict, path: str, resources: dict | None, shared_y: bool =
     row["shared_wavefronts"] = wf
     row["shared_ideal"] = wi
     row["conflict_share"] = 1 - wi / wf if wf else 0.0
+    sample_x = sample[2] if len(sample) > 2 else 0
+    row["sampled_x"] = bool(sample_x) and launch["grid"][0] > sample_x and launch["grid"][1] > sample[0] > 0
+    if row["sampled_x"]:
+        row["dram_bytes"] = row["reread"] = None
     return add_resources(row, resources)
 
 
@@ -247,18 +257,29 @@ def add_resources(row: dict, resources: dict | None) -> dict:
 def case_row(case, path: str, launches: list[dict], dtype: str) -> dict:
     """A case's totals over its launches and the projection on its path's device."""
     dev: Device = PATHS[path]["device"]
-    tot = {k: sum(r[k] for r in launches) for k in ("requested_bytes", "dram_bytes", "shared_wavefronts",
+    tot = {k: sum(r[k] for r in launches) for k in ("requested_bytes", "shared_wavefronts",
                                                     "shared_ideal", "tensor_flops", "global_requests")}
+    roof = dev.roofline_s(case.bytes, case.flops, dtype)
+    row = {"op": case.op, "shape": case.shape, "dtype": dtype, "path": path, "device": dev.name,
+           "min_bytes": case.bytes, "flops": case.flops, "launches": len(launches)}
+    if any(r.get("sampled_x") for r in launches):
+        # Blocks along x ran in part (the middle of the sequence): the
+        # per-launch ratios stand, the case's totals and projection do not.
+        for r in launches:
+            r["projected_us"] = r["bound_by"] = None
+        return {**row, "dram_vs_min": None, "requested_vs_min": None, "tensor_flops_vs_min": None,
+                "conflict_share": 1 - tot["shared_ideal"] / tot["shared_wavefronts"] if tot["shared_wavefronts"]
+                else 0.0, "projected_us": None, "roofline_us": roof * 1e6, "projected_pct_roofline": None,
+                "sampled_x": True, **tot, "dram_bytes": None}
+    tot["dram_bytes"] = sum(r["dram_bytes"] for r in launches)
     bound = 0.0
     for r in launches:
         p = dev.projection(r["dram_bytes"], r["shared_wavefronts"], r["tensor_flops"], dtype)
         r["projected_us"] = p["bound_s"] * 1e6
         r["bound_by"] = p["bound_by"]
         bound += p["bound_s"]
-    roof = dev.roofline_s(case.bytes, case.flops, dtype)
     return {
-        "op": case.op, "shape": case.shape, "dtype": dtype, "path": path, "device": dev.name,
-        "min_bytes": case.bytes, "flops": case.flops, "launches": len(launches),
+        **row,
         "dram_vs_min": _ratio(tot["dram_bytes"], case.bytes),
         "requested_vs_min": _ratio(tot["requested_bytes"], case.bytes),
         "tensor_flops_vs_min": _ratio(tot["tensor_flops"], case.flops) if case.flops else None,
@@ -301,16 +322,22 @@ REPORT = {
     "flash_attn_fwd_bwd_causal": dict(tokens=(1024,), sample=(4, 0)),
     # The windowed kernels at the benchmark's first S, where W = 4096 cuts no
     # key (the same visible pairs as causal, through the window's code).
-    "flash_attn_fwd_bwd_w4096": dict(tokens=(1024,), sample=(4, 0)),
+    # At S = 16384 the window cuts keys; the middle blocks along x (query
+    # blocks of the forward, key blocks of dkdv) are past both ends of the
+    # sequence, where every block visits the W / tile tiles of a full window:
+    # their per-block counters, not the grid's totals (count's sample_x).
+    "flash_attn_fwd_bwd_w4096": dict(tokens=(1024, 16384), sample=(4, 0), sample_at={16384: (1, 0, 2)}),
     # gpt-oss-20b's sliding layers: head dim 64 (on gfx90a the atomic dQ
     # path and its dq_convert_kernel), one GQA group of 8 of its 64 heads.
     "flash_attn_fwd_bwd_sinks_w128": dict(tokens=(1024,), sample=(8, 0)),
-    # The window first cuts keys at S = 8192: 20 minutes of emulation a path,
-    # so on the H100 and MI250X paths only (the sm_80 forward is the H100's
-    # fallback; its backward is the fwd_bwd_causal row's).
-    "flash_attn_fwd_w4096": dict(tokens=(8192,), sample=(4, 0), paths=("sm_90a", "gfx90a")),
+    # The whole grid at S = 8192 is 20 minutes of emulation a path: the
+    # middle query blocks of one GQA group, as above.
+    "flash_attn_fwd_w4096": dict(tokens=(16384,), sample=(4, 0, 2)),
     "moe_mlp": dict(tokens=(16, 1024), sample=(2, 0), shared_y=True),
-    "moe_mlp_fwd_bwd": dict(tokens=(1024,), sample=(2, 0), shared_y=True),
+    # Two M tiles (grid.x) of the forward's and dgrad's GEMMs, two of the
+    # wgrad's: per-block counters (the whole backward at T = 1024 is most of
+    # an hour a path).
+    "moe_mlp_fwd_bwd": dict(tokens=(1024,), sample=(2, 0, 2), shared_y=True),
 }
 # Cases whose callable keeps state across calls (the backward of a saved
 # forward): called once before counting, so the count is the timed call's.
@@ -405,7 +432,7 @@ def grouped_bias_grad_case(device, tokens: int, dtype, compile_mode) -> "Case":
 EXTRA_CASES = {"paged_kv_append": paged_kv_append_case, "paged_prefill_attn": paged_prefill_attn_case,
                "flash_attn_fwd_bwd_deterministic": flash_attn_fwd_bwd_deterministic_case,
                "grouped_bias_grad": grouped_bias_grad_case}
-REPORT.update({"paged_kv_append": dict(tokens=(512,)), "paged_prefill_attn": dict(tokens=(512,), sample=(1, 0)),
+REPORT.update({"paged_kv_append": dict(tokens=(512,)), "paged_prefill_attn": dict(tokens=(64, 512), sample=(1, 0, 2), sample_at={64: (1, 0)}),
                "flash_attn_fwd_bwd_deterministic": dict(tokens=(1024,), sample=(4, 0)),
                "grouped_bias_grad": dict(tokens=(1024,))})
 
@@ -427,7 +454,7 @@ def run_case(op: str, tokens: int, path: str, dtype=torch.bfloat16, resources: d
     from mixkit.bench import CASES
 
     spec = REPORT.get(op, {})
-    sample = spec.get("sample", (0, 0))
+    sample = spec.get("sample_at", {}).get(tokens, spec.get("sample", (0, 0)))
     # decode launches 128 threads a block (csrc/cuda/decode.cu kThreads).
     per_sm = resident_blocks(spec["occupancy"], 128, path, resources) if "occupancy" in spec else 0
     with emulated_device(path, blocks_per_sm=per_sm):
@@ -439,7 +466,8 @@ def run_case(op: str, tokens: int, path: str, dtype=torch.bfloat16, resources: d
         launches = count(fn, *sample)
         wall = time.perf_counter() - t0
     dname = str(dtype).removeprefix("torch.")
-    rows = [launch_row(l, path, resources, shared_y=spec.get("shared_y", False)) for l in launches]
+    rows = [launch_row(l, path, resources, shared_y=spec.get("shared_y", False), sample=sample)
+            for l in launches]
     return {"case": case_row(case, path, rows, dname), "launches": rows, "emulated_s": wall,
             "sample": list(sample), "blocks_per_sm": per_sm or None}
 
@@ -466,7 +494,8 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["case"]
-        lines.append(f"| {c['op']} | {c['shape']} | {c['path']} | {c['launches']} | {_f(c['dram_vs_min'], '.3f')} | "
+        launches = f"{c['launches']} (middle blocks)" if c.get("sampled_x") else c["launches"]
+        lines.append(f"| {c['op']} | {c['shape']} | {c['path']} | {launches} | {_f(c['dram_vs_min'], '.3f')} | "
                      f"{_f(c['requested_vs_min'], '.3f')} | {_f(c['conflict_share'], '.3f')} | "
                      f"{_f(c['tensor_flops_vs_min'], '.3f')} | {_f(c['projected_us'], '.2f')} | "
                      f"{_f(c['roofline_us'], '.2f')} | {_f(c['projected_pct_roofline'], '.1f')} |")
@@ -481,6 +510,8 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                                for k, v in l["shared"].items())
             worst = max((v["max_degree"] for v in l["shared"].values()), default=0)
             grid = "x".join(map(str, l["grid"])) + " x " + "x".join(map(str, l["block"]))
+            if l.get("sampled_x"):
+                grid += f" ({l['blocks_run']} blocks run)"
             occ = (f"{l['blocks_per_unit']} blk ({100 * l['occupancy']:.0f}%, {l['occupancy_limit']})"
                    if "occupancy" in l else "")
             wav = f"{l['waves']:.2f} ({l['last_wave_fill']:.2f})" if "waves" in l else ""
@@ -508,6 +539,8 @@ def projection_table(results: list[dict]) -> str:
     for (op, shape), row in by_case.items():
         cells = [f"{row[p]['projected_pct_roofline']:.0f} %" if p in row and row[p]["projected_pct_roofline"]
                  else "" for p in cols]
+        if not any(cells):  # counted on some blocks only (sample_x): no projection
+            continue
         lines.append(f"| {op} | {shape} | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
