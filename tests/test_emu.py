@@ -80,3 +80,8 @@ def test_a_planted_layout_error_fails_a_kernel(mutation, capability):
         emu_configure()
     bad = {k: v for k, v in errs.items() if not isinstance(v, float) or v > TOLERANCE}
     assert bad, f"mutation {mutation} went unnoticed: {errs}"
+
+
+def test_configure_rejects_a_negative_grid_cap():
+    with pytest.raises(ValueError, match="max_grid must be >= 0"):
+        emu_configure(max_grid=-1)
