@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import reference as ref
-from conftest import DEVICES, GPU_DEVICES, on
+from conftest import DEVICES, GPU_DEVICES, emu_configure, on
 import tiles
 from mixkit import _core
 from mixkit.bench.harness import capture_cuda_graph
@@ -323,6 +323,24 @@ def test_empty_batch(device):
 def test_gradients(tokens, experts, top_k, hidden, dtype, device):
     """Route, permute, a per-expert scaling, unpermute: every gradient against
     autograd through the float32 reference."""
+    _check_gradients(tokens, experts, top_k, hidden, dtype, device)
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_gradients_with_grid_stride_loops(device):
+    """Every kernel of moe_route.cu strides over its tokens or rows with a
+    grid capped at 2^20 blocks, so a block works more than once only past
+    that, beyond any test's size. The emulated GPU is given a cap of 2 blocks
+    instead (emu::Device::max_grid), so each block walks many tokens and rows:
+    the weight gradient's block reduction runs back to back in one block and
+    must not overwrite the partial sums a slower warp still reads
+    (block_sum's first barrier). More tokens than one route-backward block."""
+    if device == "emu":
+        emu_configure(max_grid=2)
+    _check_gradients(520, 8, 2, 8, torch.bfloat16, device)
+
+
+def _check_gradients(tokens, experts, top_k, hidden, dtype, device):
     g = torch.Generator().manual_seed(4)
     logits = _tie_free_logits(tokens, experts, dtype, device) * 0.25
     x = torch.randn(tokens, hidden, generator=g).to(dtype).to(on(device))

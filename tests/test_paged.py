@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mixkit.ops as ops
-from conftest import DEVICES, gpu, on
+from conftest import DEVICES, GPU_DEVICES, gpu, on
 import tiles
 from test_attn_variants import ref_attention
 from test_flash_attn import assert_fa_rule, attention_ref
@@ -164,6 +164,24 @@ def test_tile_boundaries(case, dtype, device):
     seen = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse.cpu()), seen)
     torch.testing.assert_close(lse.cpu()[seen].double(), lse64[seen], rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_max_seqlen_q_hint_below_the_real_lengths(device):
+    """max_seqlen_q only sizes the GPU grid, which the kernel loops past (the
+    CPU backend checks it; the GPU cannot without a host sync): with a hint of
+    1 one block walks every 16-row tile of a sequence, the rows of 9 queries
+    x 4 heads a group and of 5 x 4."""
+    case = (8, 2, 64, 16, None, [(9, 40), (5, 33)])
+    dtype = torch.bfloat16
+    x = build(case, dtype, device, seed=1)
+    out, lse = ops.paged_prefill_attn(x["q"], x["k_pages"], x["v_pages"], x["table"], x["cu"], x["lens"], 1,
+                                      window=None, return_lse=True)
+    ref64, lse64 = reference(x, case, torch.float64)
+    ref_lowp, _ = reference(x, case, dtype)
+    assert_fa_rule("out", out.cpu(), ref64, ref_lowp.to(dtype), 2)
+    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-5)
 
 
 VARIANT_CASES = [

@@ -135,6 +135,9 @@ struct Device {
   int capability = 90;        // major * 10 + minor; gfx90a reports 90 too
   int max_smem_optin = 232448;
   int blocks_per_sm = 0;      // occupancy answer; 0: 2048 threads per SM
+  // A lower cap on the grids of the grid-stride launchers that read it (0:
+  // their own): a test sets it so that their loops run more than once.
+  int64_t max_grid = 0;
 };
 enum class Schedule : int { forward = 0, reverse = 1, random = 2 };
 Device& device();

@@ -141,6 +141,11 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_attn_kernel(PagedPr
     visible_keys(sk - sq + (min(r0 + R, rows) - 1) / group, sk, a.window, lo_last, hi_last);
     hi = hi_last;
 
+    // mutant-equivalent(barrier): Qs is read only by the scores of a key
+    // block, whose end the barrier after them marks before the key loop can
+    // end, and each thread stores the same elements of Qs in every tile: no
+    // other thread's access lies between that barrier and these stores. Kept
+    // (once a tile) so that a read of Qs added after the scores stays safe.
     __syncthreads();  // the previous tile's warps are done with Qs
     for (int idx = threadIdx.x; idx < R * D; idx += kThreads) {
       const int r = idx / D, e = idx % D;
