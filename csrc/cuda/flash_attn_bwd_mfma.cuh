@@ -43,8 +43,8 @@
 // LDS (16-bit elements, rows padded by kPad = 8 elements so that 16-byte
 // reads of consecutive rows spread over the banks; conflicts unmeasured):
 //   dkdv_kernel: K, V [64][D + 8], Q, dO [32][D + 8], lse, delta [32] float,
-//                atomic path dS [2 waves][32][40]:
-//                D = 64: 27,904 B (+ 5,120); D = 128: 52,480 B.
+//                atomic path dS [2 waves][32][36]:
+//                D = 64: 27,904 B (+ 4,608); D = 128: 52,480 B.
 //   dq_kernel:   K, V [32][D + 8]: D = 64: 9,216 B; D = 128: 17,408 B.
 // Registers a lane (f32 accumulators): dkdv dK^T, dV^T D / 2 each, S and dP
 // 16 each; dq_kernel dQ^T D / 2, S^T and dP^T 16 each, Q and dO fragments
@@ -101,9 +101,14 @@ constexpr int kSteps = kM / kK;               // 8-wide k steps over a 32-wide t
 // Element offset of (row, col) in a [rows][d + kPad] tile (K, V, Q, dO).
 MIXKIT_MFMA_HD int lds_row(int d, int row, int col) { return row * (d + kPad) + col; }
 MIXKIT_MFMA_HD int lds_tile_size(int d, int rows) { return rows * (d + kPad); }
-// dS of wavefront w in dkdv_kernel: [kBM queries][kN keys + kPad].
-MIXKIT_MFMA_HD int lds_ds(int w, int q, int key) { return (w * kBM + q) * (kN + kPad) + key; }
-MIXKIT_MFMA_HD int lds_ds_size() { return kKvWaves * kBM * (kN + kPad); }
+// dS of wavefront w in dkdv_kernel: [kBM queries][kN keys + kDsPad]. Read
+// back 8 bytes a lane, 16 lanes (16 query rows) a phase: a row of 18 words
+// (2 x odd) puts those 16 rows on 16 different bank pairs; with kPad's 20
+// words rows r and r + 8 shared banks (2-way). Its 16-bit writes are a row
+// per 32 lanes, conflict-free at any padding.
+constexpr int kDsPad = 4;
+MIXKIT_MFMA_HD int lds_ds(int w, int q, int key) { return (w * kBM + q) * (kN + kDsPad) + key; }
+MIXKIT_MFMA_HD int lds_ds_size() { return kKvWaves * kBM * (kN + kDsPad); }
 
 // Staging a [rows][d] block with `threads` threads: 16-byte chunk i of thread
 // tid is row stage_row, elements stage_col .. + 7 (consecutive threads take
