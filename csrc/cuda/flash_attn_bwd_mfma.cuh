@@ -520,6 +520,12 @@ __global__ void __launch_bounds__(kKvThreads) dkdv_kernel(FlashBwdArgs a) {
         }
 
         if constexpr (DQ) {
+          // mutant-equivalent(barrier): the dS tile is this wavefront's own
+          // (lds_ds(w, ..): rows w * kBM on), so no other wavefront reads or
+          // writes it, and DQ implies DK: the DK loop's MFMAs, which wait for
+          // the whole wavefront, lie between its stores and these reads; a
+          // wavefront's LDS operations execute in order. Kept as the compiler
+          // fence that keeps these cross-lane reads after the stores.
           __syncthreads();
           // ... read back as A of dQ = dS K over the wavefront's 32 keys.
           // Register r is query row 8 (r / 4) + r % 4 below the lane's first
