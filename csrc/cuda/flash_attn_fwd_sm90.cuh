@@ -130,6 +130,9 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_kernel(FlashFwdArgs a) 
     // Visible keys of this block: [lo, hi).
     const int64_t hi = a.causal ? min(sk, m0 + BM + off) : sk;
     const int64_t lo = a.window > 0 ? max(int64_t(0), m0 + off - a.window + 1) : 0;
+    // mutant-equivalent(flip): hi == lo only at lo == 0 (hi = m0 + BM + off
+    // exceeds lo by BM + W - 1, and hi = sk = lo would need m0 = sq + W - 1,
+    // past the last block), where ceil(lo / BN) is n_first as well.
     const int64_t n_first = lo / BN, n_end = hi > lo ? (hi + BN - 1) / BN : n_first;
 
     __syncthreads();  // the previous query block's wgmmas are done with Qs/Ks/Vs
