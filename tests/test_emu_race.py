@@ -128,6 +128,23 @@ __global__ void split_barrier(int* out) {
   out[threadIdx.x] = 1;
 }
 
+// A pipelined loop's pattern: stage 0 of a two-stage tile is loaded; with kStale the
+// loop runs one step too far and reads stage 1, which nothing loaded, at weight 0 (a
+// masked key block): right on any run whose stale bytes are finite, NaN on a GPU whose
+// SM left NaN bits there. Static (thread-local, reused across blocks) or dynamic.
+template <bool kStale, bool kDynamic>
+__global__ void stale_tile(const float* in, float* out) {
+  __shared__ float stat[2][64];
+  MIXKIT_DYNAMIC_SMEM(smem, 16);
+  float(*tile)[64] = kDynamic ? reinterpret_cast<float(*)[64]>(smem) : stat;
+  const int t = threadIdx.x;
+  tile[0][t] = in[t];
+  __syncthreads();
+  float acc = 0.f;
+  for (int s = 0; s < (kStale ? 2 : 1); ++s) acc += (s == 0 ? 1.f : 0.f) * tile[s][t];  // @stale_read
+  out[blockIdx.x * 64 + t] = acc;
+}
+
 // Every block writes out[t]; or adds to it atomically; or writes its own slots.
 __global__ void global_overlap(float* out) { out[threadIdx.x] = float(blockIdx.x); }  // @global_store
 __global__ void global_atomic(float* out) { atomicAdd(&out[threadIdx.x], 1.f); }
@@ -169,6 +186,11 @@ int main(int argc, char** argv) {
     std::vector<int> iout(256);
     if (k == "early_exit") gpu_launch(early_exit, dim3(1), dim3(4 * kWarpSize), 0, nullptr, iout.data());
     if (k == "split_barrier") gpu_launch(split_barrier, dim3(1), dim3(2 * kWarpSize), 0, nullptr, iout.data());
+    std::vector<float> stale_in(64, 3.f);
+    if (k == "stale0") gpu_launch(stale_tile<false, false>, dim3(4), dim3(64), 0, nullptr, stale_in.data(), out.data());
+    if (k == "stale1") gpu_launch(stale_tile<true, false>, dim3(4), dim3(64), 0, nullptr, stale_in.data(), out.data());
+    if (k == "stale_dyn0") gpu_launch(stale_tile<false, true>, dim3(4), dim3(64), 512, nullptr, stale_in.data(), out.data());
+    if (k == "stale_dyn1") gpu_launch(stale_tile<true, true>, dim3(4), dim3(64), 512, nullptr, stale_in.data(), out.data());
     std::vector<float> g(4 * 64, 0.f);
     if (k == "global_overlap") gpu_launch(global_overlap, dim3(4), dim3(64), 0, nullptr, g.data());
     if (k == "global_atomic") gpu_launch(global_atomic, dim3(4), dim3(64), 0, nullptr, g.data());
@@ -322,3 +344,21 @@ def test_global_writes_of_two_blocks(programs, warp):
     assert _run(programs[warp], "global_disjoint")["error"] == ""
     # The checker off: no report, the last block's values stay.
     assert _run(programs[warp], "global_overlap", racecheck=False)["error"] == ""
+
+
+@pytest.mark.parametrize("warp", [32, 64])
+@pytest.mark.parametrize("space", ["static", "dynamic"])
+def test_read_of_shared_memory_the_block_never_wrote(programs, warp, space):
+    """A block's shared memory starts with whatever the SM held: a read of a byte no
+    thread of the block wrote is reported even where its value cannot show (weight 0),
+    in the first block of an OS thread (static arrays zeroed) and in later ones
+    (another block's values left there)."""
+    name = "stale" if space == "static" else "stale_dyn"
+    good = _run(programs[warp], f"{name}0")
+    assert good["error"] == "" and good["out"][:4 * 64] == [3.0] * (4 * 64)
+    err = _run(programs[warp], f"{name}1")["error"]
+    assert "never wrote" in err and "stale_tile<true" in err and _line("stale_read") in err, err
+    assert ("static __shared__" if space == "static" else "dynamic shared") in err, err
+    # Unchecked, the emulator's answer is right: the stale values are finite.
+    unchecked = _run(programs[warp], f"{name}1", racecheck=False)
+    assert unchecked["error"] == "" and unchecked["out"][:4 * 64] == [3.0] * (4 * 64)

@@ -29,6 +29,11 @@
 //   generic proxy (plain stores, cp.async) must be followed by a
 //   fence.proxy.async of the writer, or of the reading warp after a barrier
 //   that follows the write.
+// Uninitialized shared memory: a read (plain, ldmatrix, wgmma, atomic) of a
+// shared byte that no thread of the block has written is reported. A GPU
+// starts a block's shared memory with what the SM's last block or kernel left
+// there, finite or NaN bits, so a kernel that reads it, even to multiply it
+// by a zero probability, is wrong on some GPU run.
 // Global memory: two blocks of one launch writing the same byte, unless both
 // are atomics, is a race (reported after the grid). Blocks within a launch
 // have no order; nothing here models the memory model across launches.
@@ -62,6 +67,7 @@ using namespace trace;
 
 constexpr uint16_t kMany = 0xffff;
 constexpr size_t kMaxReports = 3;
+constexpr const char* kUninitialized = "reads a byte this block never wrote (on a GPU: stale or uninitialized)";
 
 struct Cell {
   Where w_where, r_where;
@@ -273,6 +279,9 @@ class Checker : public Consumer {
   }
 
   const char* read(BlockState& s, Cell& c, const Access& a, uint32_t E) {
+    // Shared memory starts each block with whatever the SM's previous block or
+    // kernel left there: finite values or NaN bits, never zeros to rely on.
+    if (c.w_epoch < s.base) return kUninitialized;
     if (pending(s, c)) return "reads a cp.async destination before the cp.async.wait_group that lands it";
     if (unordered_with_write(s, c, a, E)) return "read-after-write";
     if (a.kind == Kind::wgmma && c.w_epoch >= s.base && (c.w_kind == Kind::store || c.w_kind == Kind::cp_async_land)) {
@@ -361,6 +370,8 @@ class Checker : public Consumer {
       const bool many = c.r_tid == kMany || c.r_warp == kMany;
       r += " (write-after-read): " + (many ? std::string("several threads, one") : thread_name(c.r_tid, ws)) + " at " +
            describe(c.r_where) + ", read it (" + name(c.r_kind) + ")";
+    } else if (x.problem == kUninitialized) {
+      return r + ": " + race;
     } else if (race.rfind("wgmma", 0) == 0) {
       return r + ": " + race + " (" + thread_name(c.w_tid, ws) + ", " + name(c.w_kind) + " at " + describe(c.w_where) + ")";
     } else {
