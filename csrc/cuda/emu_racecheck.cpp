@@ -360,7 +360,8 @@ class Checker : public Consumer {
     const Cell& c = x.c;
     const int ws = x.warp_size;
     const std::string race = x.problem;
-    std::string r = "shared-memory race in " + block_name(x.block) + ": " + thread_name(a.tid, ws) + " " + name(a.kind) +
+    std::string r = std::string(x.problem == kUninitialized ? "uninitialized shared-memory read" : "shared-memory race") +
+                    " in " + block_name(x.block) + ": " + thread_name(a.tid, ws) + " " + name(a.kind) +
                     " at " + describe(a.where) + " touches " + (a.static_shared ? "static __shared__" : "dynamic shared") +
                     " byte " + std::to_string(x.offset);
     if (race == "read-after-write" || race == "write-after-write") {
