@@ -185,6 +185,9 @@ MIXKIT_MFMA_HD Range query_blocks(int64_t n0, int bn, int64_t sq, int64_t sk, bo
   const int64_t jmax = (n0 + bn < sk ? n0 + bn : sk) - 1;
   const int64_t lo0 = causal ? n0 - off : 0;
   const int64_t lo = lo0 > 0 ? lo0 : 0;
+  // mutant-equivalent(bound): window > 1 widens only W = 1's range, to every
+  // later query block; none of those sees these keys, the mask gives them
+  // probability 0, and the gradients are the same (at a cost).
   const int64_t hi0 = window > 0 ? jmax - off + window : sq;
   const int64_t hi = hi0 < sq ? hi0 : sq;
   if (jmax < n0 || hi <= lo) return {0, 0};

@@ -61,6 +61,8 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t row_st
   // Unrolled, the D = 256 loads' 16 per-chunk addresses stay live through
   // the key loop and push the kernel past 255 registers (96 bytes of
   // spills, nvcc 13.0); rolled, none spill, at one loop counter's cost.
+  // mutant-equivalent(flip): D >= 128 only rolls the D = 128 loop too, the
+  // same loads in the same order.
   constexpr int kUnroll = D > 128 ? 1 : kIters;
 #pragma unroll kUnroll
   for (int i = 0; i < kIters; ++i) {

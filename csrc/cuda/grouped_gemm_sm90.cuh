@@ -123,7 +123,10 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(GroupedGemmAr
         // columns F + n0..
         const int64_t kk = k0 + r, n = n0 + (SWIGLU ? (c & 7) : c) * 8;
         const int64_t wcol = SWIGLU && c >= 8 ? N + n : n;
-        const bool ok = kk < K && n < N;
+        // mutant-equivalent(bound): n and N are multiples of 8, so n < N - 1
+        // holds exactly when n < N does.
+        const bool n_ok = n < N;
+        const bool ok = kk < K && n_ok;
         sm80::cp_async16(Bs + (c >> 3) * (BK * 128) + swz128(r, c), ok ? B + kk * N * (SWIGLU ? 2 : 1) + wcol : B, ok);
       }
     }

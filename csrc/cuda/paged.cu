@@ -172,6 +172,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_attn_kernel(PagedPr
       rhi[rr] = r < rows ? int(hi_r) : 0;
     }
 
+    // mutant-equivalent(flip): n0 <= hi adds a tile only where n0 reaches hi
+    // exactly; load_tile zero-fills keys from hi on and every row masks them
+    // (rhi <= hi), so that tile adds probability 0 times zeros.
     for (int64_t n0 = lo; n0 < hi; n0 += BN) {
       __syncthreads();  // the previous tile's P V is done with KV
       load_tile<T, D>(KV, static_cast<const T*>(a.k_pages), a.k_stride, a, table, kvh, n0, hi);
