@@ -135,6 +135,7 @@ struct KeyBlocks {
 };
 MIXKIT_MFMA_HD KeyBlocks key_blocks(int64_t m0, int64_t sk, int64_t off, bool causal, int64_t window, int bn) {
   const int64_t diag = m0 + kBM + off;
+  // mutant-equivalent(flip): at sk == diag both arms are the same value.
   const int64_t hi = causal ? (sk < diag ? sk : diag) : sk;
   const int64_t w0 = m0 + off - window + 1;
   const int64_t lo = window > 0 ? (w0 > 0 ? w0 : 0) : 0;
@@ -288,6 +289,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(FlashFwdArgs a) {
     // next one into registers: the 32 VGPRs of staging live through the
     // MFMAs next to Q's 64 and O^T's 128 made hipcc 5.2 spill (11-34 VGPRs).
     constexpr bool kPrefetch = D <= 128;
+    // mutant-equivalent(flip): first <= end also loads an empty range's first
+    // block into registers, bounds-checked (key < sk), and no store() follows.
     if (kPrefetch && kb.first < kb.end) load(kb.first * kBN);
     for (int64_t nb = kb.first; nb < kb.end; ++nb) {
       if (!kPrefetch) load(nb * kBN);
