@@ -284,7 +284,7 @@ class Checker : public Consumer {
     if (c.w_epoch < s.base) return kUninitialized;
     if (pending(s, c)) return "reads a cp.async destination before the cp.async.wait_group that lands it";
     if (unordered_with_write(s, c, a, E)) return "read-after-write";
-    if (a.kind == Kind::wgmma && c.w_epoch >= s.base && (c.w_kind == Kind::store || c.w_kind == Kind::cp_async_land)) {
+    if (a.kind == Kind::wgmma && (c.w_kind == Kind::store || c.w_kind == Kind::cp_async_land)) {
       const bool writer_fenced = s.fences[c.w_tid] != c.w_fence;
       const bool reader_fenced = s.fence_epochs[size_t(a.tid)] > c.w_epoch;
       if (!writer_fenced && !reader_fenced)
